@@ -1,0 +1,49 @@
+# dsv3lab — every target creates .venv first when it is missing (or when pyproject.toml changed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup test test-fast reproduce reproduce-fast lab lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# torch first, pinned: the CPU wheel on the machine's disk (a loose pin pulls a CUDA build).
+	$(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -e ".[dev,hf,kernels]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (idempotent)
+
+lint: setup  ## ruff
+	$(BIN)/ruff check dsv3lab tests benchmarks notebooks
+
+format: setup  ## ruff format + fix imports
+	$(BIN)/ruff check --fix dsv3lab tests benchmarks notebooks
+	$(BIN)/ruff format dsv3lab tests benchmarks
+
+test: setup lint  ## ruff + pytest: unit tests, every notebook (fast mode), dsv3lab reproduce --fast
+	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## unit tests only (no notebooks, no reproduce)
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/test_notebooks.py --ignore=tests/test_reproduce.py
+
+reproduce: setup  ## run every experiment at toy scale and write figures/ (REPORT.md, summary.json, CSV, PNG)
+	$(BIN)/dsv3lab reproduce --out figures
+
+reproduce-fast: setup  ## the same in fast mode, into data/cache/figures-fast
+	$(BIN)/dsv3lab reproduce --fast --out data/cache/figures-fast
+
+lab: setup  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+bench: setup  ## speed benchmarks (JSON on stdout)
+	$(BIN)/python benchmarks/train_step.py
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) data/cache .pytest_cache .ruff_cache

@@ -1,0 +1,17 @@
+"""dsv3lab — a research notebook workbench for DeepSeek-V3 (arXiv 2412.19437).
+
+    import dsv3lab
+    cfg = dsv3lab.ModelConfig.preset("toy")
+    model = dsv3lab.build_model(cfg, seed=0)
+    logits, losses = model(tokens, targets)
+"""
+
+from .accounting import model_stats
+from .config import PRESETS, ModelConfig
+from .model import DeepSeekV3, build_model
+from .utils import get_device, seed_everything, setup_notebook, versions
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "ModelConfig", "DeepSeekV3", "build_model", "model_stats", "get_device", "seed_everything",
+           "setup_notebook", "versions", "__version__"]

@@ -1,0 +1,56 @@
+"""Small helpers shared by the library, the CLI and the notebooks: seeding, device choice, versions, fast mode."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """``prefer`` if given, else CUDA when available, else CPU. (MPS is opt-in: its numerics differ.)"""
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_mode() -> bool:
+    """True when ``DSV3LAB_FAST=1``: notebooks and experiments shrink their work (tests set it)."""
+    return os.environ.get("DSV3LAB_FAST", "0") not in ("", "0", "false", "False")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("pandas", "matplotlib", "tokenizers", "safetensors", "transformers", "triton"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001 - an optional package that is missing or broken
+            out[name] = "-"
+    from . import __version__
+
+    out["dsv3lab"] = __version__
+    return out
+
+
+def setup_notebook(seed: int = 0, device: str | None = None, threads: int | None = None) -> torch.device:
+    """The first cell of every notebook: print versions, seed everything, pick the device, and report fast mode."""
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    dev = get_device(device)
+    v = versions()
+    print(" | ".join(f"{k} {val}" for k, val in v.items()))
+    print(f"device: {dev} | seed: {seed} | fast mode: {fast_mode()} | threads: {torch.get_num_threads()}")
+    return dev

@@ -1,0 +1,16 @@
+"""Pure plotting functions ``plot_x(data, ax=None) -> Figure`` and ipywidgets explorers that wrap them.
+
+Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``widgets`` (interactive explorers).
+"""
+
+from .architecture import (
+    plot_group_routing,
+    plot_kv_cache,
+    plot_kv_vs_rank,
+    plot_params,
+    plot_rope_frequencies,
+    plot_yarn_ramp,
+)
+
+__all__ = ["plot_group_routing", "plot_kv_cache", "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies",
+           "plot_yarn_ramp"]

@@ -1,0 +1,153 @@
+"""Figures about the architecture: preset sizes, KV cache per token, RoPE/YaRN frequencies, group-limited routing.
+
+Every function takes data (a DataFrame, a config, tensors) and an optional matplotlib ``ax`` and returns the Figure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from ..config import ModelConfig
+
+
+def _fig_ax(ax, figsize=(7, 4)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+    else:
+        fig = ax.figure
+    return fig, ax
+
+
+def plot_kv_cache(kv: pd.DataFrame, ax=None) -> Figure:
+    """Grouped bars, log scale: KV-cache bytes per token for each attention variant (columns preset, variant,
+    bytes_per_token)."""
+    fig, ax = _fig_ax(ax, (9, 4.5))
+    presets = list(dict.fromkeys(kv["preset"]))
+    variants = list(dict.fromkeys(kv["variant"]))
+    width = 0.8 / len(variants)
+    x = np.arange(len(presets))
+    for j, variant in enumerate(variants):
+        vals = [kv[(kv.preset == p) & (kv.variant == variant)].bytes_per_token.iloc[0] for p in presets]
+        bars = ax.bar(x + (j - (len(variants) - 1) / 2) * width, vals, width, label=variant)
+        if variant.startswith("MLA"):
+            for b, v in zip(bars, vals):
+                ax.annotate(_human_bytes(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(x, presets)
+    ax.set_ylabel("KV-cache bytes per token (BF16, all layers)")
+    ax.set_title("KV cache per token: MLA latent vs MHA / GQA / MQA with the same heads")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def plot_params(table: pd.DataFrame, ax=None) -> Figure:
+    """Total vs activated vs MTP parameters per preset (log scale). Columns: preset, total_params, activated_params,
+    mtp_params."""
+    fig, ax = _fig_ax(ax, (8, 4))
+    x = np.arange(len(table))
+    for j, (col, label) in enumerate([("total_params", "total"), ("activated_params", "activated per token"),
+                                      ("mtp_params", "MTP modules")]):  # fmt: skip
+        ax.bar(x + (j - 1) * 0.27, table[col].clip(lower=1), 0.27, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(x, table["preset"])
+    ax.set_ylabel("parameters")
+    ax.set_title("Parameters per preset (main model; MTP separately)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups: int = 8, ax=None) -> Figure:
+    """KV bytes per token as the latent rank d_c varies, against MHA/GQA/MQA lines for ``cfg``'s heads."""
+    from ..accounting import kv_cache_comparison
+
+    fig, ax = _fig_ax(ax)
+    ranks = ranks or [2**i for i in range(4, 12)]
+    mla = [kv_cache_comparison(cfg.replace(kv_lora_rank=r), gqa_groups)["MLA (latent)"] for r in ranks]
+    ax.plot(ranks, mla, "o-", label="MLA latent (d_c + d_h^R)")
+    for name, value in kv_cache_comparison(cfg, gqa_groups).items():
+        if not name.startswith("MLA"):
+            ax.axhline(value, ls="--", lw=1, label=name, color={"M": "C1", "G": "C2"}.get(name[0], "C3"))
+    ax.axvline(cfg.kv_lora_rank, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("kv_lora_rank d_c")
+    ax.set_ylabel("bytes per token (BF16, all layers)")
+    ax.set_title(f"{cfg.name}: latent rank vs cache size")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
+    """Wavelength (2π/θ_i) per rotary pair, plain RoPE vs YaRN, with the original context and the ramp bounds."""
+    from ..model.rope import rope_frequencies, yarn_correction_range
+
+    fig, ax = _fig_ax(ax)
+    plain = rope_frequencies(cfg.replace(max_seq_len=cfg.original_seq_len))
+    yarn_cfg = cfg if cfg.yarn_enabled else cfg.replace(max_seq_len=cfg.original_seq_len * 4, rope_factor=4.0)
+    yarn = rope_frequencies(yarn_cfg)
+    i = np.arange(len(plain))
+    ax.semilogy(i, 2 * math.pi / plain.numpy(), "o-", ms=3, label="RoPE")
+    ax.semilogy(i, 2 * math.pi / yarn.numpy(), "s-", ms=3, label=f"YaRN (s={yarn_cfg.rope_factor:g})")
+    ax.axhline(cfg.original_seq_len, color="gray", ls="--", lw=1, label="original context")
+    low, high = yarn_correction_range(yarn_cfg)
+    ax.axvspan(low, high, color="C2", alpha=0.15, label=f"ramp [{low}, {high}]")
+    ax.set_xlabel("rotary pair index i")
+    ax.set_ylabel("wavelength 2π/θ_i (tokens)")
+    ax.set_title("YaRN keeps short wavelengths, stretches long ones by s")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
+    """The blend factor per rotary pair: 1 = keep the frequency (extrapolate), 0 = divide it by s (interpolate)."""
+    from ..model.rope import linear_ramp, yarn_correction_range
+
+    fig, ax = _fig_ax(ax, (6, 3))
+    low, high = yarn_correction_range(cfg)
+    smooth = 1 - linear_ramp(low, high, cfg.qk_rope_head_dim // 2)
+    ax.step(np.arange(len(smooth)), smooth.numpy(), where="mid")
+    ax.set_xlabel("rotary pair index i")
+    ax.set_ylabel("share of the original frequency")
+    ax.set_title(f"YaRN ramp: low={low}, high={high}")
+    return fig
+
+
+def plot_group_routing(indices: torch.Tensor, n_experts: int, n_groups: int, kept_groups: torch.Tensor | None = None,
+                       ax=None, max_tokens: int = 32) -> Figure:  # fmt: skip
+    """Tokens × experts: chosen experts as dots, kept groups shaded, group boundaries as lines.
+
+    indices: [T, K] chosen experts; kept_groups: [T, M] group ids that survived group-limited routing (optional).
+    """
+    fig, ax = _fig_ax(ax, (8, 4))
+    t = min(indices.shape[0], max_tokens)
+    per_group = n_experts // n_groups
+    grid = np.zeros((t, n_experts))
+    if kept_groups is not None:
+        for row in range(t):
+            for g in kept_groups[row].tolist():
+                grid[row, g * per_group : (g + 1) * per_group] = 0.35
+    for row in range(t):
+        grid[row, indices[row].tolist()] = 1.0
+    ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    for g in range(1, n_groups):
+        ax.axvline(g * per_group - 0.5, color="k", lw=0.8)
+    ax.set_xlabel("expert (groups separated by lines)")
+    ax.set_ylabel("token")
+    ax.set_title("Group-limited routing: chosen experts (dark) inside the kept groups (light)")
+    return fig

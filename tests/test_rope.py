@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from dsv3lab import ModelConfig
+from dsv3lab.model.rope import apply_rope, precompute_rope, rope_frequencies, yarn_correction_range
+
+
+def test_yarn_reference_numbers_671b():
+    cfg = ModelConfig.preset("671B")
+    assert yarn_correction_range(cfg) == (10, 23)
+    assert cfg.softmax_scale == pytest.approx(0.135234, abs=1e-6)
+    m = 0.1 * math.log(40) + 1
+    assert cfg.softmax_scale == pytest.approx(192**-0.5 * m * m)
+    freqs = rope_frequencies(cfg)
+    base = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    torch.testing.assert_close(freqs[:11], base[:11])  # index <= low keeps its frequency
+    torch.testing.assert_close(freqs[23:], base[23:] / 40)  # index >= high is divided by s
+    assert ((freqs[11:23] < base[11:23]) & (freqs[11:23] > base[11:23] / 40)).all()  # blended in between
+
+
+def test_yarn_matches_transformers():
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = ModelConfig.preset("671B", max_seq_len=163840)
+    hf = DeepseekV3Config(rope_parameters=dict(cfg.to_hf()["rope_scaling"], rope_theta=10000.0),
+                          max_position_embeddings=163840)  # fmt: skip
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    torch.testing.assert_close(rope_frequencies(cfg), inv_freq.float())
+    assert attention_factor == pytest.approx(1.0)  # mscale == mscale_all_dim: cos/sin are not scaled
+
+
+def test_no_yarn_without_longer_context():
+    cfg = ModelConfig.preset("toy")
+    assert not cfg.yarn_enabled
+    assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5)
+
+
+def test_apply_rope_equals_complex_multiplication():
+    """The official code rotates adjacent pairs as complex numbers: (x0 + i x1) · e^{i m θ}."""
+    cfg = ModelConfig.preset("tiny")
+    cos, sin = precompute_rope(cfg)
+    x = torch.randn(2, 10, 3, cfg.qk_rope_head_dim)
+    ours = apply_rope(x, cos[:10], sin[:10])
+    freqs_cis = torch.polar(torch.ones_like(cos[:10]), torch.atan2(sin[:10], cos[:10]))  # [s, d/2]
+    xc = torch.view_as_complex(x.float().reshape(2, 10, 3, -1, 2))
+    ref = torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3)
+    torch.testing.assert_close(ours, ref)
+    # a rotation preserves norms, and relative positions are all that queries·keys see
+    torch.testing.assert_close(ours.norm(dim=-1), x.norm(dim=-1))
