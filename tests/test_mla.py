@@ -101,3 +101,17 @@ def test_671b_mla_shapes_on_meta():
     assert tuple(attn.wkv_a.weight.shape) == (512 + 64, 7168)
     assert tuple(attn.wkv_b.weight.shape) == (128 * 256, 512)
     assert tuple(attn.wo.weight.shape) == (7168, 128 * 128)
+
+
+def test_a_naive_model_decodes_with_the_latent_cache(tiny_model):
+    """The cache kind selects the path: a model trained with attn_impl='naive' decodes from the latent cache."""
+    assert tiny_model.cfg.attn_impl == "naive"
+    tiny_model.eval()
+    tokens = random_tokens(tiny_model.cfg, batch=1, seqlen=10)
+    with torch.no_grad():
+        full, _ = tiny_model(tokens)
+        cache = tiny_model.new_cache(1, 16, attn_impl="absorb")
+        assert cache.layers[0].attn_impl == "absorb" and hasattr(cache.layers[0], "kv")
+        steps = [tiny_model(tokens[:, :3], cache=cache)[0]]
+        steps += [tiny_model(tokens[:, i : i + 1], start_pos=i, cache=cache)[0] for i in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)

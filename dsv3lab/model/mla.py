@@ -6,7 +6,8 @@ own low-rank bottleneck (``wq_a`` → ``q_norm`` → ``wq_b``; a plain ``wq`` wh
 only through a *decoupled* RoPE part: each head has a d_h^R-wide rotary query, and one rotary key k^R (``k_pe``) is
 shared by all heads.
 
-Two mathematically equal paths (``ModelConfig.attn_impl``):
+Two mathematically equal paths (``ModelConfig.attn_impl``; a cache made with ``attn_impl=`` selects its own path,
+so a model trained with ``naive`` decodes with the latent cache of ``absorb``):
 
 * ``naive``  materialise per-head K = [W_UK c; k^R] and V = W_UV c, then ordinary attention. Cheap for prefill and
   training; a cache holds n_h·(d_h + d_h^R) + n_h·d_h values per token.
@@ -42,6 +43,8 @@ class MLACache:
         self.attn_impl = attn_impl
         self.batch_size = batch_size
         self.max_len = max_len
+        if attn_impl not in ("naive", "absorb"):
+            raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
         if attn_impl == "absorb":
             self.kv = torch.zeros(batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
             self.pe = torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
@@ -104,8 +107,10 @@ class MLA(nn.Module):
             elif isinstance(mod, RMSNorm):
                 mod.init_weights()
 
-    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> MLACache:
-        return MLACache(self.cfg, batch_size, max_len, self.attn_impl, device=device, dtype=dtype)
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                  attn_impl: str | None = None) -> MLACache:  # fmt: skip
+        """A cache for this layer; its kind (``attn_impl``, default the config's) also selects the forward path."""
+        return MLACache(self.cfg, batch_size, max_len, attn_impl or self.attn_impl, device=device, dtype=dtype)
 
     def wkv_b_weight(self) -> torch.Tensor:
         """W_UK and W_UV as one [h, d_h + d_v, d_c] view of ``wkv_b`` (a hook for quantized subclasses)."""
@@ -124,11 +129,13 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)
         k_pe = apply_rope(k_pe, cos, sin)
+        impl = self.attn_impl
         if cache is not None:
             cache.check(b, start_pos, s)
+            impl = cache.attn_impl  # a latent cache means the absorbed path, whatever the training default
         end = start_pos + s
         mask = None if s == 1 else causal_mask(s, start_pos, x.device)  # [s, end]
-        if self.attn_impl == "naive":
+        if impl == "naive":
             out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)
         else:
             out = self._absorb(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)

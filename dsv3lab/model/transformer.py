@@ -130,16 +130,22 @@ class DeepSeekV3(nn.Module):
         return n
 
     def new_cache(self, batch_size: int | None = None, max_len: int | None = None, *, mtp: bool = False,
-                  device=None, dtype: torch.dtype | None = None) -> ModelCache:  # fmt: skip
-        """Preallocate KV caches (latent ones for ``attn_impl='absorb'``) for every layer (and MTP module)."""
+                  device=None, dtype: torch.dtype | None = None,
+                  attn_impl: str | None = None) -> ModelCache:  # fmt: skip
+        """Preallocate KV caches for every layer (and MTP module when ``mtp``).
+
+        ``attn_impl`` (default: the config's) picks the cache kind and with it the decode path: ``"absorb"`` keeps
+        only the latent (d_c + d_h^R values per token per layer), ``"naive"`` per-head K and V.
+        """
         batch_size = batch_size or self.cfg.max_batch_size
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache max_len {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        layers = [b.attn.new_cache(batch_size, max_len, device, dtype) for b in self.layers]
-        mtp_caches = [m.block.attn.new_cache(batch_size, max_len, device, dtype) for m in self.mtp] if mtp else []
+        layers = [b.attn.new_cache(batch_size, max_len, device, dtype, attn_impl) for b in self.layers]
+        mtp_modules = self.mtp if mtp else []
+        mtp_caches = [m.block.attn.new_cache(batch_size, max_len, device, dtype, attn_impl) for m in mtp_modules]
         return ModelCache(layers, mtp_caches)
 
     def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
