@@ -1,10 +1,10 @@
 import pytest
 import torch
-from helpers import random_tokens
 
 import dsv3lab
 from dsv3lab import ModelConfig
 from dsv3lab.model import MLA
+from helpers import random_tokens
 
 
 def _pair(cfg, **changes):

@@ -1,9 +1,9 @@
 import pytest
 import torch
-from helpers import random_tokens
 
 import dsv3lab
 from dsv3lab import PRESETS, ModelConfig
+from helpers import random_tokens
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
