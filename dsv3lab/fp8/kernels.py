@@ -23,7 +23,8 @@ Two details worth reading:
 
 Bad input (K not a multiple of 128, non-contiguous tensors, wrong dtypes or scale shapes) raises ``ValueError``.
 This module imports triton at import time; ``dsv3lab`` and ``dsv3lab.fp8`` import it only when a kernel is asked
-for. On a CPU set ``TRITON_INTERPRET=1`` *before* triton is first imported (triton reads it at import).
+for. On a CPU set ``TRITON_INTERPRET=1`` *before* triton and this module are first imported: triton 3.9 reads it
+when ``@triton.jit`` decorates a kernel (at this module's import), older versions when triton is imported.
 
 Notebook: 07_fp8. Benchmark: ``benchmarks/fp8_gemm.py``.
 """
@@ -43,8 +44,10 @@ E4M3_MAX = 448.0
 
 
 def interpreted() -> bool:
-    """True when triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this module's kernels run in triton's CPU interpreter: triton 3.9 reads ``TRITON_INTERPRET`` when a
+    function is decorated with ``@triton.jit``, i.e. when this module is imported (older versions read it when
+    triton itself is imported), so the answer is read off the kernel object rather than the environment now."""
+    return type(_act_quant_kernel).__name__ == "InterpretedFunction"
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -55,8 +58,9 @@ def _check_device(*tensors: torch.Tensor) -> None:
         return
     if dev.type == "cpu" and interpreted():
         return
-    raise ValueError(f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before triton is "
-                     f"imported); got tensors on {dev.type} with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
+    raise ValueError(f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before triton and "
+                     f"dsv3lab.fp8.kernels are first imported); got tensors on {dev.type}, TRITON_INTERPRET="
+                     f"{os.environ.get('TRITON_INTERPRET')}, interpreter active: {interpreted()}")
 
 
 def _check_contiguous(**tensors: torch.Tensor) -> None:
@@ -76,6 +80,18 @@ def _round_to_e4m3(v):
     c = (((e + 20 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 · 2^(e+20): ulp = 2^(e-3)
     r = (v + c) - c
     return tl.minimum(tl.maximum(r, -E4M3_MAX), E4M3_MAX)
+
+
+@triton.jit
+def _to_output(v, dtype: tl.constexpr):
+    """Cast fp32 v to the output dtype. BF16 is rounded to nearest-even in fp32 first (same trick, 7 mantissa bits:
+    c = 1.5·2^(e+16)), because the interpreter's fp32 → bf16 cast truncates; on a GPU this is a no-op refinement."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        e = tl.minimum(tl.maximum(((bits >> 23) & 0xFF) - 127, -126), 111)
+        c = (((e + 16 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+        v = (v + c) - c
+    return v.to(dtype)
 
 
 @triton.jit
@@ -140,7 +156,7 @@ def _weight_dequant_kernel(x_ptr, s_ptr, y_ptr, M, N, BLOCK_SIZE: tl.constexpr):
     offs = rm[:, None] * N + rn[None, :]
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     s = tl.load(s_ptr + pid_m * n_blocks_n + pid_n)
-    tl.store(y_ptr + offs, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _to_output(x * s, y_ptr.dtype.element_ty), mask=mask)
 
 
 def weight_dequant(x: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -152,6 +168,7 @@ def weight_dequant(x: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype = to
     if s.dtype != torch.float32 or tuple(s.shape) != expected:
         raise ValueError(f"weight_dequant: scales must be fp32 of shape {expected} for a {m}×{n} weight "
                          f"({BLOCK}×{BLOCK} blocks), got {s.dtype} {tuple(s.shape)}")
+    _check_out_dtype(out_dtype)
     _check_contiguous(x=x, s=s)
     _check_device(x, s)
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -181,7 +198,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, B_ROWWISE: 
         b_s = tl.load(b_s_ptr + b_scale_row * n_kb + kb, mask=mask_n, other=0.0)
         partial = tl.dot(a, tl.trans(b))  # FP8 tensor cores over one 128-wide block of K
         acc += partial * a_s[:, None] * b_s[None, :]  # promotion: scale in FP32, add to the FP32 accumulator
-    c = acc.to(c_ptr.dtype.element_ty)
+    c = _to_output(acc, c_ptr.dtype.element_ty)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], c, mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -191,6 +208,11 @@ _GEMM_CONFIGS = [
 ]  # fmt: skip
 _fp8_gemm_autotuned = triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "B_ROWWISE"])(_fp8_gemm_kernel)
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": BLOCK}  # small tiles: the interpreter is slow
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
 
 
 def _check_gemm_operand(name: str, t: torch.Tensor, s: torch.Tensor, rowwise: bool) -> None:
@@ -215,7 +237,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         a: E4M3 [M, K] (K % 128 == 0), with ``a_s`` fp32 [M, K/128] (1×128 tiles, as :func:`act_quant` makes).
         b: E4M3 [N, K], with ``b_s`` fp32 [⌈N/128⌉, K/128] (128×128 blocks, a weight) or [N, K/128] (1×128 tiles,
             e.g. the Wgrad operand).
-        out_dtype: bf16 (default, as the official kernel) or fp32.
+        out_dtype: bf16 (default, as the official kernel) or fp32; rounded to nearest-even.
     Returns: [M, N] in ``out_dtype``.
     """
     _check_gemm_operand("a", a, a_s, rowwise=True)
@@ -229,8 +251,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         raise ValueError(f"fp8_gemm: b's scales must have shape {blocked} ({BLOCK}×{BLOCK} blocks) or "
                          f"{(n, k // BLOCK)} (1×{BLOCK} tiles), got {tuple(b_s.shape)}")
     _check_gemm_operand("b", b, b_s, rowwise=rowwise)
-    if out_dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        raise ValueError(f"fp8_gemm: out_dtype must be bf16, fp16 or fp32, got {out_dtype}")
+    _check_out_dtype(out_dtype)
     _check_contiguous(a=a, a_s=a_s, b=b, b_s=b_s)
     _check_device(a, a_s, b, b_s)
     c = torch.empty(m, n, dtype=out_dtype, device=a.device)
@@ -273,7 +294,7 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, ends_ptr, N,
             a_s = tl.load(a_s_ptr + rm * n_kb + kb, mask=mask_m, other=0.0)
             b_s = tl.load(b_s_base + (rn // BLOCK_K) * n_kb + kb, mask=mask_n, other=0.0)
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+        tl.store(c_ptr + rm[:, None] * N + rn[None, :], _to_output(acc, c_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
@@ -296,6 +317,7 @@ def fp8_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: t
     if g and (int(ends[-1]) != a.shape[0] or bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0):
         raise ValueError(f"fp8_grouped_gemm: offs must be non-decreasing group ends finishing at T = {a.shape[0]}, "
                          f"got {offs.tolist()}")
+    _check_out_dtype(out_dtype)
     _check_contiguous(a=a, a_s=a_s, b=b, b_s=b_s)
     _check_device(a, a_s, b, b_s, ends)
     c = torch.zeros(a.shape[0], n, dtype=out_dtype, device=a.device)

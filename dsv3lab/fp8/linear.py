@@ -86,7 +86,12 @@ def kernel_available(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    from .kernels import interpreted  # imported under TRITON_INTERPRET=1: the interpreter is on unless triton was
+    # already used without it
+
+    return interpreted()
 
 
 def resolve_gemm(gemm: str, device: torch.device) -> str:
