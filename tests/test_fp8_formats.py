@@ -84,3 +84,23 @@ def test_bad_format_names():
         fp8_format("e3m4")
     with pytest.raises(ValueError, match="expected an FP8 dtype"):
         fp8_format(torch.float16)
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+def test_vectorised_rounding_equals_torchs_cast_bit_for_bit(name):
+    from dsv3lab.fp8.formats import round_to_grid
+
+    fmt = fp8_format(name)
+    grid = fp8_grid(name).double()
+    mids = (grid[:-1] + grid[1:]) / 2
+    g = torch.Generator().manual_seed(0)
+    rand = torch.randn(100_000, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-24, 16, (100_000,), generator=g).double())
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 126.2, 127.9, 15.9, 464.0, 465.0, -470.0])
+    x = torch.cat([grid, mids, mids * (1 + 1e-6), mids * (1 - 1e-6), rand, special.double()]).float()
+    x = x[x.abs() <= fmt.max * 1.03]  # within the range, plus the saturating band above max
+    ours = round_to_grid(x, name)
+    ref = x.to(fmt.dtype).float()
+    if name == "e5m2":  # torch overflows E5M2 to inf above max; round_to_grid saturates (documented)
+        ref = ref.clamp(-fmt.max, fmt.max)
+    assert torch.equal(ours, ref)  # equal values (a rounded-away negative comes out as +0 instead of -0)

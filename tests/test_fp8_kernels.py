@@ -7,6 +7,7 @@ On a CUDA machine (without the variable) they run directly on the GPU.
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,7 +37,8 @@ def test_kernels_in_the_interpreter():
                           "-k", "not test_kernels_in_the_interpreter"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b(\d+) passed", summary) and int(re.search(r"\b(\d+) passed", summary)[1]) >= 8, summary
     assert time.time() - t0 < 90, f"interpreter kernel tests took {time.time() - t0:.0f}s (budget 60 s + start-up)"
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import fp8_format, resolve_dtype
+from .formats import fp8_format, resolve_dtype, round_to_grid
 from .quant import BLOCK, BLOCK2D, SCALE_FMTS, TILE, QuantizedTensor, check_finite, compute_scale, quantize
 
 GEMMS = ("auto", "emulate", "kernel")
@@ -111,15 +111,15 @@ def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, ge
     if a.block != TILE or b.block not in (TILE, BLOCK2D):
         raise ValueError(f"scaled_mm needs a in {TILE} tiles and b in {TILE} tiles or {BLOCK2D} blocks (scales "
                          f"along K); got {a.block} and {b.block}")
-    gemm = resolve_gemm(gemm, a.data.device)
+    gemm = resolve_gemm(gemm, a.values.device)
     if gemm == "kernel":
         from .kernels import fp8_gemm
 
         k = a.shape[-1]
         pad = -k % BLOCK  # the kernel takes whole 128-blocks of K: pad with FP8 zeros (their scales are unused)
-        a_data, b_data = (_pad_k(t.data, pad) for t in (a, b))
+        a_data, b_data = (_pad_k(t.data, pad) for t in (a, b))  # real float8 tensors
         return fp8_gemm(a_data, a.scale.contiguous(), b_data, b.scale.contiguous(), out_dtype=out_dtype)
-    with torch.autocast(a.data.device.type, enabled=False):
+    with torch.autocast(a.values.device.type, enabled=False):
         return torch.mm(a.dequantize(), b.dequantize().t()).to(out_dtype)
 
 
@@ -134,7 +134,7 @@ def _pad_k(data: torch.Tensor, pad: int) -> torch.Tensor:
 def transpose(q: QuantizedTensor) -> QuantizedTensor:
     """The same quantized matrix, transposed (blocks and scales transposed with it)."""
     block = None if q.block is None else (q.block[1], q.block[0])
-    return QuantizedTensor(q.data.t(), q.scale.t() if q.scale.dim() == 2 else q.scale, block)
+    return QuantizedTensor(q.values.t(), q.scale.t() if q.scale.dim() == 2 else q.scale, block, q.fmt)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -153,15 +153,16 @@ class _FP8LinearFunction(torch.autograd.Function):
         xq = recipe.quantize(x2, TILE)  # 1×128: per token per 128 input channels
         wq = recipe.quantize(weight, BLOCK2D)  # 128×128 blocks of the FP32 master weight
         y = scaled_mm(xq, wq, out_dtype, recipe.gemm)  # Fprop: [M, N]
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale)  # x is kept in FP8, as the paper caches it
+        ctx.save_for_backward(xq.values, xq.scale, wq.values, wq.scale)  # x is kept quantized, as the paper caches it
         ctx.recipe, ctx.x_dtype, ctx.x_shape, ctx.w_dtype = recipe, x.dtype, x.shape, weight.dtype
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        x_values, x_scale, w_values, w_scale = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
-        xq, wq = QuantizedTensor(x_data, x_scale, TILE), QuantizedTensor(w_data, w_scale, BLOCK2D)
+        xq = QuantizedTensor(x_values, x_scale, TILE, recipe.fmt)
+        wq = QuantizedTensor(w_values, w_scale, BLOCK2D, recipe.fmt)
         dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
         dx = dw = None
         if ctx.needs_input_grad[0]:
@@ -212,7 +213,7 @@ def segment_tile_quantize(x: torch.Tensor, offs: torch.Tensor, recipe: FP8Recipe
 
     The Wgrad operands of grouped experts: tokens are sorted by expert, and each expert's tokens are tiled from its
     own first token, exactly as a per-expert ``quantize(x_e.t(), TILE)`` would. Returns a QuantizedTensor of x's
-    FP8 data [T, C] and the scale of each element's tile, expanded to [T, C].
+    FP8 values [T, C] and the scale of each element's tile, expanded to [T, C].
     """
     t = x.shape[0]
     ends = offs.long()
@@ -230,19 +231,18 @@ def segment_tile_quantize(x: torch.Tensor, offs: torch.Tensor, recipe: FP8Recipe
     amax = xf.new_zeros(n_tiles, x.shape[1]).scatter_reduce_(0, index, xf.abs(), "amax", include_self=True)
     scale = compute_scale(amax, fp.max, recipe.scale_fmt)  # [n_tiles, C]
     s = scale[tile_of]  # [T, C]
-    data = (xf / s).clamp(-fp.max, fp.max).to(fp.dtype)
-    return SegmentTiled(data, s)
+    return SegmentTiled(round_to_grid(xf / s, fp.dtype), s)
 
 
 @dataclass
 class SegmentTiled:
-    """FP8 data [T, C] with a per-element (expanded) scale: tiles of 128 tokens within segments."""
+    """FP8 values [T, C] (fp32 container) with a per-element (expanded) scale: tiles of 128 tokens in segments."""
 
-    data: torch.Tensor
+    values: torch.Tensor
     scale: torch.Tensor
 
     def dequantize(self) -> torch.Tensor:
-        return self.data.float() * self.scale
+        return self.values * self.scale
 
 
 class _FP8GroupedFunction(torch.autograd.Function):
@@ -256,16 +256,16 @@ class _FP8GroupedFunction(torch.autograd.Function):
         wq = recipe.quantize(w, BLOCK2D)  # [E, N, K] per expert, 128×128 blocks
         with torch.autocast(xs.device.type, enabled=False):
             y = F.grouped_mm(xq.dequantize(), wq.dequantize().transpose(1, 2), offs=offs).to(out_dtype)
-        ctx.save_for_backward(xq.data, xq.scale, wq.data, wq.scale, offs)
+        ctx.save_for_backward(xq.values, xq.scale, wq.values, wq.scale, offs)
         ctx.recipe, ctx.x_dtype, ctx.w_dtype = recipe, xs.dtype, w.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_data, x_scale, w_data, w_scale, offs = ctx.saved_tensors
+        x_values, x_scale, w_values, w_scale, offs = ctx.saved_tensors
         recipe: FP8Recipe = ctx.recipe
-        x_hat = QuantizedTensor(x_data, x_scale, TILE).dequantize()
-        w_hat = QuantizedTensor(w_data, w_scale, BLOCK2D).dequantize()
+        x_hat = QuantizedTensor(x_values, x_scale, TILE, recipe.fmt).dequantize()
+        w_hat = QuantizedTensor(w_values, w_scale, BLOCK2D, recipe.fmt).dequantize()
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:  # Dgrad: dy 1×128 along N, W blocks: [T, N] x [E, N, K] -> [T, K]
