@@ -20,18 +20,19 @@ class SyntheticData:
 
     domains = ("code", "prose", "math")
 
-    def __init__(self, vocab_size=512, seq_len=32, seed=0, val_seqs=4, branching=4):
+    def __init__(self, vocab_size=512, seq_len=32, seed=0, val_seqs=4, branching=4, active=64):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
         self.tokenizer = SyntheticTokenizer(vocab_size)
         g = torch.Generator().manual_seed(seed)
-        self.tables = [torch.randint(3, vocab_size, (vocab_size, branching), generator=g) for _ in self.domains]
+        self.active = min(active, vocab_size - 3)  # the ids a domain uses: 3 .. 3 + active (learnable quickly)
+        self.tables = [torch.randint(3, 3 + self.active, (vocab_size, branching), generator=g) for _ in self.domains]
         self.val = {d: self._rows(i, val_seqs, torch.Generator().manual_seed(10_000 + i))
                     for i, d in enumerate(self.domains)}  # fmt: skip
 
     def _rows(self, domain, n, g):
         table = self.tables[domain]
         rows = torch.empty(n, self.seq_len + 1, dtype=torch.long)
-        rows[:, 0] = torch.randint(3, self.vocab_size, (n,), generator=g)
+        rows[:, 0] = torch.randint(3, 3 + self.active, (n,), generator=g)
         for t in range(1, self.seq_len + 1):
             pick = torch.randint(0, table.shape[1], (n,), generator=g)
             rows[:, t] = table[rows[:, t - 1], pick]

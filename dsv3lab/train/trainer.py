@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool 
                 with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                     logits, losses = model(tok, tgt, mtp_lambda=lam)
                 if not torch.isfinite(losses["total"]):
-                    raise TrainingDiverged(_diverged_message(step, "loss", float(losses["total"]), out))
+                    raise TrainingDiverged(_diverged_message(step, "loss", float(losses["total"].detach()), out))
                 (losses["total"] * share).backward()
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
