@@ -259,3 +259,29 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert main(["train", "--steps", "1", "--resume", "--overwrite", "--out", str(tmp_path / "r")]) == 2
     assert "choose one" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_mtp_acceptance_matches_a_brute_force_computation(data):
+    from dsv3lab.train.metrics import mtp_acceptance
+
+    model = train(tiny(steps=3), data).model
+    with torch.no_grad():  # varied greedy choices, so that agreement is not trivial
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    rows = data.val["code"][:2, :9]  # T = 8 tokens per row
+    got = mtp_acceptance(model, rows, batch_size=2)
+    hits = n = 0
+    with torch.no_grad():
+        for row in rows:
+            t = row[:-1]
+            for i in range(len(t) - 1):
+                prefix = t[: i + 1][None]
+                h = model.hidden(prefix)
+                a = model.logits(h)[0, -1].argmax()
+                b = model.logits(model.hidden(torch.cat([prefix, a.view(1, 1)], 1)))[0, -1].argmax()
+                nxt = torch.cat([t[1 : i + 1], a.view(1)])[None]  # true tokens t_{j+1} for j < i, then a
+                d = model.mtp_logits(1, model.mtp_hidden(1, h, nxt))[0, -1].argmax()
+                hits += int(d == b)
+                n += 1
+    assert got["positions"] == n == 14
+    assert got["acceptance"] == pytest.approx(hits / n)

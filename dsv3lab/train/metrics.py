@@ -184,3 +184,54 @@ def evaluate(model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int
     finally:
         model.train(was_training)
     return val_rows, load_rows
+
+
+@torch.no_grad()
+def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int = 1) -> dict[str, float]:
+    """How often the depth-1 MTP draft of the *second* token equals the main model's own greedy choice (§5.4.3).
+
+    For each validation row (tokens t = row[:-1], length T) and position i (0 ≤ i ≤ T − 2, every ``stride``-th):
+      a = argmax P_main(· | t_≤i)                    the main model's greedy next token,
+      d = argmax P_MTP1(· | h_i, Emb(a))             the MTP module's draft for the token after a, computed with the
+                                                     true tokens at every earlier position of its own block,
+      b = argmax P_main(· | t_≤i, a)                 what the main model itself picks after appending a,
+    and the acceptance rate is mean(d == b): the share of drafted second tokens that greedy speculative decoding
+    would accept. Both b and d come from single-token decodes against KV caches prefilled with the true tokens;
+    the cache slot a decode overwrites is restored before the next position.
+
+    Returns ``{"acceptance": ..., "positions": n}``.
+    """
+    if len(model.mtp) == 0:
+        raise ValueError("mtp_acceptance needs a model with MTP modules (n_mtp >= 1)")
+    was_training = model.training
+    model.eval()
+    device = model.embed.weight.device
+    hits, total = 0, 0
+    try:
+        for chunk in rows.split(batch_size):
+            tokens = chunk[:, :-1].to(device)
+            b, t = tokens.shape
+            if t < 2:
+                continue
+            cache = model.new_cache(b, max_len=t, mtp=True)
+            h = model.hidden(tokens, 0, cache)  # [b, t, d]; main caches hold the true tokens 0..t-1
+            a = model.logits(h).argmax(-1)  # [b, t]
+            model.mtp_hidden(1, h[:, : t - 1], tokens[:, 1:], 0, cache)  # MTP cache: (h_j, t_{j+1}), j < t-1
+            saved_main = [[x.clone() for x in c.tensors()] for c in cache.layers]
+            saved_mtp = [[x.clone() for x in c.tensors()] for c in cache.mtp]
+            for i in range(0, t - 1, stride):
+                h_a = model.hidden(a[:, i : i + 1], i + 1, cache)  # decode a at position i+1
+                b_tok = model.logits(h_a)[:, 0].argmax(-1)
+                h_d = model.mtp_hidden(1, h[:, i : i + 1], a[:, i : i + 1], i, cache)  # draft at position i
+                d_tok = model.mtp_logits(1, h_d)[:, 0].argmax(-1)
+                hits += int((d_tok == b_tok).sum())
+                total += b
+                for c, saved in zip(cache.layers, saved_main):  # restore the true token's slot i+1
+                    for x, s in zip(c.tensors(), saved):
+                        x[:, i + 1] = s[:, i + 1]
+                for c, saved in zip(cache.mtp, saved_mtp):  # and the MTP block's slot i
+                    for x, s in zip(c.tensors(), saved):
+                        x[:, i] = s[:, i]
+    finally:
+        model.train(was_training)
+    return {"acceptance": hits / max(total, 1), "positions": total}
