@@ -462,3 +462,37 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tok, ds):
         ds.batch(-1, 4)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         ds.batch(0, 0)
+
+
+def test_domain_subset(tmp_path):
+    cfg = DataConfig.small(domains=("math",), max_chars_per_domain=20_000, seq_len=32, val_seqs_per_domain=2)
+    ds = make_datasets(cfg, cache_dir=tmp_path)
+    assert ds.domains == ["math"] and list(ds.val) == ["math"] and set(ds.num_tokens()["by_domain"]) == {"math"}
+    assert "Problem:" in ds.tokenizer.decode(ds.train[0])
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def test_data_plots(ds, docs, tok):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dsv3lab.data import documents_table
+    from dsv3lab.viz import plot_doc_lengths, plot_fim_example, plot_packing, plot_tokens_per_domain
+    from dsv3lab.viz.data import fim_parts
+
+    out = apply_fim(list(range(100, 110)), tok, _Draws([0.0, 0.25, 0.75]), rate=0.1)
+    assert [(label, len(p)) for label, p in fim_parts(out, tok)] == [
+        ("special", 1), ("special", 1), ("prefix", 2), ("special", 1), ("suffix", 2), ("special", 1), ("middle", 6),
+        ("special", 1)]  # fmt: skip
+    fig = plot_tokens_per_domain(ds.num_tokens())
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights[:3] == [ds.stats["by_domain"][d]["train_tokens"] for d in ds.domains]
+    table = documents_table(docs[:50], tok)
+    assert (table.tokens > 0).all() and set(table.columns) == {"source", "domain", "split", "chars", "tokens"}
+    figs = [fig, plot_doc_lengths(table), plot_fim_example(out, tok),
+            plot_packing(ds.train, ds.train_domains, ds.domains, tok.bos_id)]  # fmt: skip
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
+    for f in figs:
+        plt.close(f)

@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from .corpus import corpus_stats
+from .corpus import corpus_digest, corpus_stats
 from .loader import DataConfig, load_corpus
 from .tokenizer import DEFAULT_TOKENIZER_DIR, DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
 
 
-def build(out: Path = DEFAULT_TOKENIZER_DIR, cfg: DataConfig | None = None) -> tuple[Tokenizer, dict]:
-    """Train the default tokenizer from ``cfg`` (default ``DataConfig()``); return it and its build info."""
+def build(cfg: DataConfig | None = None) -> tuple[Tokenizer, dict, float]:
+    """Train the default tokenizer from ``cfg`` (default ``DataConfig()``); return it, its build info, seconds."""
     import tokenizers
 
     cfg = cfg or DataConfig()
@@ -39,9 +39,9 @@ def build(out: Path = DEFAULT_TOKENIZER_DIR, cfg: DataConfig | None = None) -> t
         "corpus": {k: v for k, v in cfg.to_dict().items() if k in ("corpus", "seed", "max_chars_per_domain",
                                                                      "val_fraction", "domains")},  # fmt: skip
         "train_documents": corpus_stats([d for d in docs if d.split == "train"]),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "train_corpus_sha256": corpus_digest(docs, "train"),
     }
-    return tok, info
+    return tok, info, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the tokenizer in --out instead of writing")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     args = parser.parse_args(argv)
-    tok, info = build(args.out, DataConfig(vocab_size=args.vocab_size, tokenizer=None))
+    tok, info, seconds = build(DataConfig(vocab_size=args.vocab_size))
     if args.check:
         old = Tokenizer.load(args.out)
         same = old.fingerprint() == tok.fingerprint()
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     tok.save(args.out)
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {args.out / 'tokenizer.json'}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint()}, "
-          f"{info['seconds']} s")  # fmt: skip
+          f"{seconds:.1f} s")  # fmt: skip
     return 0
 
 

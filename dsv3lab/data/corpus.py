@@ -316,6 +316,16 @@ def _hf_dataset_texts(root: Path) -> list[str]:
     return [t for t in ds["text"] if isinstance(t, str)]
 
 
+def corpus_digest(docs: list[Document], split: str | None = "train") -> str:
+    """SHA-256 of the documents (source and text, in order) of ``split`` (None = all): a corpus identity that is
+    recorded with the committed tokenizer and with every built data set."""
+    h = hashlib.sha256()
+    for d in docs:
+        if split is None or d.split == split:
+            h.update(f"{d.domain}\0{d.source}\0{d.text}\0".encode())
+    return h.hexdigest()
+
+
 def corpus_stats(docs: list[Document]) -> dict[str, dict[str, int]]:
     """{domain: {"train_docs", "val_docs", "train_chars", "val_chars"}}."""
     out: dict[str, dict[str, int]] = {}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .corpus import DOMAINS, Document, builtin_corpus, corpus_stats, folder_corpus
+from .corpus import DOMAINS, Document, builtin_corpus, corpus_digest, corpus_stats, folder_corpus
 from .packing import apply_fim, check_fim_rate, check_seq_len, pack
 from .tokenizer import (
     DEFAULT_VOCAB_SIZE,
@@ -186,8 +186,10 @@ class Datasets:
     def batch(self, step: int, batch_size: int, device: torch.device | str | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(tokens ``[B, T]``, targets ``[B, T]``) for optimizer step ``step``; targets are tokens shifted by one."""
-        rows = self.train[torch.from_numpy(self.batch_rows(step, batch_size))]  # [B, T+1]
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # [B, T], [B, T]
+        # NumPy gathers and copies on one thread: torch's parallel indexing stalls on a busy 2-core machine
+        rows = self.train.numpy()[self.batch_rows(step, batch_size)]  # [B, T+1]
+        x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))  # [B, T]
+        y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))  # [B, T]
         if device is not None:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return x, y
@@ -321,5 +323,6 @@ def build_datasets(cfg: DataConfig, tok: Tokenizer, docs: list[Document]) -> Dat
     if len(train) == 0:
         raise ValueError(f"the training documents hold fewer than seq_len + 1 = {cfg.seq_len + 1} tokens")
     stats = {"by_domain": by_domain, "fim_docs": fim_docs, "train_docs": len(train_idx),
-             "stream_tokens": sum(len(w) for w in wrapped)}  # fmt: skip
+             "stream_tokens": sum(len(w) for w in wrapped), "train_corpus_sha256": corpus_digest(docs, "train"),
+             "tokenizer_fingerprint": tok.fingerprint()}  # fmt: skip
     return Datasets(tok, domains, cfg.seq_len, train, val, train_domains, cfg.seed, stats)
