@@ -456,6 +456,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path, tok, ds):
         DataConfig(val_fraction=0.0)
     with pytest.raises(ValueError, match="not allowed with the built-in 'math' domain"):
         DataConfig(max_chars_per_domain=None)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "a.txt").write_text("just one short document\n")
+    with pytest.raises(ValueError, match="'user' has 0 validation document"):
+        make_datasets(DataConfig(corpus=str(tmp_path / "single")), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown domain 'poetry'; validation domains"):
         next(ds.val_batches("poetry", 2))
     with pytest.raises(ValueError, match="step must be a non-negative integer"):

@@ -44,7 +44,10 @@ from .tokenizer import (
 )
 
 FORMAT_VERSION = 1  # bump when the corpus builders or the cache layout change: old caches are then ignored
-DEFAULT_CACHE_DIR = REPO_ROOT / "data" / "cache"
+# data/cache/ of the repository (git-ignored) wherever the caller's working directory is (notebooks run in notebooks/);
+# a copy installed without the repository caches under ~/.cache/dsv3lab instead
+DEFAULT_CACHE_DIR = (REPO_ROOT / "data" / "cache" if (REPO_ROOT / "pyproject.toml").is_file()
+                     else Path.home() / ".cache" / "dsv3lab" / "data")  # fmt: skip
 
 
 @dataclass
