@@ -1,6 +1,7 @@
 """Pure plotting functions ``plot_x(data, ax=None) -> Figure`` and ipywidgets explorers that wrap them.
 
-Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``widgets`` (interactive explorers).
+Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``data`` (tokens per domain, document lengths,
+FIM, packing), ``widgets`` (interactive explorers).
 """
 
 from .architecture import (
@@ -11,6 +12,7 @@ from .architecture import (
     plot_rope_frequencies,
     plot_yarn_ramp,
 )
+from .data import plot_doc_lengths, plot_fim_example, plot_packing, plot_tokens_per_domain
 
 __all__ = ["plot_group_routing", "plot_kv_cache", "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies",
-           "plot_yarn_ramp"]
+           "plot_yarn_ramp", "plot_doc_lengths", "plot_fim_example", "plot_packing", "plot_tokens_per_domain"]
