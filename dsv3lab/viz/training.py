@@ -182,3 +182,30 @@ def plot_domain_bars(table: pd.DataFrame, value: str, by: str = "variant", ax=No
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_mtp_chain(n_tokens: int = 6, depth: int = 2, ax=None) -> Figure:
+    """The causal chain of MTP (§2.2, Fig. 3): row k = depth k; at position i, depth k combines h_i^{k-1} (arrow from
+    the row below) with Emb(t_{i+k}) and predicts t_{i+k+1}; depth k has T − k positions."""
+    fig, ax = _fig_ax(ax, (1.5 * n_tokens + 1, 1.2 * (depth + 1) + 1.2))
+    for k in range(depth + 1):
+        for i in range(n_tokens - k):
+            x, y = i * 1.5, k * 1.2
+            name = "main" if k == 0 else f"MTP {k}"
+            ax.add_patch(plt.Rectangle((x, y), 1.2, 0.7, fc="tab:blue" if k == 0 else "tab:purple", alpha=0.25))
+            ax.text(x + 0.6, y + 0.45, f"{name}\n→ t{i + k + 2}", ha="center", va="center", fontsize=8)
+            if k == 0:
+                ax.text(x + 0.6, y - 0.25, f"t{i + 1}", ha="center", va="center", fontsize=8)
+            else:
+                ax.annotate("", (x + 0.6, y), (x + 0.6, y - 0.5), arrowprops=dict(arrowstyle="->", lw=0.8))
+                ax.text(x + 1.05, y - 0.25, f"Emb(t{i + k + 1})", ha="left", va="center", fontsize=6.5,
+                        color="tab:green")  # fmt: skip
+            if i > 0:
+                ax.annotate("", (x, y + 0.35), (x - 0.3, y + 0.35), arrowprops=dict(arrowstyle="->", lw=0.5,
+                                                                                  color="gray"))  # fmt: skip
+    ax.set_xlim(-0.3, 1.5 * n_tokens)
+    ax.set_ylim(-0.6, 1.2 * (depth + 1))
+    ax.axis("off")
+    ax.set_title(f"Multi-token prediction, D = {depth}: depth k at position i predicts t(i+k+1); gray arrows: causal "
+                 "attention within a depth", fontsize=9)  # fmt: skip
+    return fig
