@@ -49,6 +49,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg = TrainConfig(preset=args.preset, out=args.out, device=args.device, progress=not args.quiet)
     if args.steps is not None:
         cfg = cfg.replace(steps=args.steps)
@@ -78,6 +82,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for name, exp in reproduce.load_registry().items():
             print(f"{name:16s} {exp.title}")
         return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     reproduce.run(out=args.out, fast=args.fast, only=args.only, device=args.device)
     print(f"wrote {args.out}/REPORT.md and {args.out}/summary.json")
     return 0
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("reproduce", help="run the experiments; write figures, REPORT.md and summary.json")
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures", help="output folder (default: figures/)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

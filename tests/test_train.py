@@ -285,3 +285,49 @@ def test_mtp_acceptance_matches_a_brute_force_computation(data):
                 n += 1
     assert got["positions"] == n == 14
     assert got["acceptance"] == pytest.approx(hits / n)
+
+
+def test_bad_corpus_folders(tmp_path, capsys):
+    from dsv3lab.train import make_data
+
+    cfg = TrainConfig(preset="tiny", model={"vocab_size": 8192}, seq_len=SEQ)
+    with pytest.raises((FileNotFoundError, ValueError), match="missing"):
+        make_data(cfg.replace(corpus=str(tmp_path / "missing")), cfg.model_config())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError):
+        make_data(cfg.replace(corpus=str(empty)), cfg.model_config())
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError):
+        make_data(cfg.replace(corpus=str(binary)), cfg.model_config())
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--steps", "1", "--set", f"corpus={tmp_path / 'missing'}",
+                 "--set", "vocab_size=8192", "--set", f"seq_len={SEQ}", "--out", str(out), "--quiet"]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_data_that_does_not_fit_the_run_is_refused(data):
+    with pytest.raises(ValueError, match="seq_len=32"):
+        train(tiny(seq_len=32), data)
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(tiny(model={"vocab_size": 256}), data)
+
+
+def test_run_cache_trains_once(tmp_path, data):
+    from dsv3lab.train.experiments import RunCache
+
+    class SyntheticCache(RunCache):
+        def data(self, cfg):
+            return data
+
+    cache = SyntheticCache(tmp_path, log=lambda msg: None)
+    first = cache.run(tiny(steps=2))
+    latest = next(tmp_path.iterdir()) / "latest"
+    stamp = latest.stat().st_mtime_ns
+    again = cache.run(tiny(steps=2, progress=True))  # environment fields do not change the key
+    assert latest.stat().st_mtime_ns == stamp and len(list(tmp_path.iterdir())) == 1
+    assert first.metrics.loss_total.tolist() == again.metrics.loss_total.tolist()
+    cache.run(tiny(steps=2, lr=1e-3))
+    assert len(list(tmp_path.iterdir())) == 2

@@ -82,3 +82,26 @@ def settings_line(run: RunResult) -> str:
             f"γ = {c.bias_update_speed:g} (0 for the last {1 - c.bias_freeze_frac:.1%} of steps); expert-level α = "
             f"{DEFAULT_AUX_LOSS_ALPHA:g} for `aux_loss`, sequence-wise α = {DEFAULT_SEQ_AUX_LOSS_ALPHA:g} for "
             "`aux_free_seq`")
+
+
+def router_score_stats(run: RunResult, rows) -> dict[str, float]:
+    """Affinity statistics of the main-model routers on validation ``rows`` (the scale γ must be compared with):
+    the spread (std) across experts of each expert's mean score, and the mean gap between the K-th and (K+1)-th
+    highest score of a token."""
+    import torch
+
+    model, k = run.model, run.model_cfg.n_activated_experts
+    scores = []
+    hooks = [m.gate.register_forward_hook(lambda mod, inp, out: scores.append(out[2].detach()))
+             for m in model.moe_layers(include_mtp=False)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(rows[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    spread = float(np.mean([float(s.mean(0).std()) for s in scores]))
+    gap = float(np.mean([float((s.topk(k + 1, -1).values[:, k - 1] - s.topk(k + 1, -1).values[:, k]).mean())
+                         for s in scores]))  # fmt: skip
+    return {"expert_mean_spread": spread, "topk_gap": gap}

@@ -11,12 +11,26 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
+from ..train.experiments import RunCache  # noqa: E402
 from ..train.metrics import moe_layer_ids  # noqa: E402
 from ..viz.training import plot_bias_trajectories, plot_curves, plot_load_heatmaps  # noqa: E402
 from . import Context, Result, experiment  # noqa: E402
-from ._common import VARIANTS, compare, fmt, mean_std, settings_line, tail_mean, val_acc, val_loss, variant_runs  # noqa: E402
+from ._common import (  # noqa: E402
+    VARIANTS,
+    compare,
+    fmt,
+    mean_std,
+    router_score_stats,
+    settings_line,
+    tail_mean,
+    val_acc,
+    val_loss,
+    variant_runs,
+)
 
 
 def run_table(runs) -> pd.DataFrame:
@@ -96,6 +110,9 @@ def run(ctx: Context) -> Result:
     else:
         quality_verdict = "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`"
     gamma, steps = any_run.train_cfg.bias_update_speed, any_run.train_cfg.steps
+    val_rows = RunCache(log=ctx.log).data(any_run.train_cfg).val
+    probe = [router_score_stats(runs[("none", s)], torch.cat(list(val_rows.values()))) for s in ctx.seeds]
+    stats = {k: float(np.mean([p[k] for p in probe])) for k in probe[0]}
     d_loss = mean_std(by["aux_loss"].val_loss)[0] - mean_std(by["aux_free"].val_loss)[0]
     report = f"""## E1 — Load balancing: auxiliary-loss-free bias vs auxiliary loss
 
@@ -108,9 +125,11 @@ sequence.
 **Setup:** {settings_line(any_run)}. Seeds {ctx.seeds}; validation on held-out code / prose / math rows.
 MaxVio = max load / mean load − 1 per MoE layer, averaged over the {n_main} main-model MoE layers; "batch" is over
 each optimizer step's whole batch, "seq" over each sequence's own tokens (mean over sequences); both averaged over the
-last 10% of steps. γ = {gamma:g} is {gamma / 1e-3:g}× the paper's 1e-3 because a run here has {steps} steps instead of
-~10⁵: it lets the bias cross the spread of the toy router's sigmoid scores in about ten steps (chosen from that
-spread, before any variant was compared).
+last 10% of steps. **γ = {gamma:g}** ({gamma / 1e-3:g}× the paper's 1e-3; a run here has {steps} steps, not ~10⁵) was
+chosen from the router statistics of a short `none` probe run, before any variant was compared: the bias must be able
+to cross the spread of the experts' mean affinities within a few dozen steps, while one step's ±γ stays well below
+the typical gap between a token's K-th and (K+1)-th score. In this experiment's final `none` models (validation
+rows, main-model routers) the spread is {stats['expert_mean_spread']:.3f} and the gap {stats['topk_gap']:.3f}.
 
 | variant | val loss | val acc | MaxVio batch | MaxVio seq | MaxVio val |
 |---|---:|---:|---:|---:|---:|
@@ -128,7 +147,7 @@ balanced the way a batch can, which is the paper's point in §4.5.3.
 
 ![bias trajectories](bias_trajectories.png)
 """
-    summary = {"load_balance": {v: {"val_loss": mean_std(by[v].val_loss)[0],
+    summary = {"load_balance": {"router_stats_none": stats} | {v: {"val_loss": mean_std(by[v].val_loss)[0],
                                     "val_loss_std": mean_std(by[v].val_loss)[1],
                                     "maxvio_batch": mean_std(by[v].maxvio_batch)[0],
                                     "maxvio_seq": mean_std(by[v].maxvio_seq)[0]} for v in VARIANTS}}  # fmt: skip

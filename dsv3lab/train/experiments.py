@@ -25,16 +25,18 @@ def suite_config(balance: str, seed: int, fast: bool, **changes) -> TrainConfig:
     """The toy run every training experiment shares (one place, so that E1–E3 hit the same cached runs).
 
     Default: the ``toy`` preset (4 layers, 1 dense + 3 MoE, 16 routed experts top-4 in 4 groups, 1 shared, MTP D=1),
-    grouped-GEMM experts, sequences of 256 tokens, 150 optimizer steps ramping 1 → 8 sequences (≈ 0.3M tokens),
-    peak lr 2e-3, γ = 5e-3, validation on 16 sequences per domain every 50 steps. ``fast``: 40 steps of up to 4
-    sequences, 8 validation sequences per domain, evaluated at the end only.
+    grouped-GEMM experts, sequences of 256 tokens, 120 optimizer steps ramping 1 → 8 sequences (≈ 0.24M tokens),
+    peak lr 2e-3, γ = 5e-3, validation on 16 sequences per domain every 40 steps. ``fast``: 40 steps of up to 4
+    sequences of 128 tokens from the small corpus (``DataConfig.small``), 8 validation sequences per domain,
+    evaluated at the end only.
     """
     base = dict(preset="toy", model={"moe_impl": "grouped"}, balance=balance, seed=seed, seq_len=256,
                 bias_update_speed=5e-3, lr=2e-3, progress=False)  # fmt: skip
     if fast:
-        base.update(steps=40, batch_size=4, micro_batch_size=4, eval_every=0, val_seqs_per_domain=8)
+        base.update(steps=40, batch_size=4, micro_batch_size=4, eval_every=0, seq_len=128,
+                    max_chars_per_domain=200_000, val_seqs_per_domain=8)
     else:
-        base.update(steps=150, batch_size=8, micro_batch_size=8, eval_every=50, val_seqs_per_domain=16)
+        base.update(steps=120, batch_size=8, micro_batch_size=8, eval_every=40, val_seqs_per_domain=16)
     model = {**base.pop("model"), **changes.pop("model", {})}
     base.update(changes)
     return TrainConfig(model=model, **base)
