@@ -79,3 +79,17 @@ def test_bad_arguments():
         emulated_gemm(a, a, acc_bits=60)
     with pytest.raises(ValueError, match="dist must be"):
         fp8_operands(2, 2, 128, dist="uniform")
+
+
+def test_per_row_settings_and_snapshots_equal_separate_runs():
+    a, b = fp8_operands(4, 6, 1024, "positive", seed=3)
+    batched = emulated_gemm(torch.cat([a, a, a]), b, acc_bits=[14] * 4 + [16] * 4 + [14] * 4,
+                            promote_every=[0] * 4 + [0] * 4 + [128] * 4)  # fmt: skip
+    assert torch.equal(batched[:4], emulated_gemm(a, b, acc_bits=14, promote_every=None))
+    assert torch.equal(batched[4:8], emulated_gemm(a, b, acc_bits=16, promote_every=None))
+    assert torch.equal(batched[8:], emulated_gemm(a, b, acc_bits=14, promote_every=128))
+    snaps = emulated_gemm(a, b, acc_bits=14, promote_every=128, snapshots=(96, 256, 1024))
+    for k, c in snaps.items():
+        assert torch.equal(c, emulated_gemm(a[:, :k], b[:, :k], acc_bits=14, promote_every=128)), k
+    with pytest.raises(ValueError, match="snapshots must be multiples"):
+        emulated_gemm(a, b, snapshots=(100,))

@@ -41,51 +41,76 @@ MMA_K = 32  # K elements of one FP8 WGMMA instruction
 N_C = 128  # the paper's promotion interval
 
 
-def aligned_sum(acc: torch.Tensor, products: torch.Tensor, acc_bits: int | None) -> torch.Tensor:
+def aligned_sum(acc: torch.Tensor, products: torch.Tensor, acc_bits: int | torch.Tensor | None) -> torch.Tensor:
     """One tensor-core accumulation step: acc [...] + Σ products [..., g] keeping only ``acc_bits`` aligned bits.
 
     All g + 1 addends are aligned to the largest |addend| (2^(e-1) ≤ max < 2^e) and truncated toward zero to a
-    multiple of 2^(e - acc_bits); the truncated addends are summed exactly. fp64 in, fp64 out.
+    multiple of 2^(e - acc_bits); the truncated addends are summed exactly. fp64 in, fp64 out. ``acc_bits`` may be a
+    tensor broadcasting against acc (several precisions at once).
     """
     addends = torch.cat([acc[..., None], products], dim=-1)  # [..., g + 1]
     if acc_bits is None:
         return addends.sum(-1)
     _, e = torch.frexp(addends.abs().amax(-1, keepdim=True))  # max = f · 2^e, f in [0.5, 1)
+    if isinstance(acc_bits, torch.Tensor):
+        acc_bits = acc_bits[..., None]
     quantum = torch.ldexp(torch.ones_like(addends[..., :1]), e - acc_bits)
     return (torch.trunc(addends / quantum) * quantum).sum(-1)  # division by a power of two is exact
 
 
+def _check_setting(acc_bits, promote_every, group: int) -> None:
+    for bits in torch.as_tensor(acc_bits).flatten().tolist() if acc_bits is not None else []:
+        if not 1 <= bits <= 47:
+            raise ValueError(f"acc_bits must be in [1, 47] (fp64 must hold the aligned sum exactly) or None, "
+                             f"got {bits}")
+    for every in torch.as_tensor(promote_every).flatten().tolist() if promote_every is not None else []:
+        if every and (every < group or every % group):
+            raise ValueError(f"promote_every (N_C) must be a positive multiple of group={group}, got {every}")
+
+
 def emulated_gemm(a: torch.Tensor, b: torch.Tensor, acc_bits: int | None = 14, promote_every: int | None = N_C,
-                  group: int = MMA_K, promote_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+                  group: int = MMA_K, promote_dtype: torch.dtype = torch.float32,
+                  snapshots: tuple[int, ...] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:  # fmt: skip
     """C = a · bᵀ for a [M, K], b [N, K] with a limited-precision accumulator. Returns fp64 [M, N].
 
     Args:
-        acc_bits: bits kept when adding (14 on H800; ``None`` = exact).
+        acc_bits: bits kept when adding (14 on H800; ``None`` = exact). A sequence of M values gives each row of
+            ``a`` its own precision (to sweep several settings in one pass).
         promote_every: N_C, promote the partial sum to the ``promote_dtype`` accumulator every this many K elements
-            (a multiple of ``group``); ``None`` = never (the tensor-core accumulator holds the whole sum).
+            (a multiple of ``group``); ``None`` = never (the tensor-core accumulator holds the whole sum). A sequence
+            of M values (0 = never) gives each row its own interval.
         group: products aligned together (32 = one FP8 MMA).
         promote_dtype: the outer accumulator (FP32 registers on the CUDA cores).
+        snapshots: K values (multiples of ``group``) at which to also return the result of the GEMM over the first K
+            columns (each exactly what a separate call on ``a[:, :K]``, ``b[:, :K]`` returns); gives ``{K: C}``.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected a [M, K] and b [N, K] with the same K, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if acc_bits is not None and not 1 <= acc_bits <= 47:
-        raise ValueError(f"acc_bits must be in [1, 47] (fp64 must hold the aligned sum exactly) or None, "
-                         f"got {acc_bits}")
-    if promote_every is not None and (promote_every < group or promote_every % group):
-        raise ValueError(f"promote_every (N_C) must be a positive multiple of group={group}, got {promote_every}")
+    _check_setting(acc_bits, promote_every, group)
     m, k = a.shape
     n = b.shape[0]
+    bad = [s for s in snapshots or () if s % group or not 0 < s <= k]
+    if bad:
+        raise ValueError(f"snapshots must be multiples of group={group} in (0, K={k}], got {bad}")
     a64, b64 = a.double(), b.double()
+    bits = None if acc_bits is None else torch.as_tensor(acc_bits).reshape(-1, 1).expand(m, 1)
+    every = torch.zeros(m, 1, dtype=torch.long) if promote_every is None else \
+        torch.as_tensor(promote_every, dtype=torch.long).reshape(-1, 1).expand(m, 1)  # fmt: skip
+    promoting = every > 0  # [M, 1]
     acc = a64.new_zeros(m, n)  # the tensor-core accumulator
     outer = a64.new_zeros(m, n)  # the promoted accumulator (CUDA-core registers)
+    out: dict[int, torch.Tensor] = {}
     for k0 in range(0, k, group):
         k1 = min(k0 + group, k)
         products = a64[:, None, k0:k1] * b64[None, :, k0:k1]  # [M, N, g], exact
-        acc = aligned_sum(acc, products, acc_bits)
-        if promote_every is not None and (k1 % promote_every == 0 or k1 == k):
-            outer = (outer + acc).to(promote_dtype).double()  # one add in the outer precision
-            acc = torch.zeros_like(acc)
-    return outer if promote_every is not None else acc
+        acc = aligned_sum(acc, products, bits)
+        if k1 in (snapshots or ()) or k1 == k:  # a GEMM ending here promotes its last partial sum
+            out[k1] = torch.where(promoting, (outer + acc).to(promote_dtype).double(), acc)
+        due = promoting & (k1 % every.clamp_min(1) == 0)  # [M, 1]: rows whose interval ends here
+        if bool(due.any()):
+            outer = torch.where(due, (outer + acc).to(promote_dtype).double(), outer)  # one add in the outer precision
+            acc = torch.where(due, torch.zeros_like(acc), acc)
+    return {s: out[s] for s in snapshots} if snapshots else out[k]
 
 
 def fp8_operands(m: int, n: int, k: int, dist: str = "normal", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,18 +146,20 @@ def accumulation_sweep(ks: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192),
                        seeds: tuple[int, ...] = (0,)) -> pd.DataFrame:  # fmt: skip
     """Error of the emulated FP8 GEMM vs the exact sum for each K, with and without promotion.
 
-    One row per (dist, K, promotion, seed) with :func:`gemm_error` columns. ``promotion`` is ``"none"`` or
-    ``"every N_C"``."""
+    One row per (dist, K, promotion, seed) with :func:`gemm_error` columns; ``promotion`` is ``"none"`` or
+    ``"every N_C"``. Each K uses the first K columns of one set of operands (one pass with snapshots)."""
     rows = []
     for dist in dists:
         for seed in seeds:
+            a, b = fp8_operands(m, n, max(ks), dist, seed)
+            both = torch.cat([a, a])  # rows 0..m-1 without promotion, m..2m-1 with
+            per_row = [0] * m + [promote_every] * m
+            snaps = emulated_gemm(both, b, acc_bits=acc_bits, promote_every=per_row, snapshots=tuple(ks))
             for k in ks:
-                a, b = fp8_operands(m, n, k, dist, seed)
-                exact = a @ b.T  # fp64: exact for FP8-valued operands of this size
-                for label, every in (("none", None), (f"every {promote_every}", promote_every)):
-                    c = emulated_gemm(a, b, acc_bits=acc_bits, promote_every=every)
+                exact = a[:, :k] @ b[:, :k].T  # fp64: exact for FP8-valued operands of this size
+                for label, part in (("none", snaps[k][:m]), (f"every {promote_every}", snaps[k][m:])):
                     rows.append({"dist": dist, "K": k, "promotion": label, "seed": seed, "acc_bits": acc_bits,
-                                 **gemm_error(c, exact)})  # fmt: skip
+                                 **gemm_error(part, exact)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -142,10 +169,12 @@ def promotion_interval_sweep(n_cs: tuple[int, ...] = (32, 64, 128, 256, 512, 102
     """Error at fixed K as the promotion interval N_C grows (N_C = K means a single promotion at the end)."""
     a, b = fp8_operands(m, n, k, dist, seed)
     exact = a @ b.T
+    c = emulated_gemm(a.repeat(len(n_cs), 1), b, acc_bits=acc_bits,
+                      promote_every=[n_c for n_c in n_cs for _ in range(m)])  # one pass, M rows per setting
     rows = []
-    for n_c in n_cs:
-        c = emulated_gemm(a, b, acc_bits=acc_bits, promote_every=n_c)
-        rows.append({"N_C": n_c, "K": k, "dist": dist, "acc_bits": acc_bits, **gemm_error(c, exact)})
+    for i, n_c in enumerate(n_cs):
+        rows.append({"N_C": n_c, "K": k, "dist": dist, "acc_bits": acc_bits,
+                     **gemm_error(c[i * m:(i + 1) * m], exact)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -158,9 +187,12 @@ def accumulator_bits_sweep(bits: tuple[int, ...] = (12, 13, 14, 15, 16, 18, 20, 
     2^-bits: this sweep shows how much a one- or two-bit difference in the model moves the K = 4096 number."""
     a, b = fp8_operands(m, n, k, dist, seed)
     exact = a @ b.T
+    settings = [(nb, label, every) for nb in bits for label, every in (("none", 0), (f"every {promote_every}",
+                                                                                   promote_every))]  # fmt: skip
+    c = emulated_gemm(a.repeat(len(settings), 1), b, acc_bits=[nb for nb, _, _ in settings for _ in range(m)],
+                      promote_every=[every for _, _, every in settings for _ in range(m)])  # fmt: skip
     rows = []
-    for nb in bits:
-        for label, every in (("none", None), (f"every {promote_every}", promote_every)):
-            c = emulated_gemm(a, b, acc_bits=nb, promote_every=every)
-            rows.append({"acc_bits": nb, "promotion": label, "K": k, "dist": dist, **gemm_error(c, exact)})
+    for i, (nb, label, _) in enumerate(settings):
+        rows.append({"acc_bits": nb, "promotion": label, "K": k, "dist": dist,
+                     **gemm_error(c[i * m:(i + 1) * m], exact)})  # fmt: skip
     return pd.DataFrame(rows)

@@ -23,8 +23,10 @@ Two details worth reading:
 
 Bad input (K not a multiple of 128, non-contiguous tensors, wrong dtypes or scale shapes) raises ``ValueError``.
 This module imports triton at import time; ``dsv3lab`` and ``dsv3lab.fp8`` import it only when a kernel is asked
-for. On a CPU set ``TRITON_INTERPRET=1`` *before* triton and this module are first imported: triton 3.9 reads it
-when ``@triton.jit`` decorates a kernel (at this module's import), older versions when triton is imported.
+for. On a CPU set ``TRITON_INTERPRET=1`` *before triton is first imported in the process*: Triton reads it whenever
+``@triton.jit`` decorates a function, and triton.language's own helpers (``tl.zeros``, ``tl.cdiv``) are decorated at
+``import triton`` — which torch itself may trigger (building a model on this CPU wheel does) and which
+``dsv3lab.versions()`` triggers to report its version. :func:`interpreted` tells whether it worked.
 
 Notebook: 07_fp8. Benchmark: ``benchmarks/fp8_gemm.py``.
 """
@@ -44,10 +46,15 @@ E4M3_MAX = 448.0
 
 
 def interpreted() -> bool:
-    """True when this module's kernels run in triton's CPU interpreter: triton 3.9 reads ``TRITON_INTERPRET`` when a
-    function is decorated with ``@triton.jit``, i.e. when this module is imported (older versions read it when
-    triton itself is imported), so the answer is read off the kernel object rather than the environment now."""
-    return type(_act_quant_kernel).__name__ == "InterpretedFunction"
+    """True when the kernels run in triton's CPU interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` each time a function is decorated with ``@triton.jit``: triton.language's own
+    helpers (``tl.zeros``, ``tl.cdiv``, …) are decorated when triton is first imported, this module's kernels when
+    it is imported. Both must have happened with the variable set, so the answer is read off those function objects,
+    not off the environment now.
+    """
+    kinds = {type(_act_quant_kernel).__name__, type(tl.standard.zeros).__name__}
+    return kinds == {"InterpretedFunction"}
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -58,9 +65,10 @@ def _check_device(*tensors: torch.Tensor) -> None:
         return
     if dev.type == "cpu" and interpreted():
         return
-    raise ValueError(f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 (set before triton and "
-                     f"dsv3lab.fp8.kernels are first imported); got tensors on {dev.type}, TRITON_INTERPRET="
-                     f"{os.environ.get('TRITON_INTERPRET')}, interpreter active: {interpreted()}")
+    raise ValueError(f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 set before triton is "
+                     f"first imported in this process (note: torch and dsv3lab.versions() may import it); got tensors "
+                     f"on {dev.type}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, interpreter active: "
+                     f"{interpreted()}")
 
 
 def _check_contiguous(**tensors: torch.Tensor) -> None:
