@@ -6,6 +6,7 @@
 * :mod:`~dsv3lab.fp8.accum`   — the limited-precision tensor-core accumulator and FP32 promotion every N_C = 128
 * :mod:`~dsv3lab.fp8.linear`  — the FP8 Linear (Fprop/Dgrad/Wgrad in FP8) and grouped experts
 * :mod:`~dsv3lab.fp8.optim`   — AdamW with BF16 moments and FP32 master weights
+* :mod:`~dsv3lab.fp8.compare` — FP8 vs BF16 runs: smoothed losses and their relative difference
 * :mod:`~dsv3lab.fp8.kernels` — Triton kernels (act_quant, weight_dequant, block-scaled GEMM); imported only on use
 
 Importing this package never imports triton.

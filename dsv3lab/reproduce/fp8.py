@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..fp8.accum import accumulation_sweep, accumulator_bits_sweep, promotion_interval_sweep  # noqa: E402
+from ..fp8.compare import EMA_ALPHA, PAPER_THRESHOLD, loss_curves  # noqa: E402
 from ..fp8.quant import outlier_scaling_demo  # noqa: E402
 from ..train.experiments import RunCache, suite_config  # noqa: E402
 from ..viz.fp8 import (  # noqa: E402
@@ -34,8 +35,7 @@ from ..viz.fp8 import (  # noqa: E402
 from . import Context, Result, experiment  # noqa: E402
 from ._common import fmt, mean_std, settings_line, val_loss  # noqa: E402
 
-EMA = 0.1  # smoothing of the per-step training loss before the relative difference is taken
-PAPER_THRESHOLD = 0.0025  # "relative loss error ... below 0.25%"
+EMA = EMA_ALPHA
 
 
 def fp8_config(seed: int, fast: bool, fp8: bool, device: str = "cpu"):
@@ -43,25 +43,6 @@ def fp8_config(seed: int, fast: bool, fp8: bool, device: str = "cpu"):
     changes = dict(steps=24, seq_len=128, batch_size=4, micro_batch_size=4, eval_every=0) if fast else \
         dict(steps=60, seq_len=128, batch_size=8, micro_batch_size=8, eval_every=0)  # fmt: skip
     return suite_config("aux_free", seed, fast, device=device, dtype="bf16", model={"fp8": fp8}, **changes)
-
-
-def ema(values: np.ndarray, alpha: float = EMA) -> np.ndarray:
-    """Exponential moving average started at the first value: s_0 = x_0, s_t = (1 − α) s_(t−1) + α x_t."""
-    out = np.empty(len(values))
-    acc = float(values[0])
-    for i, v in enumerate(values):
-        acc = acc if i == 0 else (1 - alpha) * acc + alpha * float(v)
-        out[i] = acc
-    return out
-
-
-def loss_curves(bf16: pd.DataFrame, fp8: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Per step: raw and EMA-smoothed main losses of both runs and rel_diff = |EMA_fp8 − EMA_bf16| / EMA_bf16."""
-    a, b = bf16["loss_main"].to_numpy(), fp8["loss_main"].to_numpy()
-    sa, sb = ema(a), ema(b)
-    return pd.DataFrame({"step": bf16["step"].to_numpy(), "seed": seed, "raw_bf16": a, "raw_fp8": b,
-                         "loss_bf16": sa, "loss_fp8": sb, "rel_diff": np.abs(sb - sa) / sa,
-                         "time_bf16_s": bf16["time_s"].to_numpy(), "time_fp8_s": fp8["time_s"].to_numpy()})  # fmt: skip
 
 
 @experiment("fp8", "E4: FP8 vs BF16 training loss; fine-grained scaling; accumulation precision")
@@ -83,7 +64,7 @@ def run(ctx: Context) -> Result:
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.2))
     plot_scaling_granularity(scaling, ax=axes[0])
     plot_accumulation_vs_k(accum, ax=axes[1])
-    plot_accumulation_vs_nc(n_c, ax=axes[2])
+    plot_accumulation_vs_nc(n_c, metric="norm_rel_error", ax=axes[2])
     plot_accumulation_vs_bits(bits, ax=axes[3])
     fig.tight_layout()
     fig.savefig(ctx.out / "fp8_numerics.png", dpi=110, bbox_inches="tight")
