@@ -1,9 +1,12 @@
 """Pure plotting functions ``plot_x(data, ax=None) -> Figure`` and ipywidgets explorers that wrap them.
 
-Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``widgets`` (interactive explorers).
+Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing, gates), ``measurements`` (losses over steps, grouped
+bars of timings and counts), ``widgets`` (interactive explorers; import ``dsv3lab.viz.widgets`` explicitly).
 """
 
 from .architecture import (
+    plot_expert_counts,
+    plot_gate_scores,
     plot_group_routing,
     plot_kv_cache,
     plot_kv_vs_rank,
@@ -11,6 +14,7 @@ from .architecture import (
     plot_rope_frequencies,
     plot_yarn_ramp,
 )
+from .measurements import plot_bars, plot_step_losses
 
-__all__ = ["plot_group_routing", "plot_kv_cache", "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies",
-           "plot_yarn_ramp"]
+__all__ = ["plot_bars", "plot_expert_counts", "plot_gate_scores", "plot_group_routing", "plot_kv_cache",
+           "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies", "plot_step_losses", "plot_yarn_ramp"]
