@@ -153,17 +153,11 @@ class MLA(nn.Module):
             k, v = cache.k[:b, :end], cache.v[:b, :end]  # [b, t, h, ·]
         # SDPA wants [b, h, s, d]; the softmax runs in fp32 inside it for fp32 inputs
         causal = mask is not None and start_pos == 0  # square causal mask: let SDPA use its fused causal kernel
-        v = v.to(q.dtype)
-        pad = self.qk_head_dim - self.v_head_dim
-        if pad > 0 and cache is None and q.device.type == "cpu":
-            # The fused (flash) CPU kernel needs d_v == d_h + d_h^R; otherwise SDPA falls back to the math path,
-            # which stores the [b, h, s, t] probabilities. Zero columns in V leave the first d_v outputs unchanged.
-            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2),
+            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
             attn_mask=None if causal else mask, is_causal=causal, scale=self.softmax_scale,
         )  # fmt: skip
-        return out.transpose(1, 2)[..., : self.v_head_dim]  # [b, s, h, d_v]
+        return out.transpose(1, 2)  # [b, s, h, d_v]
 
     def _absorb(self, q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache):
         b = kv.shape[0]
