@@ -201,8 +201,11 @@ def run(args: argparse.Namespace) -> dict:
             "parity_max_abs_diff": parity[name],
         }
 
-    def ratio(a: str, b: str) -> float | None:
+    def ratio(a: str, b: str, cpu: bool = False) -> float | None:
+        """Speed of a over speed of b: tokens/s medians, or (cpu=True) the inverse ratio of CPU seconds per step."""
         if a in results and b in results:
+            if cpu:
+                return round(results[b]["cpu_s_per_step"] / results[a]["cpu_s_per_step"], 3)
             return round(results[a]["tokens_per_s"] / results[b]["tokens_per_s"], 3)
         return None
 
@@ -210,18 +213,20 @@ def run(args: argparse.Namespace) -> dict:
     hf_eager = next((n for n in results if n.startswith("transformers") and n.endswith(",eager]")), None)
     ds = {n: r for n, r in results.items() if n.startswith("dsv3lab")}
     ds_best = max(ds, key=lambda n: ds[n]["tokens_per_s"])
-    ratios = {
-        "naive_grouped_vs_naive_loop": ratio("dsv3lab[naive,grouped]", "dsv3lab[naive,loop]"),
-        "absorb_grouped_vs_absorb_loop": ratio("dsv3lab[absorb,grouped]", "dsv3lab[absorb,loop]"),
-        "naive_loop_vs_absorb_loop": ratio("dsv3lab[naive,loop]", "dsv3lab[absorb,loop]"),
-        "naive_grouped_vs_absorb_grouped": ratio("dsv3lab[naive,grouped]", "dsv3lab[absorb,grouped]"),
+    pairs = {
+        "naive_grouped_vs_naive_loop": ("dsv3lab[naive,grouped]", "dsv3lab[naive,loop]"),
+        "absorb_grouped_vs_absorb_loop": ("dsv3lab[absorb,grouped]", "dsv3lab[absorb,loop]"),
+        "naive_loop_vs_absorb_loop": ("dsv3lab[naive,loop]", "dsv3lab[absorb,loop]"),
+        "naive_grouped_vs_absorb_grouped": ("dsv3lab[naive,grouped]", "dsv3lab[absorb,grouped]"),
     }
     if hf_default:
-        ratios.update({
-            "dsv3lab[naive,grouped]_vs_transformers_default": ratio("dsv3lab[naive,grouped]", hf_default),
-            "dsv3lab[naive,loop]_vs_transformers_eager": ratio("dsv3lab[naive,loop]", hf_eager),
-            "dsv3lab_best_vs_transformers_default": ratio(ds_best, hf_default),
+        pairs.update({
+            "dsv3lab[naive,grouped]_vs_transformers_default": ("dsv3lab[naive,grouped]", hf_default),
+            "dsv3lab[naive,loop]_vs_transformers_eager": ("dsv3lab[naive,loop]", hf_eager),
+            "dsv3lab_best_vs_transformers_default": (ds_best, hf_default),
         })  # fmt: skip
+    ratios = {name: ratio(a, b) for name, (a, b) in pairs.items()}
+    ratios_cpu = {name: ratio(a, b, cpu=True) for name, (a, b) in pairs.items()}
     return {
         "benchmark": "train_step",
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
@@ -234,10 +239,16 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "note": "transformers has no MTP module: both sides run the preset with n_mtp=0",
-        "transformers_settings": {"default": hf_default, "eager_experts": hf_eager} if with_hf else None,
+        "transformers_settings": {
+            "default": hf_default,
+            "eager_experts": hf_eager,
+            "note": "transformers 5.x resolves unset attn_implementation to sdpa and experts_implementation to "
+            "grouped_mm (sort by expert + torch grouped GEMM); eager is its per-expert loop",
+        } if with_hf else None,
         "fastest_dsv3lab": ds_best,
         "results": results,
         "ratios": ratios,
+        "ratios_by_cpu_time": ratios_cpu,
         "memory_method": ("torch.profiler allocation events: peak tensor bytes during one step above the bytes live "
                           "at its start" if device.type == "cpu" else
                           "torch.cuda.max_memory_allocated - memory_allocated at the start of the step"),

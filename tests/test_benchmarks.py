@@ -33,4 +33,5 @@ def test_train_step_benchmark_json():
     for key in ("naive_grouped_vs_naive_loop", "naive_loop_vs_absorb_loop",
                 "dsv3lab[naive,grouped]_vs_transformers_default", "dsv3lab[naive,loop]_vs_transformers_eager"):
         assert report["ratios"][key] > 0, key  # fmt: skip
+    assert set(report["ratios_by_cpu_time"]) == set(report["ratios"])
     assert report["tokens_per_step"] == 32 and report["machine"]["torch_threads"] == 1
