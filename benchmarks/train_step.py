@@ -144,6 +144,28 @@ def peak_step_memory(step: Callable[[], float], device: torch.device) -> float:
     return float(peak)
 
 
+def flops_per_step(step: Callable[[], float]) -> dict:
+    """FLOPs of one dsv3lab training step (forward + backward) from ``torch.utils.flop_counter``, and the shares of
+    the output head, the attention layers and the FFN layers (dense MLP and MoE)."""
+    import re
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    per_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = per_module["Global"]
+    head = per_module.get("DeepSeekV3.head", 0)
+    attn = sum(v for k, v in per_module.items() if re.fullmatch(r"DeepSeekV3\.layers\.\d+\.attn", k))
+    ffn = sum(v for k, v in per_module.items() if re.fullmatch(r"DeepSeekV3\.layers\.\d+\.ffn", k))
+    return {
+        "total_gflop": round(total / 1e9, 3),
+        "share": {"output head": round(head / total, 3), "attention (MLA)": round(attn / total, 3),
+                  "FFN (dense MLP + MoE)": round(ffn / total, 3),
+                  "other": round((total - head - attn - ffn) / total, 3)},
+    }  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -169,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     parity = {name: float((logits_of(name, m, tokens) - ref).abs().max()) for name, m in models.items()}
 
     steps = {name: step_fn(name, m, tokens) for name, m in models.items()}
+    flops = flops_per_step(steps[ref_name])  # the same matrix products run in every variant
     # 2) peak memory, each in its own untimed step
     memory = {name: peak_step_memory(step, device) / 2**20 for name, step in steps.items()}
     # 3) warm-up, then alternate the variants round by round
@@ -246,6 +269,7 @@ def run(args: argparse.Namespace) -> dict:
             "grouped_mm (sort by expert + torch grouped GEMM); eager is its per-expert loop",
         } if with_hf else None,
         "fastest_dsv3lab": ds_best,
+        "flops_per_step": dict(flops, note=f"torch.utils.flop_counter on one {ref_name} step (forward + backward)"),
         "results": results,
         "ratios": ratios,
         "ratios_by_cpu_time": ratios_cpu,

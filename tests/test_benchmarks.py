@@ -34,4 +34,7 @@ def test_train_step_benchmark_json():
                 "dsv3lab[naive,grouped]_vs_transformers_default", "dsv3lab[naive,loop]_vs_transformers_eager"):
         assert report["ratios"][key] > 0, key  # fmt: skip
     assert set(report["ratios_by_cpu_time"]) == set(report["ratios"])
+    flops = report["flops_per_step"]
+    assert flops["total_gflop"] > 0 and all(v >= 0 for v in flops["share"].values())
+    assert abs(sum(flops["share"].values()) - 1) < 0.01 and flops["share"]["output head"] > 0
     assert report["tokens_per_step"] == 32 and report["machine"]["torch_threads"] == 1
