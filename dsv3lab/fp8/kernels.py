@@ -200,11 +200,11 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, B_ROWWISE: 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the FP32 accumulator (CUDA-core registers)
     for kb in range(n_kb):
         k = kb * BLOCK_K + rk
-        a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=mask_m[:, None], other=0.0)
-        b = tl.load(b_ptr + rn[:, None] * K + k[None, :], mask=mask_n[:, None], other=0.0)
+        a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=mask_m[:, None], other=0.0)  # [BM, BK]
+        b = tl.load(b_ptr + rn[None, :] * K + k[:, None], mask=mask_n[None, :], other=0.0)  # Bᵀ tile [BK, BN]
         a_s = tl.load(a_s_ptr + rm * n_kb + kb, mask=mask_m, other=0.0)
         b_s = tl.load(b_s_ptr + b_scale_row * n_kb + kb, mask=mask_n, other=0.0)
-        partial = tl.dot(a, tl.trans(b))  # FP8 tensor cores over one 128-wide block of K
+        partial = tl.dot(a, b)  # FP8 tensor cores over one 128-wide block of K
         acc += partial * a_s[:, None] * b_s[None, :]  # promotion: scale in FP32, add to the FP32 accumulator
     c = _to_output(acc, c_ptr.dtype.element_ty)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], c, mask=mask_m[:, None] & mask_n[None, :])
@@ -297,11 +297,11 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, ends_ptr, N,
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(n_kb):
             k = kb * BLOCK_K + rk
-            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_base + rn[:, None] * K + k[None, :], mask=mask_n[:, None], other=0.0)
+            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=mask_m[:, None], other=0.0)  # [BM, BK]
+            b = tl.load(b_base + rn[None, :] * K + k[:, None], mask=mask_n[None, :], other=0.0)  # [BK, BN]
             a_s = tl.load(a_s_ptr + rm * n_kb + kb, mask=mask_m, other=0.0)
             b_s = tl.load(b_s_base + (rn // BLOCK_K) * n_kb + kb, mask=mask_n, other=0.0)
-            acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
         tl.store(c_ptr + rm[:, None] * N + rn[None, :], _to_output(acc, c_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 

@@ -13,6 +13,8 @@ autocast. Everything else is identical: initialisation (same seed), data order, 
 
 from __future__ import annotations
 
+import contextlib
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -20,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 from ..fp8.accum import accumulation_sweep, accumulator_bits_sweep, promotion_interval_sweep  # noqa: E402
 from ..fp8.compare import EMA_ALPHA, PAPER_THRESHOLD, loss_curves  # noqa: E402
@@ -40,16 +43,27 @@ EMA = EMA_ALPHA
 
 def fp8_config(seed: int, fast: bool, fp8: bool, device: str = "cpu"):
     """The E4 run: the shared toy run of the suite, in bf16 autocast, shorter (FP8 emulation costs extra)."""
-    changes = dict(steps=24, seq_len=128, batch_size=4, micro_batch_size=4, eval_every=0) if fast else \
+    changes = dict(steps=20, seq_len=128, batch_size=4, micro_batch_size=4, eval_every=0) if fast else \
         dict(steps=60, seq_len=128, batch_size=8, micro_batch_size=8, eval_every=0)  # fmt: skip
     return suite_config("aux_free", seed, fast, device=device, dtype="bf16", model={"fp8": fp8}, **changes)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the toy trainings on one torch thread (restored afterwards): their GEMMs are too small to gain from a
+    second thread, a second thread costs hand-offs (badly so on a shared machine), and one thread makes the numbers
+    independent of ``--threads``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def same_weights_check(run, data, step: int) -> dict[str, float]:
     """Per-step fidelity, separated from trajectory divergence: at one set of weights (a trained BF16 run's) and one
     batch, the FP8 model's loss, gradient and expert choices against the BF16 model's (both under bf16 autocast)."""
-    import torch
-
     from ..model import build_model
 
     tokens, targets = data.batch(step, run.train_cfg.batch_size)
@@ -63,7 +77,7 @@ def same_weights_check(run, data, step: int) -> dict[str, float]:
         losses["total"].backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
         chosen = [moe.last_indices.sort(-1).values for moe in model.moe_layers(include_mtp=False)]
-        out[fp8] = (float(losses["main"]), grad, chosen)
+        out[fp8] = (float(losses["main"].detach()), grad, chosen)
     (l_bf16, g_bf16, c_bf16), (l_fp8, g_fp8, c_fp8) = out[False], out[True]
     flips = float(torch.stack([(a != b).any(-1).float().mean() for a, b in zip(c_bf16, c_fp8)]).mean())
     cos = float(g_fp8 @ g_bf16 / (g_fp8.norm() * g_bf16.norm()))
@@ -99,10 +113,11 @@ def run(ctx: Context) -> Result:
     # 2) training: BF16 vs FP8 from the same seed and data
     cache = RunCache(log=ctx.log)
     curves, runs = [], {}
-    for seed in ctx.seeds:
-        for fp8 in (False, True):
-            runs[(fp8, seed)] = cache.run(fp8_config(seed, ctx.fast, fp8, device=str(ctx.device)))
-        curves.append(loss_curves(runs[(False, seed)].metrics, runs[(True, seed)].metrics, seed))
+    with one_thread():
+        for seed in ctx.seeds:
+            for fp8 in (False, True):
+                runs[(fp8, seed)] = cache.run(fp8_config(seed, ctx.fast, fp8, device=str(ctx.device)))
+            curves.append(loss_curves(runs[(False, seed)].metrics, runs[(True, seed)].metrics, seed))
     curves = pd.concat(curves, ignore_index=True)
     curves.to_csv(ctx.out / "fp8_training.csv", index=False)
     fig = plot_fp8_vs_bf16(curves, threshold=PAPER_THRESHOLD)
@@ -110,9 +125,11 @@ def run(ctx: Context) -> Result:
     plt.close(fig)
 
     per_seed = curves.groupby("seed").agg(final=("rel_diff", "last"), max=("rel_diff", "max"))
-    fidelity = pd.DataFrame([{"seed": s, **same_weights_check(runs[(False, s)], cache.data(runs[(False, s)].train_cfg),
-                                                              runs[(False, s)].train_cfg.steps - 1)}
-                             for s in ctx.seeds])  # fmt: skip
+    with one_thread():
+        fidelity = pd.DataFrame([{"seed": s, **same_weights_check(runs[(False, s)],
+                                                                  cache.data(runs[(False, s)].train_cfg),
+                                                                  runs[(False, s)].train_cfg.steps - 1)}
+                                 for s in ctx.seeds])  # fmt: skip
     fidelity.to_csv(ctx.out / "fp8_same_weights.csv", index=False)
     evals = pd.DataFrame([{"seed": s, "val_bf16": val_loss(runs[(False, s)]), "val_fp8": val_loss(runs[(True, s)])}
                           for s in ctx.seeds])  # fmt: skip
