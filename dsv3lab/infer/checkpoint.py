@@ -62,17 +62,22 @@ def _names_list(names: list[str], limit: int = 20) -> str:
 
 
 def parse_size(size: int | str) -> int:
-    """``5GB`` / ``200KB`` / ``1.5MB`` / an int (bytes) -> bytes (decimal units, as transformers)."""
+    """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
+    KiB, MiB, GiB binary)."""
     if isinstance(size, int):
         return size
     text = size.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    for unit, mult in units:
         if text.endswith(unit):
             try:
                 return int(float(text[: -len(unit)]) * mult)
             except ValueError:
                 break
-    raise ValueError(f"cannot read the size {size!r}; use bytes or a number with KB, MB or GB (e.g. 5GB)")
+    else:
+        if text.replace(".", "", 1).isdigit():
+            return int(float(text))
+    raise ValueError(f"cannot read the size {size!r}; use bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
