@@ -46,6 +46,7 @@ class SpeculativeStats:
 
     depth: int
     new_tokens: int = 0
+    produced: int = 0  # new tokens including a final eos (what the forwards yielded, up to the token limit)
     main_forwards: int = 0  # the prefill counts: plain greedy decoding has exactly 1 token per forward
     drafted: int = 0
     accepted: int = 0
@@ -67,8 +68,8 @@ class SpeculativeStats:
 
     @property
     def tokens_per_forward(self) -> float:
-        """New tokens per main-model forward (prefill included): 1.0 for plain decoding, up to D + 1."""
-        return self.new_tokens / self.main_forwards if self.main_forwards else 0.0
+        """Tokens produced per main-model forward (prefill included): 1.0 for plain decoding, up to D + 1."""
+        return self.produced / self.main_forwards if self.main_forwards else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +112,7 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
     def emit(tokens: list[int]) -> bool:
         """Append accepted tokens; True when generation must stop (eos or the token limit)."""
         for t in tokens:
+            stats.produced += 1
             if stop_at_eos and t == eos:
                 return True
             new.append(t)
