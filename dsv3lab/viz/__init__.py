@@ -1,6 +1,7 @@
 """Pure plotting functions ``plot_x(data, ax=None) -> Figure`` and ipywidgets explorers that wrap them.
 
-Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``widgets`` (interactive explorers).
+Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``inference`` (cache budgets, decode cost,
+speculative acceptance), ``widgets`` (interactive explorers).
 """
 
 from .architecture import (
@@ -11,6 +12,8 @@ from .architecture import (
     plot_rope_frequencies,
     plot_yarn_ramp,
 )
+from .inference import plot_acceptance, plot_acceptance_over_training, plot_attention_cost, plot_max_context
 
 __all__ = ["plot_group_routing", "plot_kv_cache", "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies",
-           "plot_yarn_ramp"]
+           "plot_yarn_ramp", "plot_acceptance", "plot_acceptance_over_training", "plot_attention_cost",
+           "plot_max_context"]
