@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install everything (idempotent)
 
 lint: setup  ## ruff
-	$(BIN)/ruff check dsv3lab tests benchmarks notebooks
+	$(BIN)/ruff check .
 
 format: setup  ## ruff format + fix imports
-	$(BIN)/ruff check --fix dsv3lab tests benchmarks notebooks
+	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format dsv3lab tests benchmarks
 
 test: setup lint  ## ruff + pytest: unit tests, every notebook (fast mode), dsv3lab reproduce --fast

@@ -1,7 +1,8 @@
 """Pure plotting functions ``plot_x(data, ax=None) -> Figure`` and ipywidgets explorers that wrap them.
 
-Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``inference`` (cache budgets, decode cost,
-speculative acceptance), ``widgets`` (interactive explorers).
+Modules: ``architecture`` (presets, KV cache, RoPE/YaRN, routing), ``data`` (tokens per domain, document lengths,
+FIM, packing), ``inference`` (cache budgets, decode cost, speculative acceptance), ``widgets`` (interactive
+explorers).
 """
 
 from .architecture import (
@@ -12,8 +13,9 @@ from .architecture import (
     plot_rope_frequencies,
     plot_yarn_ramp,
 )
+from .data import plot_doc_lengths, plot_fim_example, plot_packing, plot_tokens_per_domain
 from .inference import plot_acceptance, plot_acceptance_over_training, plot_attention_cost, plot_max_context
 
 __all__ = ["plot_group_routing", "plot_kv_cache", "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies",
-           "plot_yarn_ramp", "plot_acceptance", "plot_acceptance_over_training", "plot_attention_cost",
-           "plot_max_context"]
+           "plot_yarn_ramp", "plot_doc_lengths", "plot_fim_example", "plot_packing", "plot_tokens_per_domain",
+           "plot_acceptance", "plot_acceptance_over_training", "plot_attention_cost", "plot_max_context"]
