@@ -113,6 +113,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .infer.generation import normalize_prompts
 
         ids_in, _ = normalize_prompts(prompts[0], tokenizer)
+        if tokenizer is not None and args.bos:
+            ids_in = [[model.cfg.bos_token_id] + ids_in[0]]
         ids, st = speculative_generate(model, ids_in[0], args.max_new_tokens, depth=args.depth,
                                        attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
         result = {"ids": ids, "new_tokens": len(ids), "acceptance_rate": st.acceptance_rate,
@@ -122,7 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         out = generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
+                       attn_impl=args.attn_impl, on_token=callback,
+                       add_bos=tokenizer is not None and args.bos)  # fmt: skip
         texts = out.texts
         result = {"ids": out.ids[0] if len(prompts) == 1 else out.ids, "finish": out.finish,
                   "new_tokens": out.stats["new_tokens"], "acceptance_rate": None, "tokens_per_forward": 1.0,
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="official-layout or dsv3lab checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--ids", default=None, help="prompt token ids, comma-separated (instead of --prompt)")
+    p.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="do not put the bos token before a text prompt (default: put it, as training documents start)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)

@@ -41,16 +41,11 @@ def test_memory_matches_the_bytes_new_cache_allocates(capsys, preset, attn_impl,
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny model with a byte-level BPE tokenizer, saved in the official layout."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A tiny model with dsv3lab's committed tokenizer, saved in the official layout."""
+    from dsv3lab.data import default_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    model = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny"), seed=0).eval()
+    tok = default_tokenizer()
+    model = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0).eval()
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     model.save_pretrained(path, tokenizer=tok)
     return path, model, tok
@@ -63,8 +58,9 @@ def test_generate_streams_text_and_matches_greedy(checkpoint, capsys):
     assert main(["generate", "--checkpoint", str(path), "--prompt", "the quick", "--max-new-tokens", "6",
                  "--json"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    prompt = tok.encode("the quick").ids
+    prompt = [model.cfg.bos_token_id] + tok.encode("the quick")  # text prompts start with bos, like documents
     expected = greedy_reference(model, prompt, 6)
+    assert expected != greedy_reference(model, prompt[1:], 6)
     eos = model.cfg.eos_token_id
     expected = expected[: expected.index(eos)] if eos in expected else expected
     assert result["ids"] == expected and result["text"] == tok.decode(expected)

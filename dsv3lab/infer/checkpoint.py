@@ -444,10 +444,10 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, *, fp8: bool = F
 
 
 def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
-    """Copy a tokenizer into a checkpoint folder as ``tokenizer.json`` (from a ``tokenizers.Tokenizer``, an object
-    wrapping one in ``.tokenizer``, a tokenizer.json path, or a folder holding one)."""
+    """Copy a tokenizer into a checkpoint folder as ``tokenizer.json`` (from a ``tokenizers.Tokenizer``, a
+    ``dsv3lab.data.Tokenizer`` wrapping one in ``.hf``, a tokenizer.json path, or a folder holding one)."""
     dst = Path(folder) / "tokenizer.json"
-    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    inner = getattr(tokenizer, "hf", tokenizer)
     if hasattr(inner, "to_str"):  # tokenizers.Tokenizer
         dst.write_text(inner.to_str())
         return

@@ -67,11 +67,7 @@ def detect(path: str | os.PathLike) -> str:
 
 
 def _is_run(folder: Path) -> bool:
-    try:
-        from .. import train  # noqa: F401 - arrives with the trainer
-    except ImportError:
-        return False
-    return any(folder.glob("*.safetensors")) and any(folder.glob("*.json"))
+    return (folder / "run.json").exists()  # written by dsv3lab.train (the run's configs; checkpoints in ckpt-*/)
 
 
 def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, **overrides: Any) -> DeepSeekV3:
@@ -81,8 +77,10 @@ def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = N
         return from_pretrained(path, device=device, dtype=dtype, **overrides)
     if kind == "dsv3lab":
         return load_state_dict_folder(path, device=device, dtype=dtype, **overrides)
-    from ..train import load_run
-
+    try:
+        from ..train import load_run
+    except ImportError:
+        raise FileNotFoundError(f"{path} is a training run but this dsv3lab has no trainer (dsv3lab.train)") from None
     model = load_run(path).model
     if overrides:
         raise ValueError("config overrides are not supported for training-run folders")

@@ -39,14 +39,23 @@ TokenCallback = Callable[[int, int], None]  # (sequence index, token id), called
 
 # ---------------------------------------------------------------------- tokenizer
 def load_tokenizer(path: str | os.PathLike):
-    """The ``tokenizers.Tokenizer`` of a checkpoint folder (its ``tokenizer.json``) or of a tokenizer.json path."""
-    from tokenizers import Tokenizer
+    """The tokenizer of a checkpoint folder (its ``tokenizer.json``), a tokenizer.json path, or a training run
+    folder (its ``tokenizer/``): a ``dsv3lab.data.Tokenizer`` when the file has dsv3lab's special tokens, else the
+    plain ``tokenizers.Tokenizer`` (e.g. the official DeepSeek-V3 one)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..data import Tokenizer
 
     p = Path(path)
-    file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.exists():
+    if p.is_dir():
+        p = p / "tokenizer.json" if (p / "tokenizer.json").exists() else p / "tokenizer" / "tokenizer.json"
+    if not p.exists():
         raise FileNotFoundError(f"no tokenizer.json in {path}; pass token ids instead of text (--ids)")
-    return Tokenizer.from_file(str(file))
+    hf = HFTokenizer.from_file(str(p))
+    try:
+        return Tokenizer(hf)
+    except ValueError:  # not one of dsv3lab's tokenizers: no bos/eos/FIM specials
+        return hf
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -143,14 +152,17 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 @torch.inference_mode()
 def generate(model: DeepSeekV3, prompts: Prompt | Sequence[Prompt], *, tokenizer: Any = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, stop_at_eos: bool = True, seed: int | None = None,
+             eos_id: int | None = None, stop_at_eos: bool = True, add_bos: bool = False, seed: int | None = None,
              attn_impl: str = "absorb", on_token: TokenCallback | None = None) -> Generation:  # fmt: skip
     """Generate up to ``max_new_tokens`` for each prompt with the KV cache (``attn_impl="absorb"``: the latent one).
 
     ``prompts``: text (needs ``tokenizer``), token ids, a list of either, or a [b, s] tensor. ``eos_id`` defaults to
-    the config's ``eos_token_id``. ``on_token(i, token)`` is called for every new token of sequence i (streaming).
+    the config's ``eos_token_id``; ``add_bos`` puts the config's ``bos_token_id`` before every prompt (documents
+    start with it in dsv3lab's training data). ``on_token(i, token)`` is called for every new token of sequence i.
     """
     prompt_ids, _ = normalize_prompts(prompts, tokenizer)
+    if add_bos:
+        prompt_ids = [[model.cfg.bos_token_id] + p for p in prompt_ids]
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cfg = model.cfg
