@@ -35,3 +35,73 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, per_sequence: bool
     f = counts * n_experts / (k * t)  # [n_seq, E]
     p = probs.mean(dim=1)  # [n_seq, E]
     return (f * p).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------------- auxiliary-loss-free bias update (§2.1.2)
+BIAS_RULES = ("sign", "sign_centered")
+
+
+@torch.no_grad()
+def bias_delta(counts: torch.Tensor, gamma: float, rule: str = "sign") -> torch.Tensor:
+    """The change of the selection bias b for one optimizer step, from that step's tokens per expert ``counts`` [E].
+
+    ``sign`` (the paper, Megatron): b_i -= γ when expert i is over the mean load, += γ when under (0 when exactly at
+    the mean). ``sign_centered`` (torchtitan) subtracts the mean of that delta, so Σ_i b_i stays constant.
+    """
+    if rule not in BIAS_RULES:
+        raise ValueError(f"bias update rule must be one of {BIAS_RULES}, got {rule!r}")
+    load = counts.double()
+    delta = gamma * torch.sign(load.mean() - load)  # +γ under-loaded, -γ over-loaded
+    if rule == "sign_centered":
+        delta = delta - delta.mean()
+    return delta.float()
+
+
+@torch.no_grad()
+def update_selection_bias(moes: list, gamma: float, rule: str = "sign") -> torch.Tensor:
+    """Once per optimizer step (after gradient accumulation): read and reset every MoE's ``tokens_per_expert``, and
+    move its selection bias by :func:`bias_delta` (γ = 0 only reads and resets).
+
+    The counts are summed over all ranks first when ``torch.distributed`` is initialised, so every rank applies the
+    same update. Returns the step's counts [n_layers, E] (int64), the input of the load metrics.
+    """
+    if not moes:
+        return torch.zeros(0, 0, dtype=torch.int64)
+    counts = torch.stack([moe.tokens_per_expert for moe in moes])  # [L, E]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    for moe, c in zip(moes, counts):
+        if gamma > 0:
+            if moe.gate.bias is None:
+                raise ValueError("the auxiliary-loss-free bias update needs gate_bias=True in the ModelConfig")
+            moe.gate.bias += bias_delta(c, gamma, rule).to(moe.gate.bias.device)
+        moe.tokens_per_expert.zero_()
+    return counts.cpu()
+
+
+# ---------------------------------------------------------------------- load statistics
+def max_violation(counts: torch.Tensor) -> torch.Tensor:
+    """MaxVio = max_i load_i / mean_i load_i - 1 over the last dim (0 = perfectly balanced). counts [..., E]."""
+    load = counts.double()
+    return load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-12) - 1.0
+
+
+def sequence_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert for each sequence: indices [b, s, K] -> counts [b, E]."""
+    b = indices.shape[0]
+    flat = indices.reshape(b, -1)
+    counts = torch.zeros(b, n_experts, dtype=torch.int64, device=indices.device)
+    return counts.scatter_add_(1, flat, torch.ones_like(flat))
+
+
+def max_violation_per_sequence(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """MaxVio of each sequence's own load, averaged over sequences. indices [b, s, K] -> scalar."""
+    return max_violation(sequence_counts(indices, n_experts)).mean()
+
+
+def relative_load(counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Actual / balanced load (Fig. 9): counts [..., E] divided by (tokens · K / E); 1 everywhere when balanced."""
+    load = counts.double()
+    n_experts = counts.shape[-1]
+    tokens = load.sum(dim=-1, keepdim=True) / k
+    return load / (tokens * k / n_experts).clamp_min(1e-12)

@@ -47,3 +47,27 @@ def test_only_refreshes_one_experiment_and_keeps_the_rest(fast_run):
 def test_unknown_experiment_is_an_error(tmp_path, capsys):
     assert main(["reproduce", "--only", "nope", "--out", str(tmp_path)]) == 2
     assert "available: tour" in capsys.readouterr().err
+
+
+def test_training_experiments_summary_and_files(fast_run):
+    import pandas as pd
+
+    summary = json.loads((fast_run / "summary.json").read_text())
+    for variant in ("none", "aux_loss", "aux_free", "aux_free_seq"):
+        entry = summary["load_balance"][variant]
+        assert 0 < entry["val_loss"] < 10 and entry["maxvio_batch"] >= 0
+    for variant in ("aux_loss", "aux_free"):
+        assert summary["specialization"][variant]["score"] >= 0
+    assert 0 < summary["mtp"]["off"]["val_loss"] < 10 and 0 < summary["mtp"]["on"]["val_loss"] < 10
+    assert 0 <= summary["mtp"]["acceptance_rate"] <= 1
+    table = pd.read_csv(fast_run / "load_balance.csv")
+    assert set(table.variant) == {"none", "aux_loss", "aux_free", "aux_free_seq"}
+    # the summary is computed from the table, not typed in
+    assert summary["load_balance"]["aux_free"]["val_loss"] == pytest.approx(
+        table[table.variant == "aux_free"].val_loss.mean())
+    for name in ("load_balance_curves.png", "load_heatmaps.png", "bias_trajectories.png", "specialization.png",
+                 "mtp.png"):
+        assert (fast_run / name).stat().st_size > 10_000, name
+    report = (fast_run / "REPORT.md").read_text()
+    for title in ("## E1", "## E2", "## E3"):
+        assert title in report

@@ -1,0 +1,251 @@
+"""TrainConfig: every setting of a training run that is not the model's architecture.
+
+A run is fully described by a ``TrainConfig``: the model is ``ModelConfig.preset(preset)`` changed by the ``model``
+overrides and by the load-balancing variant (``balance``); the data, optimizer, schedules, evaluation and checkpoint
+settings are fields here. ``--set key=value`` on the command line reaches either dataclass: a key names a TrainConfig
+field or a ModelConfig field (an unknown key is an error listing close matches from both).
+
+Schedules follow DeepSeek-V3 §4.2 with *fractions of the run* in place of token counts (14.8T tokens in the paper):
+
+* learning rate: linear warm-up → constant → cosine decay to ``lr_min_ratio``·peak (from 10T/14.8T = 0.676 of the run
+  to 14.3T/14.8T = 0.966) → constant → a last, lower constant (the final 167B tokens: 0.989 → end, 7.3e-6/2.2e-4);
+* batch size: grows from ``batch_size_start`` to ``batch_size`` sequences over the first ``batch_ramp_frac``
+  (469B/14.8T = 0.032 in the paper; longer here so that the ramp is visible in a few hundred steps);
+* MTP weight λ: ``mtp_lambda`` (0.3) until 0.676 of the run, then ``mtp_lambda_final`` (0.1);
+* bias update speed γ: ``bias_update_speed`` until 0.966 of the run, then 0.
+
+Notebook: 06_pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..config import ModelConfig, _check_keys, parse_value
+
+BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
+DTYPES = ("fp32", "bf16")
+
+# Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
+# (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
+ENVIRONMENT_FIELDS = ("out", "device", "progress", "checkpoint_every", "keep_checkpoints")
+
+DEFAULT_AUX_LOSS_ALPHA = 0.01  # balance="aux_loss" when the model overrides do not set aux_loss_alpha
+DEFAULT_SEQ_AUX_LOSS_ALPHA = 1e-4  # balance="aux_free_seq": the paper's α
+
+
+@dataclass
+class TrainConfig:
+    """A training run. ``train(TrainConfig(...))`` runs it; see the module docstring for the schedules."""
+
+    # --- model ---
+    preset: str = "toy"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_mtp": 0, "fp8": True}
+    # --- load balancing (§2.1.2, §4.5) ---
+    balance: str = "aux_free"  # none | aux_loss | aux_free | aux_free_seq
+    bias_update_speed: float = 1e-3  # γ
+    bias_update_rule: str = "sign"  # sign (paper) | sign_centered (torchtitan: Σ b stays 0)
+    bias_freeze_frac: float = 14.3 / 14.8  # γ -> 0 after this fraction of the run
+    # --- data (dsv3lab.data) ---
+    corpus: str = "builtin"  # "builtin" or a folder of .txt files
+    seq_len: int = 256
+    fim_rate: float = 0.1
+    data_seed: int = 0
+    max_chars_per_domain: int = 0  # 0 = the data pipeline's default
+    val_seqs_per_domain: int = 16
+    # --- optimisation (§4.2) ---
+    steps: int = 200
+    batch_size: int = 8  # sequences per optimizer step at the end of the ramp
+    batch_size_start: int = 0  # sequences per step at step 0 (0 = batch_size // 5, the paper's 3072/15360)
+    batch_ramp_frac: float = 0.1
+    micro_batch_size: int = 8  # sequences per forward pass; gradient accumulation over ceil(batch / micro)
+    lr: float = 2e-3  # peak learning rate
+    warmup_frac: float = 0.05
+    lr_decay_start_frac: float = 10.0 / 14.8
+    lr_decay_end_frac: float = 14.3 / 14.8
+    lr_final_frac: float = 14.633 / 14.8  # 333B of the last 500B tokens at lr_min, the final 167B lower
+    lr_min_ratio: float = 2.2e-5 / 2.2e-4
+    lr_final_ratio: float = 7.3e-6 / 2.2e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; master weights stay fp32)
+    # --- MTP (§2.2) ---
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch_frac: float = 10.0 / 14.8
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 50  # also at the last step; 0 = only at the end
+    log_loads: bool = True  # per-layer per-expert loads and biases every step (loads.npz)
+    seed: int = 0
+    out: str = ""  # run folder ("" = no files)
+    device: str = "cpu"
+    progress: bool = True  # tqdm
+    checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.balance not in BALANCE_VARIANTS:
+            raise ValueError(f"balance must be one of {BALANCE_VARIANTS}, got {self.balance!r}")
+        if self.bias_update_rule not in ("sign", "sign_centered"):
+            raise ValueError(f"bias_update_rule must be 'sign' or 'sign_centered', got {self.bias_update_rule!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("batch_size_start", "eval_every", "checkpoint_every", "max_chars_per_domain",
+                     "val_seqs_per_domain"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.batch_size_start > self.batch_size:
+            raise ValueError(f"batch_size_start ({self.batch_size_start}) must be <= batch_size ({self.batch_size})")
+        fracs = ("warmup_frac", "lr_decay_start_frac", "lr_decay_end_frac", "lr_final_frac", "batch_ramp_frac",
+                 "mtp_lambda_switch_frac", "bias_freeze_frac", "fim_rate")  # fmt: skip
+        for name in fracs:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.warmup_frac <= self.lr_decay_start_frac <= self.lr_decay_end_frac <= self.lr_final_frac:
+            raise ValueError("the learning-rate phases must be ordered: warmup_frac <= lr_decay_start_frac <= "
+                             f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
+                             f"{self.lr_decay_end_frac}, {self.lr_final_frac}")
+        for name in ("lr", "bias_update_speed", "weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_final",
+                     "lr_min_ratio", "lr_final_ratio", "adam_eps"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a dict of ModelConfig overrides, got {type(self.model).__name__}")
+        _check_keys(self.model, ModelConfig.field_names(), what="ModelConfig field")
+
+    # ------------------------------------------------------------------ the model
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of this run: the preset, the balance variant's settings, then the ``model`` overrides.
+
+        balance     aux_loss_alpha                seq_aux_loss_alpha               bias updated
+        none        0                             0                                no
+        aux_loss    model override, else 0.01     0                                no
+        aux_free    0                             0                                yes (γ)
+        aux_free_seq 0                            model override, else 1e-4        yes (γ)
+
+        ``gate_bias`` stays on for every variant (the bias stays 0 when it is not updated), so group scoring — the sum
+        of the top-2 scores — is the same in all four. An override that contradicts the variant is an error.
+        """
+        over = dict(self.model)
+        aux = over.pop("aux_loss_alpha", None)
+        seq = over.pop("seq_aux_loss_alpha", None)
+        if self.balance == "aux_loss":
+            if seq:
+                raise ValueError("balance='aux_loss' uses only the expert-level loss; seq_aux_loss_alpha must be 0 "
+                                 "(use balance='aux_free_seq' for the sequence-wise loss)")
+            aux, seq = DEFAULT_AUX_LOSS_ALPHA if aux is None else aux, 0.0
+            if aux <= 0:
+                raise ValueError(f"balance='aux_loss' needs aux_loss_alpha > 0, got {aux}")
+        elif self.balance == "aux_free_seq":
+            if aux:
+                raise ValueError("balance='aux_free_seq' has no expert-level loss; aux_loss_alpha must be 0")
+            aux, seq = 0.0, DEFAULT_SEQ_AUX_LOSS_ALPHA if seq is None else seq
+            if seq <= 0:
+                raise ValueError(f"balance='aux_free_seq' needs seq_aux_loss_alpha > 0, got {seq}")
+        else:
+            if aux or seq:
+                raise ValueError(f"balance={self.balance!r} has no balance loss; aux_loss_alpha and "
+                                 "seq_aux_loss_alpha must be 0 (use balance='aux_loss' or 'aux_free_seq')")
+            aux, seq = 0.0, 0.0
+        cfg = ModelConfig.preset(self.preset, aux_loss_alpha=aux, seq_aux_loss_alpha=seq, gate_bias=True)
+        cfg = cfg.replace(**over) if over else cfg
+        if self.bias_updated and not cfg.gate_bias:
+            raise ValueError(f"balance={self.balance!r} updates the selection bias: gate_bias must be true")
+        if cfg.n_moe_layers == 0 and cfg.n_mtp == 0 and self.balance != "none":
+            raise ValueError(f"the model has no MoE layer; balance={self.balance!r} needs one (use balance='none')")
+        if self.seq_len > cfg.max_seq_len:
+            raise ValueError(f"seq_len ({self.seq_len}) must be <= the model's max_seq_len ({cfg.max_seq_len})")
+        return cfg
+
+    @property
+    def bias_updated(self) -> bool:
+        return self.balance in ("aux_free", "aux_free_seq")
+
+    @property
+    def effective_batch_size_start(self) -> int:
+        return self.batch_size_start or max(1, self.batch_size // 5)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        _check_keys(d, cls.field_names(), what="TrainConfig field")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        _check_keys(changes, self.field_names(), what="TrainConfig field")
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, overrides: list[str]) -> TrainConfig:
+        """Apply ``key=value`` strings: a TrainConfig field, else a ModelConfig field (into ``model``).
+
+        An unknown key is an error listing close matches among both dataclasses' fields.
+        """
+        train_types = {f.name: f.type for f in fields(TrainConfig)}
+        model_types = {f.name: f.type for f in fields(ModelConfig)}
+        changes: dict[str, Any] = {}
+        model = dict(self.model)
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"expected key=value, got {item!r}")
+            key, value = (part.strip() for part in item.split("=", 1))
+            try:
+                if key in train_types and key != "model":
+                    changes[key] = parse_value(value, train_types[key])
+                elif key in model_types:
+                    model[key] = parse_value(value, model_types[key])
+                else:
+                    allowed = [k for k in train_types if k != "model"]
+                    allowed += [k for k in model_types if k not in train_types]
+                    _check_keys({key: None}, allowed, what="--set key (TrainConfig or ModelConfig field)")
+            except ValueError as err:
+                if key in train_types or key in model_types:
+                    raise ValueError(f"--set {key}: {err}") from None
+                raise
+        return dataclasses.replace(self, model=model, **changes)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what the run computes (``ENVIRONMENT_FIELDS`` left out)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ENVIRONMENT_FIELDS}
+
+    def hash(self) -> str:
+        """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""
+        blob = json.dumps({"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True,
+                          default=str)  # fmt: skip
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: saved -> current`` for every field whose value differs (model overrides compared key by key)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{d}" for d in config_differences(a, b)]
+        elif a != b:
+            diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs

@@ -1,0 +1,340 @@
+"""The training loop: AdamW, gradient accumulation, the paper's schedules, the bias update, metrics, checkpoints.
+
+One optimizer step (DeepSeek-V3 §4.2):
+
+    batch of B(step) sequences  ─ split into micro-batches ─►  forward (optional bf16 autocast) ─► total loss
+        total = main + λ(step)/D · Σ_k mtp_k + α-weighted balance losses      (scaled by the micro-batch's share)
+    backward per micro-batch  ─►  clip the global grad norm to 1.0  ─►  AdamW(β 0.9/0.95, wd 0.1) at lr(step)
+    ─►  bias update from the step's counts, γ(step)  (once per optimizer step, never per micro-batch)
+    ─►  metrics row  ─►  validation per domain (every ``eval_every``)  ─►  checkpoint (atomic)
+
+Weight decay applies to matrices (attention, experts, router centroids, MTP projections, output head) and not to
+RMSNorm gains or the embedding table; the selection bias is a buffer, so the optimizer never sees it.
+
+A non-finite loss or gradient norm stops the run before the optimizer step with :class:`TrainingDiverged`, naming
+the step; the last checkpoint on disk is left as it was.
+
+Notebooks: 04_load_balancing, 05_mtp, 06_pretraining.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..balance import max_violation_per_sequence, update_selection_bias
+from ..config import ModelConfig
+from ..model import DeepSeekV3, build_model
+from ..model.transformer import IGNORE_INDEX
+from ..utils import versions
+from .checkpoint import (
+    atomic_write_json,
+    check_config,
+    latest_checkpoint,
+    load_model_weights,
+    load_optimizer_state,
+    read_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig, config_differences
+from .metrics import RunMetrics, evaluate, step_load_metrics
+from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
+
+RUN_FILE = "run.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stopped; the last good checkpoint is intact."""
+
+
+@dataclass
+class RunResult:
+    """A trained (or loaded) run: the model, its configs, and every measurement as DataFrames."""
+
+    model: DeepSeekV3
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    metrics: pd.DataFrame  # one row per optimizer step
+    val: pd.DataFrame  # one row per evaluation and domain
+    expert_load: pd.DataFrame  # relative load per evaluation, domain, layer, expert
+    loads: dict[str, np.ndarray] = field(default_factory=dict)  # counts / bias [steps, layers, experts]
+    tokenizer: Any = None
+    out: Path | None = None
+
+    def final_val(self) -> pd.DataFrame:
+        """The last evaluation's rows, indexed by domain."""
+        if self.val.empty:
+            return self.val
+        return self.val[self.val.step == self.val.step.max()].set_index("domain")
+
+
+# ---------------------------------------------------------------------- data
+def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
+    """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
+    from ..data import DataConfig, make_datasets
+
+    kwargs: dict[str, Any] = dict(corpus=cfg.corpus, vocab_size=model_cfg.vocab_size, seq_len=cfg.seq_len,
+                                  fim_rate=cfg.fim_rate, seed=cfg.data_seed,
+                                  val_seqs_per_domain=cfg.val_seqs_per_domain)  # fmt: skip
+    if cfg.max_chars_per_domain:
+        kwargs["max_chars_per_domain"] = cfg.max_chars_per_domain
+    return make_datasets(DataConfig(**kwargs))
+
+
+def _check_data(data, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
+    vocab = data.tokenizer.vocab_size
+    if vocab > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
+                         "set vocab_size >= the tokenizer's")
+    tokens, targets = data.batch(0, 1)
+    if tokens.shape[1] != cfg.seq_len:
+        raise ValueError(f"the data yields sequences of {tokens.shape[1]} tokens but seq_len={cfg.seq_len}")
+
+
+# ---------------------------------------------------------------------- the optimizer
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay every matrix except the embedding table; no decay on RMSNorm gains (vectors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, foreach=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the run folder
+def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> None:
+    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``)."""
+    run_file = out / RUN_FILE
+    if out.exists() and any(out.iterdir()):
+        if not run_file.exists():
+            raise FileExistsError(f"{out} is not empty and holds no dsv3lab run ({RUN_FILE} is missing); "
+                                  "choose another --out folder")
+        saved = json.loads(run_file.read_text())
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            diffs = [f"train.{d}" for d in config_differences(saved.get("train_config", {}), cfg.identity())]
+            saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "name"}
+            now_model = {k: v for k, v in model_cfg.to_dict().items() if k != "name"}
+            diffs += [f"model.{d}" for d in config_differences(saved_model, now_model)]
+            if not resume:
+                what = ("a different run (" + "; ".join(diffs) + ")") if diffs else "this run already"
+                raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to "
+                                      "replace it")
+            if diffs:
+                raise ValueError(f"cannot resume {out}: it was started with another configuration; mismatched "
+                                 "fields (saved -> now): " + "; ".join(diffs))
+            return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / RUN_FILE, {"train_config": cfg.identity(), "model_config": model_cfg.to_dict(),
+                                       "environment": {k: getattr(cfg, k) for k in ("out", "device")},
+                                       "versions": versions()})  # fmt: skip
+
+
+# ---------------------------------------------------------------------- one step
+def _micro_batches(tokens: torch.Tensor, targets: torch.Tensor, micro: int):
+    for start in range(0, tokens.shape[0], micro):
+        yield tokens[start : start + micro], targets[start : start + micro]
+
+
+def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool = False,
+          on_step: Callable[[dict, DeepSeekV3], None] | None = None) -> RunResult:  # fmt: skip
+    """Run ``cfg`` and return the :class:`RunResult`.
+
+    ``data``: an object with ``batch(step, batch_size) -> (tokens, targets)``, ``val`` (domain -> [n, T+1]) and
+    ``tokenizer`` (default: :func:`make_data`). ``resume`` continues the run in ``cfg.out`` from its latest checkpoint
+    (identical loss trajectory); ``overwrite`` replaces whatever run is there. ``on_step(row, model)`` is called after
+    every optimizer step with the metrics row (live plots, tests).
+    """
+    model_cfg = cfg.model_config()
+    device = torch.device(cfg.device)
+    out = Path(cfg.out) if cfg.out else None
+    if out is None and resume:
+        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    if out is not None:
+        prepare_run_dir(out, cfg, model_cfg, resume, overwrite)
+    if data is None:
+        data = make_data(cfg, model_cfg)
+    _check_data(data, cfg, model_cfg)
+    if out is not None and hasattr(data.tokenizer, "save") and not (out / "tokenizer").exists():
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        data.tokenizer.save(tmp)
+        tmp.rename(out / "tokenizer")
+
+    model = build_model(model_cfg, device=device, seed=cfg.seed)
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    metrics = RunMetrics()
+    start, tokens_seen = 0, 0
+    ckpt = latest_checkpoint(out) if (out is not None and resume) else None
+    if ckpt is not None:
+        weights, opt_tensors, state = read_checkpoint(ckpt)
+        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+        load_model_weights(model, weights, where=str(ckpt))
+        load_optimizer_state(optimizer, opt_tensors, state)
+        set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
+        start, tokens_seen = state["step"], state["data"]["tokens_seen"]
+        metrics = RunMetrics.load(out)
+        metrics.truncate(start)
+
+    autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
+    moes_all = model.moe_layers()
+    n_main = len(model.moe_layers(include_mtp=False))
+    n_experts = model_cfg.n_routed_experts
+    depth = model_cfg.n_mtp
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def checkpoint(steps_done: int) -> None:
+        if out is None:
+            return
+        metrics.save(out)
+        state = {"train_config": cfg.identity(), "model_config": model_cfg.to_dict(),
+                 "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
+                 "schedules": _schedule_state(steps_done, cfg)}  # fmt: skip
+        save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
+
+    def run_eval(steps_done: int) -> None:
+        val_rows, load_rows = evaluate(model, data.val, batch_size=cfg.micro_batch_size, step=steps_done,
+                                       autocast_dtype=autocast)  # fmt: skip
+        metrics.val_rows += val_rows
+        metrics.load_rows += load_rows
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"train {cfg.balance}",
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.steps, cfg)
+            bs = batch_size_at(step, cfg.steps, cfg)
+            lam = mtp_lambda_at(step, cfg.steps, cfg)
+            gamma = bias_speed_at(step, cfg.steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, targets = data.batch(step, bs)
+            tokens, targets = tokens.to(device), targets.to(device)
+            sums: dict[str, float] = {}
+            correct, n_tok, seq_vio = 0, 0, 0.0
+            for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
+                share = tok.shape[0] / bs
+                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    logits, losses = model(tok, tgt, mtp_lambda=lam)
+                if not torch.isfinite(losses["total"]):
+                    raise TrainingDiverged(_diverged_message(step, "loss", float(losses["total"].detach()), out))
+                (losses["total"] * share).backward()
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
+                with torch.no_grad():
+                    mask = tgt != IGNORE_INDEX
+                    correct += int(((logits.argmax(-1) == tgt) & mask).sum())
+                    n_tok += int(mask.sum())
+                    if n_main:
+                        seq_vio += sum(float(max_violation_per_sequence(m.last_indices, n_experts))
+                                       for m in moes_all[:n_main]) / n_main * tok.shape[0]  # fmt: skip
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            if not math.isfinite(grad_norm):
+                raise TrainingDiverged(_diverged_message(step, "gradient norm", grad_norm, out))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            counts = update_selection_bias(moes_all, gamma, cfg.bias_update_rule)  # once per optimizer step
+            tokens_seen += int(tokens.numel())
+            elapsed = time.perf_counter() - t0
+            row = {"step": step, "lr": lr, "batch_size": bs, "tokens": int(tokens.numel()),
+                   "tokens_seen": tokens_seen, "loss_main": sums["main"]}  # fmt: skip
+            for k in range(1, depth + 1):
+                if f"mtp_{k}" in sums:
+                    row[f"loss_mtp_{k}"] = sums[f"mtp_{k}"]
+            row.update({"loss_aux": sums["aux"], "loss_total": sums["total"], "acc_main": correct / max(n_tok, 1),
+                        "grad_norm": grad_norm, "tokens_per_s": tokens.numel() / elapsed,
+                        "maxvio_batch": step_load_metrics(counts, n_main),
+                        "maxvio_seq": seq_vio / bs if n_main else float("nan"),
+                        "mtp_lambda": lam, "gamma": gamma,
+                        "bias_abs_mean": float(np.mean([m.gate.bias.abs().mean().item() for m in moes_all
+                                                        if m.gate.bias is not None] or [0.0])),
+                        "time_s": elapsed})  # fmt: skip
+            metrics.rows.append(row)
+            if cfg.log_loads and moes_all:
+                metrics.counts.append(counts.numpy().astype(np.int32))
+                metrics.bias.append(np.stack([(m.gate.bias if m.gate.bias is not None
+                                               else torch.zeros(n_experts)).float().cpu().numpy()
+                                              for m in moes_all]))  # fmt: skip
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
+            done = step + 1
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                run_eval(done)
+            if on_step is not None:
+                on_step(row, model)
+            if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                checkpoint(done)
+    except TrainingDiverged:
+        if out is not None:  # keep what was measured up to the failure; the checkpoint stays untouched
+            metrics.save(out)
+        raise
+    finally:
+        bar.close()
+    model.eval()
+    tokenizer = getattr(data, "tokenizer", None)
+    return RunResult(model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(),
+                     tokenizer, out)  # fmt: skip
+
+
+def _diverged_message(step: int, what: str, value: float, out: Path | None) -> str:
+    ckpt = latest_checkpoint(out) if out is not None else None
+    keep = f"the last good checkpoint is {ckpt} (intact)" if ckpt else "no checkpoint had been written yet"
+    return f"non-finite {what} ({value}) at step {step}: training stopped; {keep}"
+
+
+def _schedule_state(steps_done: int, cfg: TrainConfig) -> dict[str, float]:
+    step = min(steps_done, cfg.steps - 1)
+    return {"lr": lr_at(step, cfg.steps, cfg), "batch_size": batch_size_at(step, cfg.steps, cfg),
+            "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg), "gamma": bias_speed_at(step, cfg.steps, cfg)}
+
+
+# ---------------------------------------------------------------------- loading a finished run
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResult:
+    """The model (latest checkpoint), tokenizer and measurements of a run folder written by :func:`train`."""
+    run_dir = Path(run_dir)
+    run_file = run_dir / RUN_FILE
+    if not run_file.exists():
+        raise FileNotFoundError(f"{run_dir} holds no dsv3lab run ({RUN_FILE} is missing)")
+    saved = json.loads(run_file.read_text())
+    env = {k: v for k, v in saved.get("environment", {}).items() if k in ("out", "device")}
+    cfg = TrainConfig.from_dict({**saved["train_config"], **env, "out": str(run_dir), "progress": False})
+    model_cfg = ModelConfig.from_dict(saved["model_config"])
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint yet (no '{'latest'}' pointer)")
+    weights, _, state = read_checkpoint(ckpt)
+    check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+    model = build_model(model_cfg, device=device)
+    load_model_weights(model, weights, where=str(ckpt))
+    model.eval()
+    metrics = RunMetrics.load(run_dir)
+    metrics.truncate(state["step"])
+    tokenizer = None
+    if (run_dir / "tokenizer").exists():
+        from ..data import Tokenizer
+
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    return RunResult(model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(),
+                     tokenizer, run_dir)  # fmt: skip
