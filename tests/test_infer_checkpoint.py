@@ -310,3 +310,18 @@ def test_saving_is_atomic(tiny_model, tmp_path, monkeypatch):
         tiny_model.save_pretrained(target, max_shard_size="100KB", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == before  # the old checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+
+
+def test_training_run_folder_converts_to_the_official_layout(tmp_path):
+    from dsv3lab.train import TrainConfig, load_run, train
+    from helpers import SyntheticData
+
+    cfg = TrainConfig(preset="tiny", seq_len=16, steps=2, batch_size=2, micro_batch_size=2, eval_every=0,
+                      progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    train(cfg, SyntheticData(vocab_size=512, seq_len=16))
+    convert(tmp_path / "run", tmp_path / "hf", fp8=False)
+    trained = load_run(tmp_path / "run").model
+    back = from_pretrained(tmp_path / "hf")
+    tokens = random_tokens(trained.cfg, batch=1, seqlen=12)
+    assert torch.equal(_logits(back, tokens), _logits(trained, tokens))
+    assert back.layers[1].ffn.gate.bias.abs().sum() > 0  # the bias the run learned survives
