@@ -105,10 +105,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "hf", f
     model = load_any(src, dtype=dtype)
     if to == "dsv3lab":
         return save_state_dict(model, dst, overwrite=overwrite)
-    tokenizer = Path(src) / "tokenizer.json"
+    tokenizers = [p for p in (Path(src) / "tokenizer.json", Path(src) / "tokenizer" / "tokenizer.json") if p.exists()]
     return save_pretrained(model, dst, fp8=bool(fp8), dtype=dtype, max_shard_size=max_shard_size,
                            rope_interleave=True if rope_interleave is None else rope_interleave,
-                           tokenizer=tokenizer if tokenizer.exists() else None, overwrite=overwrite)  # fmt: skip
+                           tokenizer=tokenizers[0] if tokenizers else None, overwrite=overwrite)  # fmt: skip
 
 
 def _convert_hf_streaming(src: Path, dst: Path, fp8: bool | None, dtype: torch.dtype | None,
