@@ -54,3 +54,30 @@ def setup_notebook(seed: int = 0, device: str | None = None, threads: int | None
     print(" | ".join(f"{k} {val}" for k, val in v.items()))
     print(f"device: {dev} | seed: {seed} | fast mode: {fast_mode()} | threads: {torch.get_num_threads()}")
     return dev
+
+
+def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
+    """Time several callables side by side: ``warmup`` untimed calls each, then ``repeats`` rounds that call every
+    function once in turn (A, B, A, B, …), so that load changes on a shared machine hit all of them alike.
+
+    Returns a DataFrame with one row per function: ``name``, ``median_s``, ``min_s``, ``max_s`` (wall seconds per
+    call) and ``repeats``.
+    """
+    import time
+
+    import pandas as pd
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rows = [{"name": name, "median_s": float(np.median(ts)), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+            for name, ts in times.items()]  # fmt: skip
+    return pd.DataFrame(rows)

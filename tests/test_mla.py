@@ -25,6 +25,21 @@ def test_naive_equals_absorb_prefill(tiny_cfg, q_lora_rank):
     torch.testing.assert_close(naive(x, 0, cos, sin), absorb(x, 0, cos, sin), atol=1e-5, rtol=1e-4)
 
 
+def test_naive_and_absorb_have_equal_gradients(tiny_cfg):
+    """Training may use either path: the gradients of the input and of every weight agree."""
+    naive, absorb = _pair(tiny_cfg)
+    cos, sin = dsv3lab.build_model(tiny_cfg).rope(0, 20)
+    x = torch.randn(2, 20, tiny_cfg.dim)
+    g = torch.randn(2, 20, tiny_cfg.dim)
+    grads = []
+    for mla in (naive, absorb):
+        xi = x.clone().requires_grad_()
+        (mla(xi, 0, cos, sin) * g).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in mla.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
 def test_cached_decoding_equals_full_recomputation(tiny_model, impl):
     cfg = tiny_model.cfg.replace(attn_impl=impl)

@@ -151,3 +151,46 @@ def plot_group_routing(indices: torch.Tensor, n_experts: int, n_groups: int, kep
     ax.set_ylabel("token")
     ax.set_title("Group-limited routing: chosen experts (dark) inside the kept groups (light)")
     return fig
+
+
+def plot_gate_scores(scores: dict[str, torch.Tensor], top_k: int, ax=None) -> Figure:
+    """Affinity by rank: for each scoring function (name -> [T, E] scores), the mean over tokens of the sorted
+    affinities, with the top-K region shaded. Softmax affinities compete (they sum to 1 over the experts); sigmoid
+    affinities are independent numbers in (0, 1)."""
+    fig, ax = _fig_ax(ax, (7, 3.5))
+    n_experts = None
+    for name, s in scores.items():
+        ranked = s.detach().float().sort(dim=-1, descending=True).values  # [T, E]
+        n_experts = ranked.shape[-1]
+        mean = ranked.mean(0).numpy()
+        lo, hi = np.quantile(ranked.numpy(), [0.1, 0.9], axis=0)
+        ranks = np.arange(1, n_experts + 1)
+        ax.plot(ranks, mean, "o-", ms=3, label=f"{name} (sum over experts ≈ {ranked.sum(-1).mean():.2f})")
+        ax.fill_between(ranks, lo, hi, alpha=0.2)
+    ax.axvspan(0.5, top_k + 0.5, color="gray", alpha=0.12, label=f"top-{top_k}")
+    ax.set_xlim(0.5, (n_experts or 1) + 0.5)
+    ax.set_xlabel("expert rank for the token (1 = highest affinity)")
+    ax.set_ylabel("affinity s_i (mean, 10–90% band)")
+    ax.set_title("Sigmoid vs softmax affinities")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_expert_counts(counts: dict[str, torch.Tensor | np.ndarray | list], n_groups: int = 1, ax=None) -> Figure:
+    """Tokens per expert for each label (grouped bars), the balanced load as a dashed line, group boundaries."""
+    fig, ax = _fig_ax(ax, (8, 3.5))
+    arrays = {k: np.asarray(torch.as_tensor(v).cpu(), dtype=float) for k, v in counts.items()}
+    n = len(next(iter(arrays.values())))
+    width = 0.8 / len(arrays)
+    x = np.arange(n)
+    for j, (label, values) in enumerate(arrays.items()):
+        ax.bar(x + (j - (len(arrays) - 1) / 2) * width, values, width, label=label)
+    ax.axhline(next(iter(arrays.values())).mean(), color="k", ls="--", lw=1, label="balanced")
+    per_group = n // n_groups
+    for g in range(1, n_groups):
+        ax.axvline(g * per_group - 0.5, color="gray", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xlabel("expert" + (" (groups separated by lines)" if n_groups > 1 else ""))
+    ax.set_ylabel("tokens routed")
+    ax.legend(fontsize=8)
+    return fig

@@ -1,0 +1,60 @@
+"""ipywidgets explorers. Each wraps a pure plotting function of this package; a notebook shows the static figure of
+that function first, so executed and exported notebooks keep a result even where widgets do not render.
+
+* :func:`kv_rank_explorer` — MLA's latent rank d_c and rotary width d_h^R against the KV cache of MHA/GQA/MQA with
+  the same heads (wraps :func:`dsv3lab.viz.plot_kv_vs_rank`). Notebook: 02_mla.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from ..accounting import kv_cache_comparison
+from ..config import ModelConfig
+from .architecture import plot_kv_vs_rank
+
+RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
+ROPE_DIMS = [16, 32, 64, 128]
+
+
+def kv_rank_summary(cfg: ModelConfig, gqa_groups: int = 8) -> str:
+    """One line: MLA bytes per token (all layers, BF16) against MHA/GQA/MQA, and the GQA group count it equals."""
+    kv = kv_cache_comparison(cfg, gqa_groups)
+    mla, mha = kv["MLA (latent)"], kv["MHA"]
+    equivalent_groups = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) / (2 * cfg.qk_nope_head_dim)
+    return (f"{cfg.name}: d_c={cfg.kv_lora_rank}, d_h^R={cfg.qk_rope_head_dim} → MLA {mla:,} B/token, "
+            f"MHA {mha:,} ({mha / mla:.1f}× more), GQA-{min(gqa_groups, cfg.n_heads)} {kv['GQA']:,}, "
+            f"MQA {kv['MQA']:,}; MLA's cache equals GQA with {equivalent_groups:.2f} groups")
+
+
+def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "small", "16B", "236B", "671B")):
+    """Sliders for the preset, d_c (``kv_lora_rank``), d_h^R (``qk_rope_head_dim``) and the GQA group count; redraws
+    :func:`plot_kv_vs_rank` and a one-line summary. Returns the widget (display it, or read ``.children``)."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    base = ModelConfig.preset(preset)
+    preset_w = w.Dropdown(options=list(presets), value=preset, description="preset")
+    rank_w = w.SelectionSlider(options=RANKS, value=base.kv_lora_rank if base.kv_lora_rank in RANKS else 512,
+                               description="d_c")  # fmt: skip
+    rope_w = w.SelectionSlider(options=ROPE_DIMS, value=base.qk_rope_head_dim if base.qk_rope_head_dim in ROPE_DIMS
+                               else 64, description="d_h^R")  # fmt: skip
+    groups_w = w.IntSlider(value=min(8, base.n_heads), min=1, max=base.n_heads, description="GQA groups")
+    summary = w.HTML()
+    out = w.Output()
+
+    def update(*_):
+        cfg = ModelConfig.preset(preset_w.value)
+        groups_w.max = cfg.n_heads
+        cfg = cfg.replace(kv_lora_rank=rank_w.value, qk_rope_head_dim=rope_w.value)
+        summary.value = f"<code>{kv_rank_summary(cfg, groups_w.value)}</code>"
+        fig = plot_kv_vs_rank(cfg, gqa_groups=groups_w.value)
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    for widget in (preset_w, rank_w, rope_w, groups_w):
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([preset_w, groups_w]), w.HBox([rank_w, rope_w]), summary, out])
