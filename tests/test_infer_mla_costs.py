@@ -40,6 +40,13 @@ def test_cost_model_matches_the_flop_counter(s, t, cache_kind, path):
         assert macs[path] == min(macs["absorb"], macs["expand"])
 
 
+def test_a_model_configured_absorb_always_computes_absorbed():
+    cfg = dsv3lab.ModelConfig.preset("tiny", attn_impl="absorb")
+    attn = MLA(cfg)
+    attn.init_weights(0.02)
+    assert _measured_macs(attn, cfg, 32, 32, "absorb") == mla_attention_macs(cfg, 32, 32)["absorb"]
+
+
 def test_671b_absorption_pays_at_decode_not_at_prefill():
     cfg = dsv3lab.ModelConfig.preset("671B")
     decode, prefill = mla_attention_macs(cfg, 1, 4096), mla_attention_macs(cfg, 4096, 4096)

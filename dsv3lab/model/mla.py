@@ -15,10 +15,12 @@ so a model trained with ``naive`` decodes with the latent cache of ``absorb``):
   directly on the latent. The cache holds only kv_norm(c_KV) and the roped k^R: d_c + d_h^R values per token
   (576 for V3 instead of 40,960). Pays off at decode, where the cache is read for every new token.
 
-With a latent cache, a chunk of many queries (a prefill) is cheaper the other way round: up-project the cached latents
-to per-head K/V once and attend as in ``naive`` (``accounting.mla_attention_macs``: absorbed attention costs
-~s·t·h·(2·d_c + d_h^R), up-projection ~t·h·d_c·(d_h + d_v)). The forward picks whichever needs fewer
-multiply-accumulates for the chunk; both read the same cache, so the numbers agree to rounding.
+A model configured ``naive`` (the default, the training form) that decodes from a latent cache uses the absorbed
+math for single tokens, but a chunk of many queries (a prefill) is cheaper the other way round: up-project the cached
+latents to per-head K/V once and attend as in ``naive`` (``accounting.mla_attention_macs``: absorbed attention costs
+~s·t·h·(2·d_c + d_h^R), up-projection ~t·h·d_c·(d_h + d_v)). Such a model picks whichever needs fewer
+multiply-accumulates for each chunk; both read the same cache, so the numbers agree to rounding. A model configured
+``absorb`` always computes absorbed.
 
 Einsum letters: b batch, s query positions, t key positions, h heads, d per-head width, c latent (d_c), r rope (d_h^R).
 
@@ -141,7 +143,8 @@ class MLA(nn.Module):
             impl = cache.attn_impl  # a latent cache means the absorbed path, whatever the training default
         end = start_pos + s
         mask = None if s == 1 else causal_mask(s, start_pos, x.device)  # [s, end]
-        if impl == "absorb" and cache is not None and s > 1 and self._expand_is_cheaper(s, end):
+        may_expand = impl == "absorb" and self.attn_impl == "naive" and cache is not None and s > 1
+        if may_expand and self._expand_is_cheaper(s, end):
             # prefill-like chunk on a latent cache: store the latent, then up-project all cached latents once
             cache.kv[:b, start_pos:end] = kv
             cache.pe[:b, start_pos:end] = k_pe
