@@ -94,9 +94,12 @@ def run(ctx: Context) -> Result:
     vio_free, vio_none = by["aux_free"].maxvio_batch, by["none"].maxvio_batch
     balance_cmp = compare(vio_free, vio_none)
     quality_cmp = compare(by["aux_free"].val_loss, by["aux_loss"].val_loss)
-    if balance_cmp == "lower" or (balance_cmp == "one seed" and vio_free.mean() < vio_none.mean()):
+    if balance_cmp == "lower":
         balance_verdict = (f"**reproduced**: the bias update alone lowers the batch MaxVio from "
-                           f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`)")
+                           f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`), beyond seed noise")
+    elif balance_cmp == "one seed":
+        balance_verdict = (f"one seed (`--fast`), no verdict: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
+                           f"`none` {vio_none.mean():.2f}")
     else:
         balance_verdict = (f"**not reproduced at toy scale**: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
                            f"`none` {vio_none.mean():.2f} ({balance_cmp})")
@@ -136,7 +139,7 @@ rows, main-model routers) the spread is {stats['expert_mean_spread']:.3f} and th
 {rows}
 
 **Verdict.** Balance: {balance_verdict}. Quality: {quality_verdict} (`aux_loss` − `aux_free` = {d_loss:+.4f} nats;
-the paper's gain is 0.003–0.004 BPB after 10¹¹–10¹² tokens, far below what {len(ctx.seeds)} toy runs of
+the paper's gain is 0.003–0.004 BPB after 10¹¹–10¹² tokens, far below what {len(ctx.seeds)} toy run(s) of
 {table.tokens.iloc[0] / 1e6:.2f}M tokens can resolve). Per-sequence MaxVio stays high in every variant: with
 {any_run.train_cfg.seq_len} tokens and {any_run.model_cfg.n_routed_experts} experts a single sequence cannot be
 balanced the way a batch can, which is the paper's point in §4.5.3.
