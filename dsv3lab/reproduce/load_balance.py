@@ -150,7 +150,7 @@ balanced the way a batch can, which is the paper's point in §4.5.3.
 
 ![bias trajectories](bias_trajectories.png)
 """
-    summary = {"load_balance": {"router_stats_none": stats} | {v: {"val_loss": mean_std(by[v].val_loss)[0],
+    summary = {"load_balance_router_stats": stats, "load_balance": {v: {"val_loss": mean_std(by[v].val_loss)[0],
                                     "val_loss_std": mean_std(by[v].val_loss)[1],
                                     "maxvio_batch": mean_std(by[v].maxvio_batch)[0],
                                     "maxvio_seq": mean_std(by[v].maxvio_seq)[0]} for v in VARIANTS}}  # fmt: skip
