@@ -113,6 +113,8 @@ def run(ctx: Context) -> Result:
     else:
         quality_verdict = "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`"
     gamma, steps = any_run.train_cfg.bias_update_speed, any_run.train_cfg.steps
+    train_s = float(sum(r.metrics.time_s.sum() for r in runs.values()))
+    tok_s = float(pd.concat([r.metrics.tokens_per_s for r in runs.values()]).median())
     seq_above = sum(int(by[v].maxvio_seq.mean() > by[v].maxvio_batch.mean()) for v in VARIANTS)
     seq_ratio = ", ".join(f"`{v}` {by[v].maxvio_seq.mean() / by[v].maxvio_batch.mean():.1f}×" for v in VARIANTS)
     val_rows = RunCache(log=ctx.log).data(any_run.train_cfg).val
@@ -135,6 +137,8 @@ chosen from the router statistics of a short `none` probe run, before any varian
 to cross the spread of the experts' mean affinities within a few dozen steps, while one step's ±γ stays well below
 the typical gap between a token's K-th and (K+1)-th score. In this experiment's final `none` models (validation
 rows, main-model routers) the spread is {stats['expert_mean_spread']:.3f} and the gap {stats['topk_gap']:.3f}.
+The {len(runs)} runs took {train_s / 60:.1f} min of optimizer steps (median {tok_s:,.0f} tokens/s; runs are shared
+through the run cache, so a rerun that finds them reports only the evaluation time below).
 
 | variant | val loss | val acc | MaxVio batch | MaxVio seq | MaxVio val |
 |---|---:|---:|---:|---:|---:|
