@@ -44,6 +44,7 @@ lab: setup  ## JupyterLab on the notebooks
 
 bench: setup  ## speed benchmarks (JSON on stdout)
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode.py
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) data/cache .pytest_cache .ruff_cache

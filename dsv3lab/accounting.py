@@ -91,6 +91,30 @@ def kv_cache_comparison(cfg: ModelConfig, gqa_groups: int = 8, bytes_per_value: 
     return {k: v * layers * bytes_per_value for k, v in per_layer.items()}
 
 
+def mla_attention_macs(cfg: ModelConfig, s: int, t: int) -> dict[str, int]:
+    """Multiply-accumulates of one MLA layer's attention for ``s`` queries over ``t`` keys (the projections both
+    paths share — wq, wkv_a, wo — left out), and the cache values each path reads:
+
+    * ``absorb``       latent cache, W_UK folded into the query, W_UV after attention:
+                       s·h·d_h·d_c + s·h·t·(d_c + d_h^R) + s·h·t·d_c + s·h·d_c·d_v
+    * ``expand``       latent cache, every cached latent up-projected to per-head K/V (what transformers does):
+                       t·h·d_c·(d_h + d_v) + s·h·t·(d_h + d_h^R + d_v)
+    * ``naive_cached`` per-head K/V cache: only the s new tokens are up-projected:
+                       s·h·d_c·(d_h + d_v) + s·h·t·(d_h + d_h^R + d_v)
+
+    Absorption pays when few queries meet many cached keys (decode, s = 1); up-projecting pays when s ≈ t (prefill).
+    """
+    h, c, r, dh, dv = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    attend = s * h * t * (dh + r + dv)
+    return {
+        "absorb": s * h * dh * c + s * h * t * (c + r) + s * h * t * c + s * h * c * dv,
+        "expand": t * h * c * (dh + dv) + attend,
+        "naive_cached": s * h * c * (dh + dv) + attend,
+        "cache_values_read_latent": t * (c + r),
+        "cache_values_read_naive": t * h * (dh + r + dv),
+    }
+
+
 def max_context(cfg: ModelConfig, budget_bytes: float, batch_size: int = 1, latent: bool = True,
                 bytes_per_value: int = 2) -> int:  # fmt: skip
     """The longest context whose KV cache for ``batch_size`` sequences fits ``budget_bytes``."""

@@ -10,6 +10,11 @@ The *sequence-wise* loss (V3's complementary loss, α = 1e-4) computes f and P o
 averages over sequences; the *conventional expert-level* loss (V2) computes them over all tokens of the batch.
 f carries no gradient; the loss pushes the affinities of overloaded experts down through P.
 
+The *auxiliary-loss-free* strategy (V3) needs no loss: each expert's selection bias b_i (``Gate.bias``, a buffer used
+only to choose the top-K) moves by ±γ after every optimizer step, against that step's load
+(:func:`update_selection_bias`).
+The statistics at the end (MaxVio, relative load) are the measurements of §4.5 and Fig. 9.
+
 Notebook: 04_load_balancing.
 """
 

@@ -3,6 +3,9 @@
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
+    dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
+    dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
+    dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
 """
 
 from __future__ import annotations
@@ -91,6 +94,138 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return getattr(torch, _DTYPES[name])
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .infer import load_any, load_tokenizer
+    from .infer.generation import decode, generate
+    from .infer.speculative import speculative_generate
+
+    torch.manual_seed(args.seed if args.seed is not None else 0)
+    model = load_any(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    tokenizer = None
+    if args.ids is None:
+        if not args.prompt:
+            raise ValueError("give --prompt TEXT (or --ids 1,2,3 for a checkpoint without tokenizer.json)")
+        tokenizer = load_tokenizer(args.checkpoint)
+        prompts = list(args.prompt)
+    else:
+        try:
+            prompts = [[int(t) for t in args.ids.split(",") if t.strip()]]
+        except ValueError:
+            raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    stream = not args.json and len(prompts) == 1
+    printed = {"text": "", "ids": []}
+
+    def on_token(i: int, tok: int) -> None:  # print the new part of the decoded text (bytes may merge)
+        printed["ids"].append(tok)
+        if tokenizer is None:
+            print(("" if len(printed["ids"]) == 1 else " ") + str(tok), end="", flush=True)
+            return
+        text = decode(tokenizer, printed["ids"])
+        if text.startswith(printed["text"]):
+            print(text[len(printed["text"]) :], end="", flush=True)
+            printed["text"] = text
+
+    callback = on_token if stream else None
+    if args.speculative:
+        if len(prompts) != 1:
+            raise ValueError("--speculative mtp decodes one prompt at a time")
+        if args.temperature != 0:
+            raise ValueError("--speculative mtp is greedy (temperature 0)")
+        from .infer.generation import normalize_prompts
+
+        ids_in, _ = normalize_prompts(prompts[0], tokenizer)
+        if tokenizer is not None and args.bos:
+            ids_in = [[model.cfg.bos_token_id] + ids_in[0]]
+        ids, st = speculative_generate(model, ids_in[0], args.max_new_tokens, depth=args.depth,
+                                       attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
+        result = {"ids": ids, "new_tokens": len(ids), "acceptance_rate": st.acceptance_rate,
+                  "acceptance_per_depth": st.acceptance_per_depth, "tokens_per_forward": st.tokens_per_forward,
+                  "main_forwards": st.main_forwards, "seconds": st.seconds}  # fmt: skip
+        texts = [decode(tokenizer, ids)] if tokenizer is not None else None
+    else:
+        out = generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       attn_impl=args.attn_impl, on_token=callback,
+                       add_bos=tokenizer is not None and args.bos)  # fmt: skip
+        texts = out.texts
+        result = {"ids": out.ids[0] if len(prompts) == 1 else out.ids, "finish": out.finish,
+                  "new_tokens": out.stats["new_tokens"], "acceptance_rate": None, "tokens_per_forward": 1.0,
+                  "main_forwards": out.stats["forwards"], "seconds": out.stats["prefill_s"] + out.stats["decode_s"]}
+    if texts is not None:
+        result["text"] = texts[0] if len(prompts) == 1 else texts
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif stream:
+        print()
+        if args.speculative:
+            print(f"[acceptance rate {result['acceptance_rate']:.2f}, {result['tokens_per_forward']:.2f} tokens per "
+                  "main-model forward]", file=sys.stderr)
+    else:
+        for i, item in enumerate(texts if texts is not None else result["ids"]):
+            print(f"[{i}] {item}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .infer import convert
+
+    fp8 = True if args.fp8 else (False if args.bf16 else None)
+    dtype = _dtype(args.dtype) or (_dtype("bfloat16") if args.bf16 else None)
+    rope = False if args.rotate_half else (True if args.interleave else None)
+    out = convert(args.src, args.dst, to=args.to, fp8=fp8, dtype=dtype, rope_interleave=rope,
+                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from .accounting import kv_cache_bytes_per_token, max_context
+    from .infer.checkpoint import parse_size
+
+    budget = parse_size(args.budget)
+    names = [args.preset] if args.preset else list(PRESETS)
+    rows = []
+    for name in names:
+        cfg = ModelConfig.preset(name)
+        if args.set:
+            cfg = cfg.with_overrides(args.set)
+        kv = kv_cache_bytes_per_token(cfg, args.bytes_per_value)
+        rows.append({
+            "preset": name, "latent_bytes_per_token": kv["latent"], "materialized_bytes_per_token": kv["materialized"],
+            "ratio": kv["materialized"] / kv["latent"], "budget_bytes": budget, "batch": args.batch,
+            "max_context_latent": max_context(cfg, budget, args.batch, True, args.bytes_per_value),
+            "max_context_materialized": max_context(cfg, budget, args.batch, False, args.bytes_per_value),
+            "max_seq_len": cfg.max_seq_len,
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows[0] if args.preset else rows, indent=2))
+        return 0
+    print(f"KV cache, {args.bytes_per_value} bytes per value, all layers; budget {budget:,} bytes for the cache "
+          f"alone (weights not included), batch {args.batch}")
+    print(f"{'preset':8s} {'latent B/token':>15s} {'K/V B/token':>13s} {'ratio':>6s} {'max ctx latent':>15s} "
+          f"{'max ctx K/V':>12s} {'max_seq_len':>12s}")
+    for r in rows:
+        print(f"{r['preset']:8s} {r['latent_bytes_per_token']:>15,} {r['materialized_bytes_per_token']:>13,} "
+              f"{r['ratio']:>5.1f}x {r['max_context_latent']:>15,} {r['max_context_materialized']:>12,} "
+              f"{r['max_seq_len']:>12,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint with the latent KV cache (optionally MTP "
+                       "speculative decoding)")  # fmt: skip
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="official-layout or dsv3lab checkpoint folder")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--ids", default=None, help="prompt token ids, comma-separated (instead of --prompt)")
+    p.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="do not put the bos token before a text prompt (default: put it, as training documents start)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP modules, verify in one "
+                   "main-model forward (greedy, one prompt)")  # fmt: skip
+    p.add_argument("--depth", type=int, default=None, help="MTP drafts per round (default: every MTP module)")
+    p.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="cache kind (default: latent)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print text, ids, acceptance_rate, tokens_per_forward as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert checkpoints: dsv3lab <-> official Hugging Face layout, FP8 <-> BF16")
+    p.add_argument("src", help="official-layout folder, dsv3lab folder (dsv3lab_config.json) or training run")
+    p.add_argument("dst", help="output folder (written atomically)")
+    p.add_argument("--to", choices=["hf", "dsv3lab"], default="hf", help="target layout (default: hf)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fp8", action="store_true", help="block-FP8 (E4M3, 128x128 scales) projections")
+    g.add_argument("--bf16", action="store_true", help="dequantise to BF16")
+    p.add_argument("--dtype", default=None, help="dtype of the non-FP8 tensors (float32 or bfloat16)")
+    r = p.add_mutually_exclusive_group()
+    r.add_argument("--rotate-half", action="store_true",
+                   help="write the rotate-half RoPE layout (rope_interleave=false)")
+    r.add_argument("--interleave", action="store_true", help="write the interleaved RoPE layout (the official one)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("memory", help="KV-cache bytes per token (latent vs materialised K/V) and the longest context "
+                       "that fits a memory budget")  # fmt: skip
+    p.add_argument("preset", nargs="?", default=None, help=f"one of: {', '.join(PRESETS)} (default: all)")
+    p.add_argument("--budget", default="80GB", help="memory for the KV cache, e.g. 80GB or 64GiB (default 80GB)")
+    p.add_argument("--batch", type=int, default=1, help="sequences sharing the budget (default 1)")
+    p.add_argument("--bytes-per-value", type=int, default=2, help="2 = BF16 cache (default), 4 = FP32, 1 = FP8")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_memory)
     return parser
 
 

@@ -16,6 +16,14 @@ from dsv3lab.balance import (
 from dsv3lab.model.moe import MoE
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def skewed_moe(seed=0):
     """A tiny MoE whose router sends most tokens to experts 0 and 1 (their centroids align with the inputs)."""
     cfg = dsv3lab.ModelConfig.preset("tiny", n_expert_groups=1, n_limited_groups=1)

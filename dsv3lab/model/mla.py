@@ -15,6 +15,13 @@ so a model trained with ``naive`` decodes with the latent cache of ``absorb``):
   directly on the latent. The cache holds only kv_norm(c_KV) and the roped k^R: d_c + d_h^R values per token
   (576 for V3 instead of 40,960). Pays off at decode, where the cache is read for every new token.
 
+A model configured ``naive`` (the default, the training form) that decodes from a latent cache uses the absorbed
+math for single tokens, but a chunk of many queries (a prefill) is cheaper the other way round: up-project the cached
+latents to per-head K/V once and attend as in ``naive`` (``accounting.mla_attention_macs``: absorbed attention costs
+~s·t·h·(2·d_c + d_h^R), up-projection ~t·h·d_c·(d_h + d_v)). Such a model picks whichever needs fewer
+multiply-accumulates for each chunk; both read the same cache, so the numbers agree to rounding. A model configured
+``absorb`` always computes absorbed.
+
 Einsum letters: b batch, s query positions, t key positions, h heads, d per-head width, c latent (d_c), r rope (d_h^R).
 
 Notebook: 02_mla.
@@ -26,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..accounting import mla_attention_macs
 from ..config import ModelConfig
 from .linear import linear
 from .norm import RMSNorm
@@ -140,14 +148,26 @@ class MLA(nn.Module):
             impl = cache.attn_impl  # a latent cache means the absorbed path, whatever the training default
         end = start_pos + s
         mask = None if s == 1 else causal_mask(s, start_pos, x.device)  # [s, end]
-        if impl == "naive":
+        may_expand = impl == "absorb" and self.attn_impl == "naive" and cache is not None and s > 1
+        if may_expand and self._expand_is_cheaper(s, end):
+            # prefill-like chunk on a latent cache: store the latent, then up-project all cached latents once
+            cache.kv[:b, start_pos:end] = kv
+            cache.pe[:b, start_pos:end] = k_pe
+            kv, k_pe = cache.kv[:b, :end].to(q.dtype), cache.pe[:b, :end].to(q.dtype)  # [b, t, d_c], [b, t, d_h^R]
+            out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, end, mask, None)
+        elif impl == "naive":
             out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)
         else:
             out = self._absorb(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)
         return self.wo(out.flatten(2))  # [b, s, h * d_v] -> [b, s, dim]
 
+    def _expand_is_cheaper(self, s: int, t: int) -> bool:
+        """For s queries over t cached keys: does up-projecting the latents beat absorbed attention?"""
+        macs = mla_attention_macs(self.cfg, s, t)
+        return macs["expand"] < macs["absorb"]
+
     def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache):
-        b, s = kv.shape[:2]
+        b, s = kv.shape[:2]  # s: the positions of kv (the new tokens, or all t cached ones when expanding a latent)
         kv = self.wkv_b(kv).view(b, s, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)  # [b, s, h, d_h + d_v]
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, d_h + d_h^R]

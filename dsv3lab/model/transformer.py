@@ -102,10 +102,13 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Recompute the non-persistent RoPE tables (needed after ``to_empty`` or loading through meta)."""
+        """Refill the non-persistent buffers — the RoPE tables and the MoE token counters — which ``to_empty``
+        leaves uninitialised when a model is built on meta and loaded from a checkpoint."""
         cos, sin = precompute_rope(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+        for moe in self.moe_layers():
+            moe.tokens_per_expert.zero_()
 
     def _apply(self, fn, recurse=True):
         # .to(bfloat16) must not round the RoPE tables: positions stay exact in fp32 (device moves still apply)
@@ -115,6 +118,13 @@ class DeepSeekV3(nn.Module):
             if self._buffers[name].dtype != old.dtype:
                 self._buffers[name] = old.to(self._buffers[name].device)
         return self
+
+    def save_pretrained(self, path, **kwargs):
+        """Write this model in the official Hugging Face layout (see ``dsv3lab.infer.checkpoint.save_pretrained``:
+        ``fp8=True`` for block-FP8 weights, ``rope_interleave``, ``max_shard_size``, ``tokenizer``, ``overwrite``)."""
+        from ..infer.checkpoint import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
 
     # ------------------------------------------------------------------ helpers
     def moe_layers(self, include_mtp: bool = True) -> list[MoE]:

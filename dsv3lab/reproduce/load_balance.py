@@ -94,9 +94,12 @@ def run(ctx: Context) -> Result:
     vio_free, vio_none = by["aux_free"].maxvio_batch, by["none"].maxvio_batch
     balance_cmp = compare(vio_free, vio_none)
     quality_cmp = compare(by["aux_free"].val_loss, by["aux_loss"].val_loss)
-    if balance_cmp == "lower" or (balance_cmp == "one seed" and vio_free.mean() < vio_none.mean()):
+    if balance_cmp == "lower":
         balance_verdict = (f"**reproduced**: the bias update alone lowers the batch MaxVio from "
-                           f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`)")
+                           f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`), beyond seed noise")
+    elif balance_cmp == "one seed":
+        balance_verdict = (f"one seed (`--fast`), no verdict: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
+                           f"`none` {vio_none.mean():.2f}")
     else:
         balance_verdict = (f"**not reproduced at toy scale**: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
                            f"`none` {vio_none.mean():.2f} ({balance_cmp})")
@@ -110,6 +113,10 @@ def run(ctx: Context) -> Result:
     else:
         quality_verdict = "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`"
     gamma, steps = any_run.train_cfg.bias_update_speed, any_run.train_cfg.steps
+    train_s = float(sum(r.metrics.time_s.sum() for r in runs.values()))
+    tok_s = float(pd.concat([r.metrics.tokens_per_s for r in runs.values()]).median())
+    seq_above = sum(int(by[v].maxvio_seq.mean() > by[v].maxvio_batch.mean()) for v in VARIANTS)
+    seq_ratio = ", ".join(f"`{v}` {by[v].maxvio_seq.mean() / by[v].maxvio_batch.mean():.1f}×" for v in VARIANTS)
     val_rows = RunCache(log=ctx.log).data(any_run.train_cfg).val
     probe = [router_score_stats(runs[("none", s)], torch.cat(list(val_rows.values()))) for s in ctx.seeds]
     stats = {k: float(np.mean([p[k] for p in probe])) for k in probe[0]}
@@ -130,16 +137,18 @@ chosen from the router statistics of a short `none` probe run, before any varian
 to cross the spread of the experts' mean affinities within a few dozen steps, while one step's ±γ stays well below
 the typical gap between a token's K-th and (K+1)-th score. In this experiment's final `none` models (validation
 rows, main-model routers) the spread is {stats['expert_mean_spread']:.3f} and the gap {stats['topk_gap']:.3f}.
+The {len(runs)} runs took {train_s / 60:.1f} min of optimizer steps (median {tok_s:,.0f} tokens/s; runs are shared
+through the run cache, so a rerun that finds them reports only the evaluation time below).
 
 | variant | val loss | val acc | MaxVio batch | MaxVio seq | MaxVio val |
 |---|---:|---:|---:|---:|---:|
 {rows}
 
 **Verdict.** Balance: {balance_verdict}. Quality: {quality_verdict} (`aux_loss` − `aux_free` = {d_loss:+.4f} nats;
-the paper's gain is 0.003–0.004 BPB after 10¹¹–10¹² tokens, far below what {len(ctx.seeds)} toy runs of
-{table.tokens.iloc[0] / 1e6:.2f}M tokens can resolve). Per-sequence MaxVio stays high in every variant: with
-{any_run.train_cfg.seq_len} tokens and {any_run.model_cfg.n_routed_experts} experts a single sequence cannot be
-balanced the way a batch can, which is the paper's point in §4.5.3.
+the paper's gain is 0.003–0.004 BPB after 10¹¹–10¹² tokens, far below what {len(ctx.seeds)} toy run(s) of
+{table.tokens.iloc[0] / 1e6:.2f}M tokens can resolve). Per-sequence MaxVio is above the batch MaxVio in
+{seq_above}/{len(VARIANTS)} variants ({seq_ratio}): within one sequence of {any_run.train_cfg.seq_len} tokens the load
+is less even than over the whole batch — the freedom that batch-wise balancing leaves (§4.5.3).
 
 ![validation loss and MaxVio](load_balance_curves.png)
 
@@ -147,7 +156,7 @@ balanced the way a batch can, which is the paper's point in §4.5.3.
 
 ![bias trajectories](bias_trajectories.png)
 """
-    summary = {"load_balance": {"router_stats_none": stats} | {v: {"val_loss": mean_std(by[v].val_loss)[0],
+    summary = {"load_balance_router_stats": stats, "load_balance": {v: {"val_loss": mean_std(by[v].val_loss)[0],
                                     "val_loss_std": mean_std(by[v].val_loss)[1],
                                     "maxvio_batch": mean_std(by[v].maxvio_batch)[0],
                                     "maxvio_seq": mean_std(by[v].maxvio_seq)[0]} for v in VARIANTS}}  # fmt: skip

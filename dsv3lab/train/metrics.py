@@ -199,7 +199,9 @@ def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int 
     would accept. Both b and d come from single-token decodes against KV caches prefilled with the true tokens;
     the cache slot a decode overwrites is restored before the next position.
 
-    Returns ``{"acceptance": ..., "positions": n}``.
+    Returns ``{"acceptance": ..., "positions": n, "constant_baseline": ...}``; the baseline is the acceptance a
+    drafter would get by always proposing the single token the main model most often picks as b (a weak model that
+    repeats frequent tokens is easy to agree with; this says how easy).
     """
     if len(model.mtp) == 0:
         raise ValueError("mtp_acceptance needs a model with MTP modules (n_mtp >= 1)")
@@ -207,6 +209,7 @@ def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int 
     model.eval()
     device = model.embed.weight.device
     hits, total = 0, 0
+    picked: list[torch.Tensor] = []
     try:
         for chunk in rows.split(batch_size):
             tokens = chunk[:, :-1].to(device)
@@ -225,6 +228,7 @@ def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int 
                 h_d = model.mtp_hidden(1, h[:, i : i + 1], a[:, i : i + 1], i, cache)  # draft at position i
                 d_tok = model.mtp_logits(1, h_d)[:, 0].argmax(-1)
                 hits += int((d_tok == b_tok).sum())
+                picked.append(b_tok.cpu())
                 total += b
                 for c, saved in zip(cache.layers, saved_main):  # restore the true token's slot i+1
                     for x, s in zip(c.tensors(), saved):
@@ -234,4 +238,7 @@ def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int 
                         x[:, i] = s[:, i]
     finally:
         model.train(was_training)
-    return {"acceptance": hits / max(total, 1), "positions": total}
+    baseline = 0.0
+    if picked:
+        baseline = float(torch.bincount(torch.cat(picked)).max()) / total
+    return {"acceptance": hits / max(total, 1), "positions": total, "constant_baseline": baseline}

@@ -60,7 +60,7 @@ def plot_curves(df: pd.DataFrame, y: str, x: str = "step", by: str = "variant", 
         xs, m = mean.index.to_numpy(), _smooth(mean.to_numpy(), smooth)
         s = _smooth(std.to_numpy(), smooth)
         color = VARIANT_COLORS.get(str(label))
-        ax.plot(xs, m, label=str(label), color=color, lw=1.6)
+        ax.plot(xs, m, label=str(label), color=color, lw=1.6, marker="o" if len(xs) <= 12 else None, ms=4)
         if (s > 0).any():
             ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15, lw=0)
     ax.set_xlabel(x)
@@ -89,8 +89,8 @@ def plot_live_loss(metrics: pd.DataFrame, val: pd.DataFrame | None = None, ax=No
 
 
 def plot_load_heatmap(load: np.ndarray, ax=None, title: str = "", layers: list[int] | None = None,
-                      vmax: float = 3.0) -> Figure:  # fmt: skip
-    """Relative expert load [layers, experts] (1 = balanced) as a heatmap."""
+                      vmax: float = 4.0) -> Figure:  # fmt: skip
+    """Relative expert load [layers, experts] (1 = balanced; N_r / K_r = all tokens) as a heatmap."""
     fig, ax = _fig_ax(ax, (6, 2.5))
     im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
     ax.set_xlabel("expert")
@@ -108,7 +108,7 @@ def relative_load_window(counts: np.ndarray, start: int, stop: int) -> np.ndarra
 
 
 def plot_load_heatmaps(counts: dict[str, np.ndarray], points: list[float], window: float = 0.05,
-                       layers: list[int] | None = None) -> Figure:  # fmt: skip
+                       layers: list[int] | None = None, vmax: float = 4.0) -> Figure:  # fmt: skip
     """A grid: one row per variant, one column per point of training (fractions of the run), each the relative
     load per layer and expert summed over a window of ``window`` of the run around that point."""
     fig, axes = plt.subplots(len(counts), len(points), figsize=(3.3 * len(points), 1.7 * len(counts) + 0.6),
@@ -120,7 +120,7 @@ def plot_load_heatmaps(counts: dict[str, np.ndarray], points: list[float], windo
             stop = min(n, max(w, int(round(p * n))))
             load = relative_load_window(c, stop - w, stop)
             ax = axes[r, j]
-            im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=3, interpolation="nearest")
+            im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
             ax.set_yticks(range(load.shape[0]), [str(i) for i in (layers or range(load.shape[0]))], fontsize=7)
             ax.set_xticks([])
             if r == 0:
@@ -147,7 +147,7 @@ def plot_bias_trajectories(bias: np.ndarray, layer: int = 0, ax=None, title: str
     return fig
 
 
-def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str = "", vmax: float = 3.0) -> Figure:
+def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str = "", vmax: float = 4.0) -> Figure:
     """Fig. 9: relative expert load per domain (rows) and expert (columns) in one layer (``expert_load.csv`` rows of
     one evaluation)."""
     fig, ax = _fig_ax(ax, (6, 1.8))

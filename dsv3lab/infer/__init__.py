@@ -1,0 +1,22 @@
+"""Inference and checkpoints: the official Hugging Face layout both ways (BF16 and block-FP8), generation with the
+latent cache, and MTP speculative decoding (DeepSeek-V3 §3.4, §5.4.3).
+
+Modules, one concept each:
+
+* ``layout``      tensor names of the official layout, the MTP layers, the RoPE row permutation (rotate-half)
+* ``blockfp8``    128×128 E4M3 weights and their ``weight_scale_inv`` (the checkpoint path only)
+* ``checkpoint``  ``from_pretrained`` / ``save_pretrained`` (streaming, strict, atomic) and dsv3lab's plain folder
+* ``conversion``  ``dsv3lab convert``: official <-> dsv3lab, FP8 <-> BF16, RoPE layout
+* ``generation``  prefill + latent-cache decoding, batched prompts, greedy / temperature / top-k / top-p
+* ``speculative`` MTP draft-and-verify decoding, acceptance statistics
+
+Notebook: 10_inference.
+"""
+
+from .checkpoint import CheckpointError, LoadStats, from_pretrained, save_pretrained
+from .conversion import convert, load_any
+from .generation import Generation, generate, load_tokenizer
+from .speculative import SpeculativeStats, speculative_generate
+
+__all__ = ["CheckpointError", "LoadStats", "from_pretrained", "save_pretrained", "convert", "load_any", "Generation",
+           "generate", "load_tokenizer", "SpeculativeStats", "speculative_generate"]

@@ -1,0 +1,523 @@
+"""Checkpoint files in the official Hugging Face layout, both ways: ``from_pretrained`` and ``save_pretrained``.
+
+A folder holds ``config.json`` (``DeepseekV3ForCausalLM``; ``quantization_config`` when the weights are FP8),
+``model-0000k-of-0000n.safetensors`` shards and ``model.safetensors.index.json`` (or one ``model.safetensors``), and
+optionally ``tokenizer.json``. Tensor names and the MTP/RoPE conventions are in :mod:`dsv3lab.infer.layout`; the FP8
+block (de)quantiser is :mod:`dsv3lab.infer.blockfp8`.
+
+Loading is strict and streaming:
+
+1. ``config.json`` -> ``ModelConfig.from_hf`` (YaRN from ``rope_scaling`` or ``rope_parameters``); unsupported
+   architectures, settings or quantization methods are errors.
+2. The index is checked against the tensors the config implies *before* anything is allocated: one error lists every
+   missing and unexpected tensor (and every FP8 weight without its ``weight_scale_inv``).
+3. The model is built on the meta device (no init), materialised with ``to_empty`` and filled shard by shard, one
+   tensor at a time: FP8 weights are dequantised, rotate-half RoPE rows are permuted, stacked experts are filled
+   slice by slice, and every shape is checked (tensor name and both shapes in the error). RoPE tables are recomputed
+   with ``init_buffers()``. Peak memory is the model plus the tensor being converted (``LoadStats`` measures it).
+4. The model is returned only when every tensor has been filled; any error discards it.
+
+Saving writes into a temporary folder that replaces the target only when complete (``os.replace``).
+
+Notebook: 10_inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..model import DeepSeekV3
+from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
+from .layout import Slot, from_rotate_half, layout, mtp_duplicates, mtp_prefixes, to_rotate_half
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# ModelConfig fields the HF config cannot carry; saved under "dsv3lab" in config.json and restored on load
+_DSV3LAB_ONLY = ("attn_impl", "moe_impl", "mtp_lambda", "aux_loss_alpha", "seq_aux_loss_alpha", "init_std",
+                 "max_batch_size", "name")  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model it describes (missing/unexpected tensors, shapes, scales)."""
+
+
+def _names_list(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
+    KiB, MiB, GiB binary)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    for unit, mult in units:
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    else:
+        if text.replace(".", "", 1).isdigit():
+            return int(float(text))
+    raise ValueError(f"cannot read the size {size!r}; use bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------- reading the folder
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    file = Path(path) / CONFIG_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a checkpoint in the Hugging Face layout")
+    return json.loads(file.read_text())
+
+
+def read_weight_map(path: str | os.PathLike) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index (or the single ``model.safetensors``)."""
+    folder = Path(path)
+    if (folder / INDEX_FILE).exists():
+        index = json.loads((folder / INDEX_FILE).read_text())
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{folder / INDEX_FILE} has no 'weight_map'")
+    elif (folder / SINGLE_FILE).exists():
+        from safetensors import safe_open
+
+        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+            weight_map = {k: SINGLE_FILE for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    missing_files = sorted({f for f in weight_map.values() if not (folder / f).exists()})
+    if missing_files:
+        raise CheckpointError(f"the index of {folder} names shard files that do not exist: "
+                              f"{_names_list(missing_files)}")
+    return weight_map
+
+
+def fp8_block(hf_cfg: dict[str, Any]) -> tuple[int, int] | None:
+    """The FP8 weight block from ``quantization_config`` (None when the checkpoint is not quantised)."""
+    q = hf_cfg.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(f"quantization_config.quant_method={method!r} is not supported; allowed: 'fp8' "
+                              "(block-wise E4M3 with weight_scale_inv, as the released DeepSeek-V3 weights)")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise CheckpointError(f"quantization_config.fmt={fmt!r} is not supported; allowed: 'e4m3'")
+    block = q.get("weight_block_size") or list(DEFAULT_BLOCK)
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise CheckpointError(f"quantization_config.weight_block_size must be two positive ints, got {block!r}")
+    return (block[0], block[1])
+
+
+def config_from_hf(hf_cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """``ModelConfig.from_hf`` plus the dsv3lab-only fields saved under ``"dsv3lab"``, then ``overrides``."""
+    extra = {k: v for k, v in (hf_cfg.get("dsv3lab") or {}).items() if k in _DSV3LAB_ONLY}
+    clean = {k: v for k, v in hf_cfg.items() if k != "dsv3lab"}
+    return ModelConfig.from_hf(clean, **{**extra, **overrides})
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, fp8: tuple[int, int] | None = None,
+              rope_interleave: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The ``config.json`` dict written by :func:`save_pretrained`."""
+    out = cfg.to_hf()
+    out["rope_interleave"] = rope_interleave
+    out["torch_dtype"] = dtype_name(dtype)
+    if fp8 is not None:
+        out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": list(fp8)}  # fmt: skip
+    out["dsv3lab"] = {k: getattr(cfg, k) for k in _DSV3LAB_ONLY}
+    return out
+
+
+# ---------------------------------------------------------------------- loading
+@dataclass
+class LoadStats:
+    """What a load did: shard files in the order read, tensors read, and the peak bytes of checkpoint tensors
+    (read, dequantised or permuted) alive at the same time — traced with weak references, so it measures what the
+    loader actually holds, not what it intends to."""
+
+    files: list[str] = field(default_factory=list)
+    tensors: int = 0
+    bytes_read: int = 0
+    shard_bytes: dict[str, int] = field(default_factory=dict)
+    peak_live_bytes: int = 0
+    live_bytes: int = 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        self.live_bytes += n
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(t, self._release, n)
+        return t
+
+    def _release(self, n: int) -> None:
+        self.live_bytes -= n
+
+
+def _plan(cfg: ModelConfig, weight_map: dict[str, str], mtp: bool | None, path) -> tuple[ModelConfig, dict, dict]:
+    """Decide whether MTP is loaded, then check the checkpoint's names against the config: one error for all."""
+    prefixes = mtp_prefixes(cfg)
+    has_mtp = any(n.startswith(p) for n in weight_map for p in prefixes)
+    if mtp is None:
+        mtp = has_mtp
+        if cfg.n_mtp and not has_mtp:
+            warnings.warn(f"{path}: config.json declares num_nextn_predict_layers={cfg.n_mtp} but the checkpoint holds "
+                          "no MTP weights (transformers does not save them); loading the main model with n_mtp=0",
+                          stacklevel=3)  # fmt: skip
+    elif mtp and cfg.n_mtp == 0:
+        raise CheckpointError(f"mtp=True but {path}/config.json declares no MTP module (num_nextn_predict_layers=0)")
+    skipped = []
+    if not mtp:
+        skipped = [n for n in weight_map if any(n.startswith(p) for p in prefixes)]
+        cfg = cfg.replace(n_mtp=0)
+    expected = layout(cfg)
+    duplicates = mtp_duplicates(cfg)
+    names = set(weight_map) - set(skipped)
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX)}
+    missing = [n for n in expected if n not in names]
+    unexpected = sorted(n for n in names - scales if n not in expected and n not in duplicates)
+    unexpected += sorted(s for s in scales if s[: -len(SCALE_SUFFIX)] not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_names_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_names_list(unexpected)}")
+        raise CheckpointError(f"{path} does not match its config.json ({cfg.summary()}): " + "; ".join(parts))
+    return cfg, expected, duplicates
+
+
+# A hook for keeping FP8 weights in FP8 (e.g. dsv3lab.fp8 Linear layers): called for every FP8 tensor with
+# (hf_name, slot, fp8_weight, scale_inv, block, model); return True when it has stored the weight itself.
+FP8Hook = Callable[[str, Slot, torch.Tensor, torch.Tensor, tuple[int, int], DeepSeekV3], bool]
+
+
+def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    *, mtp: bool | None = None, fp8_hook: FP8Hook | None = None, stats: LoadStats | None = None,
+                    **overrides: Any) -> DeepSeekV3:  # fmt: skip
+    """Load a checkpoint in the official Hugging Face layout (BF16/FP32 or block-FP8) into a new ``DeepSeekV3``.
+
+    ``dtype`` defaults to the checkpoint's ``torch_dtype`` (BF16 for FP8 checkpoints, which are dequantised);
+    ``mtp``: None loads the MTP modules when the checkpoint has them, False skips them, True requires them;
+    ``fp8_hook`` keeps FP8 weights in FP8 (see :data:`FP8Hook`); ``stats`` receives a :class:`LoadStats`;
+    ``overrides`` are ModelConfig fields (e.g. ``attn_impl="absorb"``, ``moe_impl="grouped"``, ``max_seq_len``).
+    A folder written by :func:`save_state_dict` (``dsv3lab_config.json``) is loaded with :func:`load_state_dict_folder`.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if (folder / NATIVE_CONFIG).exists() and not (folder / CONFIG_FILE).exists():
+        return load_state_dict_folder(folder, device=device, dtype=dtype, **overrides)
+    hf_cfg = read_hf_config(folder)
+    block = fp8_block(hf_cfg)
+    rope_interleave = bool(hf_cfg.get("rope_interleave", True))
+    cfg = config_from_hf(hf_cfg, **overrides)
+    weight_map = read_weight_map(folder)
+    cfg, expected, duplicates = _plan(cfg, weight_map, mtp, folder)
+    if dtype is None:
+        stored = hf_cfg.get("torch_dtype", hf_cfg.get("dtype", "bfloat16"))
+        dtype = torch.bfloat16 if block is not None else DTYPES.get(stored, torch.bfloat16)
+    stats = stats if stats is not None else LoadStats()
+
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)  # shapes only: no memory, no init
+    model.to(dtype)  # still meta; the router bias and RoPE tables stay fp32
+    model.to_empty(device=device or "cpu")
+    targets = model.state_dict()  # tensors sharing storage with the parameters and persistent buffers
+    if set(targets) != {s.name for s in expected.values()}:  # the layout must cover the model exactly
+        raise AssertionError(f"layout/model mismatch: {sorted(set(targets) ^ {s.name for s in expected.values()})}")
+
+    filled: set[str] = set()
+    dup_files: dict[str, str] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    with torch.no_grad():
+        for file in sorted(by_file):
+            stats.files.append(file)
+            stats.shard_bytes[file] = (folder / file).stat().st_size
+            with safe_open(folder / file, framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in by_file[file]:
+                    if name.endswith(SCALE_SUFFIX) or name not in expected and name not in duplicates:
+                        continue  # scales are read with their weight; skipped MTP tensors are not read
+                    if name not in present:
+                        raise CheckpointError(f"{name} is listed in the index for {file} but is not in that file")
+                    if name in duplicates:
+                        dup_files[name] = file  # compared with the shared tensor once everything is loaded
+                        continue
+                    slot = expected[name]
+                    t = stats.track(f.get_tensor(name))
+                    stats.tensors += 1
+                    stats.bytes_read += t.numel() * t.element_size()
+                    scale_name = name + SCALE_SUFFIX
+                    if is_fp8(t):
+                        if scale_name not in weight_map:
+                            raise CheckpointError(f"{name} is stored in {t.dtype} but its scale {scale_name} is not in "
+                                                  "the checkpoint")  # fmt: skip
+                        scale = stats.track(_read_tensor(f, folder, file, weight_map[scale_name], scale_name))
+                        if fp8_hook is not None and fp8_hook(name, slot, t, scale, block or DEFAULT_BLOCK, model):
+                            filled.add(name)
+                            continue
+                        try:
+                            t = stats.track(dequantize_blocks(t, scale, block or DEFAULT_BLOCK, dtype=torch.float32))
+                        except ValueError as err:
+                            raise CheckpointError(f"{name}: {err}") from None
+                        del scale
+                    elif scale_name in weight_map:
+                        raise CheckpointError(f"{name} has a scale {scale_name} but is stored in {t.dtype}, not FP8")
+                    if slot.rope is not None and not rope_interleave:
+                        t = stats.track(from_rotate_half(t, cfg, slot.rope))
+                    dst = targets[slot.name] if slot.index is None else targets[slot.name][slot.index]
+                    if tuple(t.shape) != tuple(dst.shape):
+                        raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(t.shape)} but the model of "
+                                              f"config.json needs {tuple(dst.shape)} (for {slot.name}"
+                                              f"{'' if slot.index is None else f'[{slot.index}]'})")
+                    dst.copy_(t)
+                    filled.add(name)
+                    del t
+        not_filled = [n for n in expected if n not in filled]
+        if not_filled:  # cannot happen after _plan unless the index lies; never return a half-loaded model
+            raise CheckpointError(f"{folder}: tensors not loaded: {_names_list(not_filled)}")
+        for name, file in dup_files.items():
+            _check_duplicate(folder, file, name, targets[duplicates[name]], weight_map)
+    model.init_buffers()  # RoPE tables (non-persistent), expert counters
+    return model.eval()
+
+
+def _read_tensor(f, folder: Path, file: str, other_file: str, name: str) -> torch.Tensor:
+    """A tensor from the open shard ``f``, or (scales may sit in another shard, as fp8_cast_bf16 allows) from its
+    own file."""
+    if f is not None and other_file == file:
+        return f.get_tensor(name)
+    from safetensors import safe_open
+
+    with safe_open(folder / other_file, framework="pt", device="cpu") as g:
+        return g.get_tensor(name)
+
+
+def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, weight_map: dict[str, str]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(folder / file, framework="pt", device="cpu") as f:
+        t = f.get_tensor(name)
+    if is_fp8(t):
+        scale = _read_tensor(None, folder, file, weight_map[name + SCALE_SUFFIX], name + SCALE_SUFFIX)
+        t = dequantize_blocks(t, scale, dtype=torch.float32)
+    if tuple(t.shape) != tuple(shared.shape) or not torch.equal(t.to(shared.dtype), shared):
+        raise CheckpointError(f"{name} differs from the shared tensor it should duplicate; dsv3lab shares one "
+                              "embedding and one output head between the main model and MTP (§2.2). Load with "
+                              "mtp=False to drop the MTP module(s)")
+
+
+# ---------------------------------------------------------------------- saving
+def _atomic_folder(path: Path, overwrite: bool) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move the finished temporary folder into place; an existing target is replaced only after that succeeds."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / "x")
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+
+
+def _hf_tensors(model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave: bool, dtype: torch.dtype,
+                ) -> Iterator[tuple[str, Callable[[], list[tuple[str, torch.Tensor]]], int]]:  # fmt: skip
+    """(HF name, a function producing the tensor(s) to write under it and its scale, bytes) in layout order."""
+    cfg = model.cfg
+    sd = model.state_dict()
+    entries = list(layout(cfg).items())
+    dups = mtp_duplicates(cfg)
+    for k in range(cfg.n_mtp):  # the released file puts the copies with the MTP layer; write them next to it
+        prefix = f"model.layers.{cfg.n_layers + k}."
+        entries += [(n, Slot(src)) for n, src in dups.items() if n.startswith(prefix)]
+
+    for name, slot in entries:
+        src = sd[slot.name] if slot.index is None else sd[slot.name][slot.index]
+        keep_fp32 = slot.name.endswith("gate.bias")  # the correction bias stays fp32, as in the released file
+        out_dtype = src.dtype if keep_fp32 else dtype
+        quant = fp8 is not None and slot.fp8
+
+        def produce(src=src, slot=slot, name=name, out_dtype=out_dtype, quant=quant):
+            t = src.detach().to("cpu")
+            if slot.rope is not None and not rope_interleave:
+                t = to_rotate_half(t, cfg, slot.rope)
+            if quant:
+                q, s = quantize_blocks(t, fp8)
+                return [(name, q), (name + SCALE_SUFFIX, s)]
+            return [(name, t.to(out_dtype).contiguous().clone())]  # clone: views of stacked experts share storage
+
+        if quant:
+            rows, cols = src.shape
+            nbytes = rows * cols + 4 * (-(-rows // fp8[0])) * (-(-cols // fp8[1]))
+        else:
+            nbytes = src.numel() * out_dtype.itemsize
+        yield name, produce, nbytes
+
+
+def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, *, fp8: bool = False,
+                    block: tuple[int, int] = DEFAULT_BLOCK, dtype: torch.dtype | None = None,
+                    rope_interleave: bool = True, max_shard_size: int | str = "5GB", tokenizer: Any = None,
+                    overwrite: bool = False) -> Path:  # fmt: skip
+    """Write ``model`` in the official layout: config.json, sharded safetensors and the index (atomically).
+
+    ``fp8`` stores every attention/FFN projection as E4M3 with a ``weight_scale_inv`` per ``block`` (and writes
+    ``quantization_config``); ``dtype`` casts the other tensors (default: the model's; the router bias stays fp32);
+    ``rope_interleave=False`` writes the rotate-half RoPE layout; ``tokenizer`` (a ``tokenizers.Tokenizer``, a
+    tokenizer.json path or a folder holding one) is copied alongside. Returns the folder.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    dtype = dtype or model.embed.weight.dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+    limit = parse_size(max_shard_size)
+    items = list(_hf_tensors(model, tuple(block) if fp8 else None, rope_interleave, dtype))
+    shards: list[list[tuple[str, Callable, int]]] = [[]]
+    size = 0
+    for item in items:  # plan shards from sizes alone, so each shard is produced only when written
+        if shards[-1] and size + item[2] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[2]
+    tmp = _atomic_folder(path, overwrite)
+    try:
+        weight_map: dict[str, str] = {}
+        total = 0
+        n = len(shards)
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tensors = {}
+            for _, produce, _ in shard:
+                for name, t in produce():
+                    tensors[name] = t
+                    weight_map[name] = file
+                    total += t.numel() * t.element_size()
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        cfg_json = hf_config(model.cfg, dtype, tuple(block) if fp8 else None, rope_interleave)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
+        _publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """Copy a tokenizer into a checkpoint folder as ``tokenizer.json`` (from a ``tokenizers.Tokenizer``, a
+    ``dsv3lab.data.Tokenizer`` wrapping one in ``.hf``, a tokenizer.json path, or a folder holding one)."""
+    dst = Path(folder) / "tokenizer.json"
+    inner = getattr(tokenizer, "hf", tokenizer)
+    if hasattr(inner, "to_str"):  # tokenizers.Tokenizer
+        dst.write_text(inner.to_str())
+        return
+    src = Path(tokenizer)
+    if src.is_dir():
+        src = src / "tokenizer.json"
+    if not src.exists():
+        raise FileNotFoundError(f"no tokenizer.json at {src}")
+    shutil.copyfile(src, dst)
+    extra = src.parent / "tokenizer_config.json"
+    if extra.exists():
+        shutil.copyfile(extra, Path(folder) / "tokenizer_config.json")
+
+
+# ---------------------------------------------------------------------- dsv3lab's own folder: state_dict + config
+NATIVE_CONFIG = "dsv3lab_config.json"
+
+
+def save_state_dict(model: DeepSeekV3, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """dsv3lab's plain format: ``model.safetensors`` (``model.state_dict()``) and ``dsv3lab_config.json``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = _atomic_folder(path, overwrite)
+    try:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        (tmp / NATIVE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+        _publish(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_state_dict_folder(path: str | os.PathLike, device: torch.device | str | None = None,
+                           dtype: torch.dtype | None = None, **overrides: Any) -> DeepSeekV3:  # fmt: skip
+    """Load a folder written by :func:`save_state_dict` (strict: missing, unexpected and mis-shaped tensors are one
+    error)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg = ModelConfig.from_dict(json.loads((folder / NATIVE_CONFIG).read_text()))
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    sd = load_file(folder / SINGLE_FILE)
+    with torch.device("meta"):
+        model = DeepSeekV3(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    else:
+        model.to(sd["embed.weight"].dtype)
+    model.to_empty(device=device or "cpu")
+    load_state_dict_strict(model, sd, str(folder))
+    model.init_buffers()
+    return model.eval()
+
+
+def load_state_dict_strict(model: DeepSeekV3, sd: dict[str, torch.Tensor], where: str = "state_dict") -> None:
+    """Copy ``sd`` into ``model`` after checking names and shapes; every problem in one ``CheckpointError``."""
+    targets = model.state_dict()
+    missing = sorted(set(targets) - set(sd))
+    unexpected = sorted(set(sd) - set(targets))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(targets[k].shape)}"
+              for k in targets if k in sd and sd[k].shape != targets[k].shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing: {_names_list(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected: {_names_list(unexpected)}"] if unexpected else []
+        parts += [f"shape mismatch: {_names_list(shapes)}"] if shapes else []
+        raise CheckpointError(f"{where} does not match the model ({model.cfg.summary()}): " + "; ".join(parts))
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(sd[k])
