@@ -151,3 +151,16 @@ def test_fine_grained_scaling_beats_per_tensor_with_outliers():
     assert typical.loc[(1e5, "per tensor")] > 2.5 * typical.loc[(1e5, "1×128 tile")]
     assert flushed.loc[(1e5, "per tensor")] > 4 * flushed.loc[(1e5, "1×128 tile")]
     assert typical.loc[(1e5, "per token (1×K)")] > typical.loc[(1e5, "1×128 tile")]
+
+
+def test_block_quantization_equals_the_checkpoint_path():
+    """Two implementations of the 128×128 weight format agree: dsv3lab.fp8 (training) and dsv3lab.infer.blockfp8
+    (the official checkpoint's weight_scale_inv), bit for bit, edge blocks included."""
+    blockfp8 = pytest.importorskip("dsv3lab.infer.blockfp8")
+    w = _x((300, 200), seed=5)
+    ours = quantize(w, BLOCK2D)
+    data, scale_inv = blockfp8.quantize_blocks(w)
+    assert torch.equal(ours.scale, scale_inv)
+    assert torch.equal(ours.data.view(torch.uint8), data.view(torch.uint8))
+    back = blockfp8.dequantize_blocks(data, scale_inv, dtype=torch.float32)
+    assert torch.equal(back, ours.dequantize())

@@ -133,8 +133,8 @@ def is_representable(x: torch.Tensor, fmt: str | torch.dtype = "e4m3") -> torch.
 def round_to_grid(x: torch.Tensor, fmt: str | torch.dtype = "e4m3") -> torch.Tensor:
     """fp32 x rounded to nearest-even on the FP8 grid, still in fp32 (beyond ±max: saturates to ±max).
 
-    Equal to ``x.to(fp8).float()`` for every |x| <= max (the tests check grid values, midpoints, subnormals and
-    random values; the one difference: a negative value rounded to zero gives +0, not -0), but vectorised:
+    Bit for bit equal to ``x.to(fp8).float()`` for every |x| <= max (the tests check grid values, midpoints,
+    subnormals, signed zeros and random values), but vectorised:
     torch's CPU float8 casts convert one element at a time, which dominates an FP8 emulation on a CPU.
 
     It is the "magic number" trick the Triton kernels use too: for 2^e ≤ |x| < 2^(e+1), with e floored at the
@@ -147,4 +147,5 @@ def round_to_grid(x: torch.Tensor, fmt: str | torch.dtype = "e4m3") -> torch.Ten
     biased = (x.view(torch.int32) >> 23) & 0xFF  # fp32 biased exponent: floor(log2 |x|) + 127
     biased = biased.clamp_min(127 + 1 - fp.bias)  # not below the smallest normal binade
     c = (((biased + 23 - fp.mantissa_bits) << 23) | 0x400000).view(torch.float32)  # 1.5 · 2^(e - m + 23)
-    return ((x + c) - c).clamp_(-fp.max, fp.max)
+    r = ((x + c) - c).clamp_(-fp.max, fp.max)
+    return torch.copysign(r, x)  # (x + c) - c turns a negative value that rounds to zero into +0; the cast gives -0
