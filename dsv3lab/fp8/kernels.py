@@ -86,8 +86,8 @@ def _round_to_e4m3(v):
     e = ((bits >> 23) & 0xFF) - 127  # floor(log2 |v|) for normal fp32 (−127 for 0)
     e = tl.maximum(e, -6)  # E4M3 subnormals share the spacing of the lowest binade: 2^-9
     c = (((e + 20 + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 · 2^(e+20): ulp = 2^(e-3)
-    r = (v + c) - c
-    return tl.minimum(tl.maximum(r, -E4M3_MAX), E4M3_MAX)
+    r = tl.minimum(tl.maximum((v + c) - c, -E4M3_MAX), E4M3_MAX)
+    return tl.where(v < 0, -tl.abs(r), r)  # a negative value that rounds to zero stays -0, as the cast gives
 
 
 @triton.jit
