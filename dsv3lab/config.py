@@ -9,6 +9,8 @@ official code hides in module globals or in a ``dim == 7168`` check are explicit
 * ``gate_bias``   the auxiliary-loss-free selection bias (V3) on or off (V2)
 * ``n_mtp``       multi-token-prediction depth D (0 = no MTP modules)
 * ``init_std``    the paper's 0.006
+* ``fp8``         the FP8 training recipe (§3.3): the projections' GEMMs in FP8 with fine-grained scaling
+  (``fp8_gemm``: ``auto``/``emulate``/``kernel``; ``fp8_scale_fmt``: ``fp32``/``ue8m0``)
 
 Presets: ``ModelConfig.preset(name)`` for ``tiny`` (unit tests), ``toy`` (notebooks and ablations on a laptop CPU),
 ``small`` (~200M, a GPU or a patient CPU), and the exact official ``16B``, ``236B`` and ``671B``.
@@ -29,6 +31,8 @@ from typing import Any
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
 MOE_IMPLS = ("loop", "grouped")
+FP8_GEMMS = ("auto", "emulate", "kernel")
+FP8_SCALE_FMTS = ("fp32", "ue8m0")
 
 
 @dataclass
@@ -79,6 +83,12 @@ class ModelConfig:
     attn_impl: str = "naive"
     moe_impl: str = "loop"
     init_std: float = 0.006
+    # FP8 training (§3.3): projections (MLA, dense MLP, shared and routed experts, MTP eh_proj) run their Fprop,
+    # Dgrad and Wgrad GEMMs in FP8 E4M3 with 1×128 / 128×128 scaling; embedding, head, router, norms, attention
+    # core stay in high precision. State-dict names are unchanged.
+    fp8: bool = False
+    fp8_gemm: str = "auto"  # "emulate" (quantize → dequantize → FP32 GEMM), "kernel" (Triton), "auto"
+    fp8_scale_fmt: str = "fp32"  # "fp32" scales or "ue8m0" (powers of two)
     bos_token_id: int = 0
     eos_token_id: int = 1
     # free-form notes carried with the config (e.g. which preset it came from); not used by the model
@@ -138,6 +148,12 @@ class ModelConfig:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"fp8 must be a bool (true/false), got {self.fp8!r}")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
+        if self.fp8_scale_fmt not in FP8_SCALE_FMTS:
+            raise ValueError(f"fp8_scale_fmt must be one of {FP8_SCALE_FMTS}, got {self.fp8_scale_fmt!r}")
         if self.n_dense_layers > self.n_layers:
             raise ValueError(
                 f"n_dense_layers ({self.n_dense_layers}) must be <= n_layers ({self.n_layers}): "

@@ -71,3 +71,21 @@ def test_training_experiments_summary_and_files(fast_run):
     report = (fast_run / "REPORT.md").read_text()
     for title in ("## E1", "## E2", "## E3"):
         assert title in report
+
+
+def test_fp8_experiment_summary_and_files(fast_run):
+    import pandas as pd
+
+    fp8 = json.loads((fast_run / "summary.json").read_text())["fp8"]
+    for key in ("rel_loss_diff_final", "rel_loss_diff_max"):
+        assert isinstance(fp8[key], float) and 0 <= fp8[key] < 0.05, (key, fp8[key])
+    assert fp8["rel_loss_diff_max"] >= fp8["rel_loss_diff_final"]
+    acc = fp8["accumulation_k4096_max_rel_error"]
+    assert acc["no_promotion"] > 10 * acc["promotion_every_128"]
+    curves = pd.read_csv(fast_run / "fp8_training.csv")
+    assert {"step", "seed", "loss_bf16", "loss_fp8", "rel_diff"} <= set(curves.columns)
+    assert (curves.loss_bf16 != curves.loss_fp8).any()  # the two runs really differ (FP8 is on)
+    section = (fast_run / "sections" / "fp8.md").read_text()
+    assert "rel_loss_diff" in section and "Verdict" in section and "0.25%" in section
+    for name in ("fp8_training.png", "fp8_numerics.png"):
+        assert (fast_run / name).stat().st_size > 10_000

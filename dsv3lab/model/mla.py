@@ -35,6 +35,7 @@ from torch import nn
 
 from ..accounting import mla_attention_macs
 from ..config import ModelConfig
+from .linear import linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -98,15 +99,15 @@ class MLA(nn.Module):
         self.attn_impl = cfg.attn_impl
         self.softmax_scale = cfg.softmax_scale
         if self.q_lora_rank == 0:
-            self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.qk_head_dim, bias=False)  # W^Q
+            self.wq = linear(cfg, cfg.dim, cfg.n_heads * cfg.qk_head_dim)  # W^Q
         else:
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)  # W^DQ
+            self.wq_a = linear(cfg, cfg.dim, cfg.q_lora_rank)  # W^DQ
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim, bias=False)  # [W^UQ; W^QR]
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)  # [W^DKV; W^KR]
+            self.wq_b = linear(cfg, cfg.q_lora_rank, cfg.n_heads * cfg.qk_head_dim)  # [W^UQ; W^QR]
+        self.wkv_a = linear(cfg, cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim)  # [W^DKV; W^KR]
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)  # W^O
+        self.wkv_b = linear(cfg, cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.wo = linear(cfg, cfg.n_heads * cfg.v_head_dim, cfg.dim)  # W^O
 
     def init_weights(self, std: float) -> None:
         for mod in self.modules():
@@ -121,7 +122,11 @@ class MLA(nn.Module):
         return MLACache(self.cfg, batch_size, max_len, attn_impl or self.attn_impl, device=device, dtype=dtype)
 
     def wkv_b_weight(self) -> torch.Tensor:
-        """W_UK and W_UV as one [h, d_h + d_v, d_c] view of ``wkv_b`` (a hook for quantized subclasses)."""
+        """W_UK and W_UV as one [h, d_h + d_v, d_c] view of ``wkv_b`` (a hook for quantized subclasses).
+
+        With ``cfg.fp8`` this is still the high-precision master weight: the absorbed path's einsums are part of the
+        attention computation, which stays in high precision (so naive and absorb differ by the FP8 error of the
+        ``wkv_b`` GEMM that only the naive path runs)."""
         return self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,

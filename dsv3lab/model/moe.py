@@ -15,6 +15,9 @@ No token is dropped.
 Experts are stored stacked, ``w1``/``w3`` [E, inter, dim] and ``w2`` [E, dim, inter], so the two implementations
 share parameters: ``loop`` runs each expert on its tokens (the readable reference), ``grouped`` sorts the (token,
 expert) pairs by expert and runs one grouped GEMM per projection (``torch.nn.functional.grouped_mm``).
+With ``cfg.fp8`` every expert GEMM (forward and both backward GEMMs) runs in FP8: per expert with
+``dsv3lab.fp8.fp8_linear`` in ``loop``, as FP8 grouped GEMMs with ``dsv3lab.fp8.fp8_grouped_linear`` in ``grouped``
+(the weights stay the same stacked FP32 Parameters). The router stays in FP32.
 
 Notebook: 03_deepseekmoe.
 """
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import fp8_recipe
 from .norm import MLP
 
 
@@ -100,6 +104,7 @@ class Experts(nn.Module):
         super().__init__()
         self.n_experts = cfg.n_routed_experts
         self.impl = cfg.moe_impl
+        self.fp8 = fp8_recipe(cfg)  # None, or the FP8 recipe for every expert GEMM
         e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.w1 = nn.Parameter(torch.empty(e, i, d))  # gate projections
         self.w2 = nn.Parameter(torch.empty(e, d, i))  # down projections
@@ -115,6 +120,13 @@ class Experts(nn.Module):
             return self.forward_grouped(x, weights, indices)
         return self.forward_loop(x, weights, indices)
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is None:
+            return F.linear(x, w)
+        from ..fp8.linear import fp8_linear
+
+        return fp8_linear(x, w, self.fp8)
+
     def forward_loop(self, x, weights, indices):
         y = torch.zeros_like(x)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
@@ -122,13 +134,13 @@ class Experts(nn.Module):
             if counts[i] == 0:
                 continue
             token, slot = torch.where(indices == i)  # the tokens routed to expert i, and in which top-k slot
-            h = F.silu(F.linear(x[token], self.w1[i])) * F.linear(x[token], self.w3[i])  # [n_i, inter]
-            out = F.linear(h, self.w2[i]) * weights[token, slot, None]  # [n_i, dim]
+            h = F.silu(self._linear(x[token], self.w1[i])) * self._linear(x[token], self.w3[i])  # [n_i, inter]
+            out = self._linear(h, self.w2[i]) * weights[token, slot, None]  # [n_i, dim]
             y.index_add_(0, token, out.to(y.dtype))
         return y
 
     def forward_grouped(self, x, weights, indices):
-        if not grouped_mm_supported(x.device, x.dtype):
+        if self.fp8 is None and not grouped_mm_supported(x.device, x.dtype):
             raise ValueError(f"moe_impl='grouped' needs F.grouped_mm, which does not run on {x.device.type} in "
                              f"{x.dtype}; use moe_impl='loop' (or bf16 on a GPU with compute capability >= 9.0)")
         k = indices.shape[1]
@@ -137,9 +149,18 @@ class Experts(nn.Module):
         token = order // k  # [T*K] source token of each sorted pair
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
         xs = x[token]  # [T*K, dim], grouped by expert
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
-        h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
-        out = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [T*K, dim]
+        if self.fp8 is not None:  # FP8 grouped GEMMs on the FP32 master weights
+            from ..fp8.linear import fp8_grouped_linear
+
+            def gmm(a, w):
+                return fp8_grouped_linear(a, w, offs, self.fp8)
+        else:
+
+            def gmm(a, w):
+                return F.grouped_mm(a, w.to(a.dtype).transpose(1, 2), offs=offs)
+
+        h = F.silu(gmm(xs, self.w1)) * gmm(xs, self.w3)  # [T*K, inter]
+        out = gmm(h, self.w2)  # [T*K, dim]
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
 
@@ -159,7 +180,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.gate = Gate(cfg)
         self.experts = Experts(cfg)
-        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        n_shared = cfg.n_shared_experts
+        self.shared_experts = MLP(cfg.dim, n_shared * cfg.moe_inter_dim, cfg) if n_shared else None
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
                              persistent=False)  # fmt: skip
         self.last_counts: torch.Tensor | None = None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .linear import linear
 from .norm import RMSNorm
 
 
@@ -34,7 +35,7 @@ class MTPModule(nn.Module):
         self.depth = depth
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.eh_proj = linear(cfg, 2 * cfg.dim, cfg.dim)  # M_k (FP8 when cfg.fp8)
         self.block = Block(cfg.n_layers + depth - 1, cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # applied before the shared output head
 

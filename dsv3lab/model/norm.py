@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
+from .linear import linear
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 and returned in the input dtype.
@@ -38,13 +41,14 @@ class MLP(nn.Module):
     """SwiGLU: w2(silu(w1·x) ⊙ w3·x). The dense FFN of the first layers, and the shared experts of MoE layers.
 
     Official names: ``w1`` (gate, HF ``gate_proj``), ``w3`` (up, ``up_proj``), ``w2`` (down, ``down_proj``).
+    ``cfg`` (optional) selects the projections' Linear class (FP8 when ``cfg.fp8``; see ``model/linear.py``).
     """
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, cfg: ModelConfig | None = None):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = linear(cfg, dim, inter_dim)
+        self.w2 = linear(cfg, inter_dim, dim)
+        self.w3 = linear(cfg, dim, inter_dim)
 
     def init_weights(self, std: float) -> None:
         for lin in (self.w1, self.w2, self.w3):

@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim, cfg) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
     def init_weights(self, std: float) -> None:
         self.attn_norm.init_weights()
