@@ -410,7 +410,7 @@ def test_folder_make_datasets(tmp_path):
 
 
 def test_saved_hf_dataset_folder(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a dev dependency, so the optional reader is always tested
     datasets.Dataset.from_dict({"text": [math_problem(0, i).text for i in range(50)]}).save_to_disk(tmp_path / "hf")
     docs = folder_corpus(tmp_path / "hf")
     assert len(docs) == 50 and docs[0].source.startswith("hf:")
