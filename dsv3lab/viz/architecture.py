@@ -7,27 +7,19 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
 from ..config import ModelConfig
-
-
-def _fig_ax(ax, figsize=(7, 4)):
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-    else:
-        fig = ax.figure
-    return fig, ax
+from ._common import fig_ax
 
 
 def plot_kv_cache(kv: pd.DataFrame, ax=None) -> Figure:
     """Grouped bars, log scale: KV-cache bytes per token for each attention variant (columns preset, variant,
     bytes_per_token)."""
-    fig, ax = _fig_ax(ax, (9, 4.5))
+    fig, ax = fig_ax(ax, (9, 4.5))
     presets = list(dict.fromkeys(kv["preset"]))
     variants = list(dict.fromkeys(kv["variant"]))
     width = 0.8 / len(variants)
@@ -58,7 +50,7 @@ def _human_bytes(n: float) -> str:
 def plot_params(table: pd.DataFrame, ax=None) -> Figure:
     """Total vs activated vs MTP parameters per preset (log scale). Columns: preset, total_params, activated_params,
     mtp_params."""
-    fig, ax = _fig_ax(ax, (8, 4))
+    fig, ax = fig_ax(ax, (8, 4))
     x = np.arange(len(table))
     for j, (col, label) in enumerate([("total_params", "total"), ("activated_params", "activated per token"),
                                       ("mtp_params", "MTP modules")]):  # fmt: skip
@@ -76,7 +68,7 @@ def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups
     """KV bytes per token as the latent rank d_c varies, against MHA/GQA/MQA lines for ``cfg``'s heads."""
     from ..accounting import kv_cache_comparison
 
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     ranks = ranks or [2**i for i in range(4, 12)]
     mla = [kv_cache_comparison(cfg.replace(kv_lora_rank=r), gqa_groups)["MLA (latent)"] for r in ranks]
     ax.plot(ranks, mla, "o-", label="MLA latent (d_c + d_h^R)")
@@ -97,7 +89,7 @@ def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
     """Wavelength (2π/θ_i) per rotary pair, plain RoPE vs YaRN, with the original context and the ramp bounds."""
     from ..model.rope import rope_frequencies, yarn_correction_range
 
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     plain = rope_frequencies(cfg.replace(max_seq_len=cfg.original_seq_len))
     yarn_cfg = cfg if cfg.yarn_enabled else cfg.replace(max_seq_len=cfg.original_seq_len * 4, rope_factor=4.0)
     yarn = rope_frequencies(yarn_cfg)
@@ -118,7 +110,7 @@ def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     """The blend factor per rotary pair: 1 = keep the frequency (extrapolate), 0 = divide it by s (interpolate)."""
     from ..model.rope import linear_ramp, yarn_correction_range
 
-    fig, ax = _fig_ax(ax, (6, 3))
+    fig, ax = fig_ax(ax, (6, 3))
     low, high = yarn_correction_range(cfg)
     smooth = 1 - linear_ramp(low, high, cfg.qk_rope_head_dim // 2)
     ax.step(np.arange(len(smooth)), smooth.numpy(), where="mid")
@@ -134,7 +126,7 @@ def plot_group_routing(indices: torch.Tensor, n_experts: int, n_groups: int, kep
 
     indices: [T, K] chosen experts; kept_groups: [T, M] group ids that survived group-limited routing (optional).
     """
-    fig, ax = _fig_ax(ax, (8, 4))
+    fig, ax = fig_ax(ax, (8, 4))
     t = min(indices.shape[0], max_tokens)
     per_group = n_experts // n_groups
     grid = np.zeros((t, n_experts))
@@ -157,7 +149,7 @@ def plot_gate_scores(scores: dict[str, torch.Tensor], top_k: int, ax=None) -> Fi
     """Affinity by rank: for each scoring function (name -> [T, E] scores), the mean over tokens of the sorted
     affinities, with the top-K region shaded. Softmax affinities compete (they sum to 1 over the experts); sigmoid
     affinities are independent numbers in (0, 1)."""
-    fig, ax = _fig_ax(ax, (7, 3.5))
+    fig, ax = fig_ax(ax, (7, 3.5))
     n_experts = None
     for name, s in scores.items():
         ranked = s.detach().float().sort(dim=-1, descending=True).values  # [T, E]
@@ -178,7 +170,7 @@ def plot_gate_scores(scores: dict[str, torch.Tensor], top_k: int, ax=None) -> Fi
 
 def plot_expert_counts(counts: dict[str, torch.Tensor | np.ndarray | list], n_groups: int = 1, ax=None) -> Figure:
     """Tokens per expert for each label (grouped bars), the balanced load as a dashed line, group boundaries."""
-    fig, ax = _fig_ax(ax, (8, 3.5))
+    fig, ax = fig_ax(ax, (8, 3.5))
     arrays = {k: np.asarray(torch.as_tensor(v).cpu(), dtype=float) for k, v in counts.items()}
     n = len(next(iter(arrays.values())))
     width = 0.8 / len(arrays)

@@ -17,7 +17,7 @@ import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from .architecture import _fig_ax
+from ._common import fig_ax
 
 _PART_COLORS = {"prefix": "C0", "suffix": "C2", "middle": "C1", "special": "0.35"}
 
@@ -25,7 +25,7 @@ _PART_COLORS = {"prefix": "C0", "suffix": "C2", "middle": "C1", "special": "0.35
 def plot_tokens_per_domain(num_tokens: dict, ax=None) -> Figure:
     """Bars per domain: training and validation tokens (documents with bos/eos, before FIM and packing), annotated
     with each domain's share of the training tokens. ``num_tokens`` is ``Datasets.num_tokens()``."""
-    fig, ax = _fig_ax(ax, (7, 4))
+    fig, ax = fig_ax(ax, (7, 4))
     by = num_tokens["by_domain"]
     domains = list(by)
     train = np.array([by[d]["train_tokens"] for d in domains], dtype=float)
@@ -47,7 +47,7 @@ def plot_tokens_per_domain(num_tokens: dict, ax=None) -> Figure:
 def plot_doc_lengths(table: pd.DataFrame, column: str = "tokens", bins: int = 40, ax=None) -> Figure:
     """Histogram of document lengths per domain on log-spaced bins. ``table`` has columns ``domain`` and ``column``
     (``documents_table(docs, tokenizer)`` gives ``chars`` and ``tokens``)."""
-    fig, ax = _fig_ax(ax, (7, 4))
+    fig, ax = fig_ax(ax, (7, 4))
     lengths = table[column].clip(lower=1)
     edges = np.logspace(0, np.log10(max(lengths.max(), 2)) + 0.05, bins)
     for domain, group in table.groupby("domain", sort=False):
@@ -81,7 +81,7 @@ def fim_parts(ids: Sequence[int], tokenizer) -> list[tuple[str, list[int]]]:
 def plot_fim_example(ids: Sequence[int], tokenizer, max_chars: int = 200, ax=None) -> Figure:
     """One FIM document (PSM): the token strip in training order, coloured prefix / suffix / middle with the special
     tokens in grey, and the decoded text of each part below it (long parts are shortened in the middle)."""
-    fig, ax = _fig_ax(ax, (10, 4.2))
+    fig, ax = fig_ax(ax, (10, 4.2))
     parts = fim_parts(ids, tokenizer)
     total = sum(len(p) for _, p in parts)
     short = {tokenizer.bos_id: "bos", tokenizer.eos_id: "eos", tokenizer.pad_id: "pad",
@@ -125,7 +125,7 @@ def plot_packing(tokens: torch.Tensor, domain_ids: torch.Tensor, domains: Sequen
                  max_rows: int = 24, ax=None) -> Figure:  # fmt: skip
     """Packed rows ``[R, T+1]`` coloured by the domain of each token, with a tick where a document starts (bos).
     No attention mask separates documents: a row may hold the end of one and the start of the next (§4.1)."""
-    fig, ax = _fig_ax(ax, (10, 4))
+    fig, ax = fig_ax(ax, (10, 4))
     tokens, domain_ids = tokens[:max_rows], domain_ids[:max_rows].long()
     cmap = ListedColormap([plt.get_cmap("tab10")(i) for i in range(len(domains))])
     ax.imshow(domain_ids.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(domains) - 0.5,

@@ -14,20 +14,13 @@ import torch
 from matplotlib.figure import Figure
 
 from ..fp8.formats import fp8_format, fp8_grid
-
-
-def _fig_ax(ax, figsize=(7, 4)):
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-    else:
-        fig = ax.figure
-    return fig, ax
+from ._common import fig_ax
 
 
 def plot_fp8_grid(formats: tuple[str, ...] = ("e4m3", "e5m2"), ax=None) -> Figure:
     """Relative spacing (gap to the next value / value) of every positive value, log-log: a saw-tooth between
     2^-m and 2^-(m-1) in the normal range, growing in the subnormals; range limits marked."""
-    fig, ax = _fig_ax(ax, (8, 4))
+    fig, ax = fig_ax(ax, (8, 4))
     for i, name in enumerate(formats):
         fmt = fp8_format(name)
         g = fp8_grid(name, positive=True).double().numpy()
@@ -49,7 +42,7 @@ def plot_fp8_grid(formats: tuple[str, ...] = ("e4m3", "e5m2"), ax=None) -> Figur
 def plot_fp8_number_line(fmt: str = "e4m3", lo: float = 0.0, hi: float = 16.0, ax=None) -> Figure:
     """The representable values in [lo, hi] as ticks on a linear axis: equal spacing inside a binade, doubling from
     one binade to the next."""
-    fig, ax = _fig_ax(ax, (9, 1.8))
+    fig, ax = fig_ax(ax, (9, 1.8))
     g = fp8_grid(fmt).numpy()
     g = g[(g >= lo) & (g <= hi)]
     ax.vlines(g, 0, 1, lw=1)
@@ -61,7 +54,7 @@ def plot_fp8_number_line(fmt: str = "e4m3", lo: float = 0.0, hi: float = 16.0, a
 
 def plot_scaling_granularity(df: pd.DataFrame, metric: str = "rel_error_typical", ax=None) -> Figure:
     """Quantization error vs outlier magnitude, one line per granularity (``outlier_scaling_demo`` output)."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     labels = {"rel_error_typical": "relative error on the ordinary channels",
               "flushed_to_zero": "share of non-zero values flushed to 0", "rel_error": "relative error (all values)",
               "snr_db": "SNR (dB)"}  # fmt: skip
@@ -83,7 +76,7 @@ def plot_tile_scales(x: torch.Tensor, block, ax=None, title: str | None = None) 
     the tiles/blocks/rows whose scale they inflate."""
     from ..fp8.quant import quantize
 
-    fig, ax = _fig_ax(ax, (7, 3.5))
+    fig, ax = fig_ax(ax, (7, 3.5))
     s = quantize(x, block).expanded_scale()
     im = ax.imshow(torch.log2(s).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="log2(scale)")
@@ -96,7 +89,7 @@ def plot_tile_scales(x: torch.Tensor, block, ax=None, title: str | None = None) 
 def plot_accumulation_vs_k(df: pd.DataFrame, metric: str = "max_rel_error", dist: str = "positive",
                            paper: float | None = 0.02, ax=None) -> Figure:  # fmt: skip
     """GEMM error vs K for the limited accumulator, with and without promotion (``accumulation_sweep`` output)."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     d = df[df["dist"] == dist]
     for i, (label, part) in enumerate(d.groupby("promotion", sort=False)):
         agg = part.groupby("K")[metric].agg(["mean", "min", "max"])
@@ -118,7 +111,7 @@ def plot_accumulation_vs_k(df: pd.DataFrame, metric: str = "max_rel_error", dist
 
 def plot_accumulation_vs_nc(df: pd.DataFrame, metric: str = "max_rel_error", ax=None) -> Figure:
     """GEMM error at fixed K vs the promotion interval N_C (``promotion_interval_sweep`` output)."""
-    fig, ax = _fig_ax(ax, (6, 4))
+    fig, ax = fig_ax(ax, (6, 4))
     for i, (dist, part) in enumerate(df.groupby("dist", sort=False)):
         ax.plot(part["N_C"], part[metric], "o-", color=f"C{i}", label=f"{dist} inputs")
     ax.axvline(128, color="gray", ls="--", lw=1, label="N_C = 128 (paper)")
@@ -135,7 +128,7 @@ def plot_accumulation_vs_nc(df: pd.DataFrame, metric: str = "max_rel_error", ax=
 def plot_accumulation_vs_bits(df: pd.DataFrame, metric: str = "max_rel_error", paper: float | None = 0.02,
                               ax=None) -> Figure:  # fmt: skip
     """GEMM error at fixed K vs the accumulator's bits, with and without promotion (``accumulator_bits_sweep``)."""
-    fig, ax = _fig_ax(ax, (6, 4))
+    fig, ax = fig_ax(ax, (6, 4))
     for i, (label, part) in enumerate(df.groupby("promotion", sort=False)):
         ax.plot(part["acc_bits"], part[metric], "o-", color=f"C{i}", label=f"promotion: {label}")
     if paper is not None:

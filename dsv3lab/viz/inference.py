@@ -7,25 +7,18 @@ Notebook: 10_inference.
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-
-def _fig_ax(ax, figsize=(7, 4)):
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-    else:
-        fig = ax.figure
-    return fig, ax
+from ._common import fig_ax
 
 
 def plot_max_context(table: pd.DataFrame, ax=None) -> Figure:
     """Longest context whose KV cache fits a budget, latent vs materialised K/V, per preset (log scale).
 
     Columns: preset, max_context_latent, max_context_materialized (and optionally budget_bytes for the title)."""
-    fig, ax = _fig_ax(ax, (8, 4))
+    fig, ax = fig_ax(ax, (8, 4))
     x = np.arange(len(table))
     ax.bar(x - 0.2, table["max_context_latent"], 0.4, label="latent cache (absorbed MLA)")
     ax.bar(x + 0.2, table["max_context_materialized"], 0.4, label="per-head K/V (naive MLA)")
@@ -45,7 +38,7 @@ def plot_attention_cost(table: pd.DataFrame, value: str = "macs", ax=None) -> Fi
     """A cost of one decode step (or prefill) vs context length, one line per path.
 
     Columns: context, path, and ``value`` (e.g. ``macs`` from ``accounting.mla_attention_macs`` or measured ``ms``)."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     for path, group in table.groupby("path", sort=False):
         group = group.sort_values("context")
         ax.plot(group["context"], group[value], marker="o", label=path)
@@ -60,7 +53,7 @@ def plot_attention_cost(table: pd.DataFrame, value: str = "macs", ax=None) -> Fi
 
 def plot_acceptance(accepted_per_round: list[int] | np.ndarray, depth: int, ax=None) -> Figure:
     """Histogram of drafts accepted per speculative round (0 … depth): each round yields accepted + 1 tokens."""
-    fig, ax = _fig_ax(ax, (5, 3.5))
+    fig, ax = fig_ax(ax, (5, 3.5))
     counts = np.bincount(np.asarray(accepted_per_round, dtype=int), minlength=depth + 1)
     share = counts / max(counts.sum(), 1)
     ax.bar(np.arange(depth + 1), share, color="tab:green")
@@ -79,7 +72,7 @@ def plot_acceptance_over_training(table: pd.DataFrame, ax=None) -> Figure:
     """Draft acceptance rate (left axis) and tokens per main-model forward (right axis) as training proceeds.
 
     Columns: step, acceptance_rate, tokens_per_forward."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     ax.plot(table["step"], table["acceptance_rate"], marker="o", color="tab:green", label="acceptance rate")
     ax.set_xlabel("training step")
     ax.set_ylabel("acceptance rate of MTP drafts")

@@ -6,23 +6,16 @@ Every function takes a DataFrame and an optional matplotlib ``ax`` and returns t
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-
-def _fig_ax(ax, figsize=(7, 4)):
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-    else:
-        fig = ax.figure
-    return fig, ax
+from ._common import fig_ax
 
 
 def plot_step_losses(df: pd.DataFrame, x: str = "step", ax=None, title: str = "Training loss") -> Figure:
     """One line per loss column (every column except ``x``) against ``x``."""
-    fig, ax = _fig_ax(ax, (7, 3.5))
+    fig, ax = fig_ax(ax, (7, 3.5))
     for col in df.columns:
         if col != x:
             ax.plot(df[x], df[col], label=col)
@@ -37,7 +30,7 @@ def plot_step_losses(df: pd.DataFrame, x: str = "step", ax=None, title: str = "T
 def plot_bars(df: pd.DataFrame, x: str, hue: str, y: str, ax=None, log: bool = False, ylabel: str | None = None,
               title: str | None = None, annotate: bool = True) -> Figure:  # fmt: skip
     """Grouped bars: one group per value of ``x``, one bar per value of ``hue``, height ``y``."""
-    fig, ax = _fig_ax(ax, (7, 3.5))
+    fig, ax = fig_ax(ax, (7, 3.5))
     cases = list(dict.fromkeys(df[x]))
     hues = list(dict.fromkeys(df[hue]))
     width = 0.8 / len(hues)

@@ -12,16 +12,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ._common import fig_ax
+
 VARIANT_COLORS = {"none": "tab:gray", "aux_loss": "tab:orange", "aux_free": "tab:blue", "aux_free_seq": "tab:green",
                   "D=0": "tab:gray", "D=1": "tab:purple"}  # fmt: skip
-
-
-def _fig_ax(ax, figsize=(7, 4)):
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
-    else:
-        fig = ax.figure
-    return fig, ax
 
 
 def plot_schedules(table: pd.DataFrame, axes=None) -> Figure:
@@ -53,7 +47,7 @@ def plot_curves(df: pd.DataFrame, y: str, x: str = "step", by: str = "variant", 
                 ylabel: str | None = None, title: str | None = None) -> Figure:  # fmt: skip
     """Mean ± std over seeds of column ``y`` against ``x``, one line per value of ``by`` (long DataFrame with an
     optional ``seed`` column)."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     for label, g in df.groupby(by, sort=False):
         seeds = g.groupby(x)[y]
         mean, std = seeds.mean(), seeds.std().fillna(0.0)
@@ -74,7 +68,7 @@ def plot_curves(df: pd.DataFrame, y: str, x: str = "step", by: str = "variant", 
 
 def plot_live_loss(metrics: pd.DataFrame, val: pd.DataFrame | None = None, ax=None) -> Figure:
     """Training loss per step (main and MTP depths) and, when given, validation loss per domain."""
-    fig, ax = _fig_ax(ax, (7, 3.5))
+    fig, ax = fig_ax(ax, (7, 3.5))
     ax.plot(metrics["step"], metrics["loss_main"], lw=1, label="train main")
     for col in [c for c in metrics.columns if c.startswith("loss_mtp_")]:
         ax.plot(metrics["step"], metrics[col], lw=1, alpha=0.7, label=f"train {col[5:]}")
@@ -91,7 +85,7 @@ def plot_live_loss(metrics: pd.DataFrame, val: pd.DataFrame | None = None, ax=No
 def plot_load_heatmap(load: np.ndarray, ax=None, title: str = "", layers: list[int] | None = None,
                       vmax: float = 4.0) -> Figure:  # fmt: skip
     """Relative expert load [layers, experts] (1 = balanced; N_r / K_r = all tokens) as a heatmap."""
-    fig, ax = _fig_ax(ax, (6, 2.5))
+    fig, ax = fig_ax(ax, (6, 2.5))
     im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -135,7 +129,7 @@ def plot_load_heatmaps(counts: dict[str, np.ndarray], points: list[float], windo
 
 def plot_bias_trajectories(bias: np.ndarray, layer: int = 0, ax=None, title: str | None = None) -> Figure:
     """The selection bias b_i of every expert of one MoE layer against the optimizer step (``loads.npz`` bias)."""
-    fig, ax = _fig_ax(ax, (6, 3.2))
+    fig, ax = fig_ax(ax, (6, 3.2))
     steps = np.arange(bias.shape[0])
     for e in range(bias.shape[2]):
         ax.plot(steps, bias[:, layer, e], lw=1)
@@ -150,7 +144,7 @@ def plot_bias_trajectories(bias: np.ndarray, layer: int = 0, ax=None, title: str
 def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str = "", vmax: float = 4.0) -> Figure:
     """Fig. 9: relative expert load per domain (rows) and expert (columns) in one layer (``expert_load.csv`` rows of
     one evaluation)."""
-    fig, ax = _fig_ax(ax, (6, 1.8))
+    fig, ax = fig_ax(ax, (6, 1.8))
     g = expert_load[expert_load.layer == layer]
     table = g.pivot_table(index="domain", columns="expert", values="relative_load", sort=False)
     im = ax.imshow(table.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
@@ -165,7 +159,7 @@ def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str 
 def plot_domain_bars(table: pd.DataFrame, value: str, by: str = "variant", ax=None, ylabel: str | None = None,
                      title: str | None = None) -> Figure:  # fmt: skip
     """Grouped bars of ``value`` per domain, one bar per ``by`` value, with ±std over seeds as error bars."""
-    fig, ax = _fig_ax(ax, (6, 3.2))
+    fig, ax = fig_ax(ax, (6, 3.2))
     agg = table.groupby([by, "domain"], sort=False)[value].agg(["mean", "std"]).reset_index()
     labels = list(dict.fromkeys(agg[by]))
     domains = list(dict.fromkeys(agg["domain"]))
@@ -187,7 +181,7 @@ def plot_domain_bars(table: pd.DataFrame, value: str, by: str = "variant", ax=No
 def plot_mtp_chain(n_tokens: int = 6, depth: int = 2, ax=None) -> Figure:
     """The causal chain of MTP (§2.2, Fig. 3): row k = depth k; at position i, depth k combines h_i^{k-1} (arrow from
     the row below) with Emb(t_{i+k}) and predicts t_{i+k+1}; depth k has T − k positions."""
-    fig, ax = _fig_ax(ax, (1.5 * n_tokens + 1, 1.2 * (depth + 1) + 1.2))
+    fig, ax = fig_ax(ax, (1.5 * n_tokens + 1, 1.2 * (depth + 1) + 1.2))
     for k in range(depth + 1):
         for i in range(n_tokens - k):
             x, y = i * 1.5, k * 1.2

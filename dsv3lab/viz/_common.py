@@ -1,0 +1,14 @@
+"""Helpers shared by the plotting modules."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+
+def fig_ax(ax=None, figsize=(7, 4)):
+    """``(figure, axes)``: a new figure when ``ax`` is None, else ``ax`` and the figure it belongs to."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+    else:
+        fig = ax.figure
+    return fig, ax
