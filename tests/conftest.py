@@ -21,3 +21,12 @@ def tiny_model(tiny_cfg) -> dsv3lab.DeepSeekV3:
         for moe in model.moe_layers():
             moe.gate.bias.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models' matrices are small: one torch thread is as fast as two, and far faster on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

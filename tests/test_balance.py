@@ -15,13 +15,7 @@ from dsv3lab.balance import (
 )
 from dsv3lab.model.moe import MoE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def skewed_moe(seed=0):

@@ -26,13 +26,7 @@ from helpers import SyntheticData
 SEQ = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matrices are small: one torch thread is as fast as two, and far faster on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
