@@ -335,3 +335,38 @@ def test_run_cache_trains_once(tmp_path, data):
     assert first.metrics.loss_total.tolist() == again.metrics.loss_total.tolist()
     cache.run(tiny(steps=2, lr=1e-3))
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_bf16_adam_moments_train_resume_identically_and_keep_their_dtype(tmp_path, data):
+    kw = dict(steps=6, batch_size=4, micro_batch_size=2, eval_every=0, adam_moments="bf16")
+    full = train(tiny(out=str(tmp_path / "full"), **kw), data)
+    fp32 = train(tiny(**{**kw, "adam_moments": "fp32"}), data)
+    # BF16 moments round the stored m and v only: the run stays close to the FP32 one but is not identical to it
+    assert not full.metrics.loss_main.equals(fp32.metrics.loss_main)
+    torch.testing.assert_close(torch.tensor(full.metrics.loss_main.values), torch.tensor(fp32.metrics.loss_main.values),
+                               rtol=2e-2, atol=0)  # fmt: skip
+
+    def stop(row, model):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    part = tiny(out=str(tmp_path / "part"), checkpoint_every=2, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, data, on_step=stop)
+    resumed = train(part, data, resume=True)
+    drop = ["tokens_per_s", "time_s"]
+    assert full.metrics.drop(columns=drop).equals(resumed.metrics.drop(columns=drop))  # bitwise
+    from safetensors.torch import load_file
+
+    opt = load_file(str(latest_checkpoint(tmp_path / "part") / "optimizer.safetensors"))
+    dtypes = {v.dtype for k, v in opt.items() if k.endswith(".exp_avg") or k.endswith(".exp_avg_sq")}
+    assert dtypes == {torch.bfloat16}
+
+
+def test_options_added_later_do_not_change_the_identity_at_their_defaults():
+    base = TrainConfig(preset="tiny")
+    assert "adam_moments" not in base.identity()
+    bf16 = TrainConfig(preset="tiny", adam_moments="bf16")
+    assert bf16.identity()["adam_moments"] == "bf16" and bf16.hash() != base.hash()
+    with pytest.raises(ValueError, match=r"adam_moments must be one of \('fp32', 'bf16'\)"):
+        TrainConfig(adam_moments="fp16")

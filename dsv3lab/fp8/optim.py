@@ -6,6 +6,11 @@ reads the moments as FP32, applies exactly the update of ``torch.optim.AdamW`` (
 correction), and writes them back rounded to ``moment_dtype``. With ``moment_dtype=torch.float32`` it reproduces
 ``torch.optim.AdamW`` (the tests check this), so the difference is only the rounding of the stored moments.
 
+The trainer uses it with ``TrainConfig(adam_moments="bf16")`` (``--set adam_moments=bf16``). The param groups hold
+the dtype by name (``"bfloat16"``), so a checkpoint's ``state.json`` stays plain JSON, and ``load_state_dict`` puts
+the moments back in that dtype (``torch.optim.Optimizer`` would cast them to the parameters' FP32), so a resumed run
+rounds exactly as an uninterrupted one.
+
 Notebook: 07_fp8.
 """
 
@@ -31,10 +36,19 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
-        if not moment_dtype.is_floating_point:
-            raise ValueError(f"moment_dtype must be a floating dtype (bfloat16, float32), got {moment_dtype}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      moment_dtype=moment_dtype))  # fmt: skip
+                                      moment_dtype=_dtype_name(moment_dtype)))  # fmt: skip
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group["moment_dtype"] = _dtype_name(group["moment_dtype"])
+            mdt = getattr(torch, group["moment_dtype"])
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:  # the values were stored in mdt, so this cast is exact
+                        state[key] = state[key].to(mdt)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -44,7 +58,7 @@ class AdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, eps, wd, mdt = group["lr"], group["eps"], group["weight_decay"], group["moment_dtype"]
+            lr, eps, wd, mdt = group["lr"], group["eps"], group["weight_decay"], getattr(torch, group["moment_dtype"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -69,3 +83,12 @@ class AdamW(torch.optim.Optimizer):
                 if master is not p:
                     p.copy_(master)
         return loss
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` / ``"bfloat16"`` / ``"torch.bfloat16"`` → ``"bfloat16"``; a floating dtype only."""
+    name = str(dtype).removeprefix("torch.")
+    resolved = getattr(torch, name, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"moment_dtype must be a floating dtype (bfloat16, float32), got {dtype}")
+    return name

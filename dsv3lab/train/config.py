@@ -29,6 +29,11 @@ from ..config import ModelConfig, _check_keys, parse_value
 
 BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
 DTYPES = ("fp32", "bf16")
+ADAM_MOMENTS = ("fp32", "bf16")
+
+# Fields added after runs were first cached: part of a run's identity only when they differ from their default (which
+# reproduces the earlier behaviour), so adding an option does not invalidate cached runs or refuse their resumption.
+LATER_FIELDS = ("adam_moments",)
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
@@ -76,6 +81,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; master weights stay fp32)
+    adam_moments: str = "fp32"  # fp32 | bf16: AdamW's m and v stored in BF16 (§3.3.3; dsv3lab.fp8.optim.AdamW)
     # --- MTP (§2.2) ---
     mtp_lambda: float = 0.3
     mtp_lambda_final: float = 0.1
@@ -101,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"bias_update_rule must be 'sign' or 'sign_centered', got {self.bias_update_rule!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.adam_moments not in ADAM_MOMENTS:
+            raise ValueError(f"adam_moments must be one of {ADAM_MOMENTS}, got {self.adam_moments!r}")
         for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -229,8 +237,11 @@ class TrainConfig:
         return dataclasses.replace(self, model=model, **changes)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define what the run computes (``ENVIRONMENT_FIELDS`` left out)."""
-        return {k: v for k, v in self.to_dict().items() if k not in ENVIRONMENT_FIELDS}
+        """The fields that define what the run computes (``ENVIRONMENT_FIELDS`` left out, ``LATER_FIELDS`` at their
+        defaults left out)."""
+        defaults = {f.name: f.default for f in fields(self) if f.name in LATER_FIELDS}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ENVIRONMENT_FIELDS and not (k in defaults and v == defaults[k])}  # fmt: skip
 
     def hash(self) -> str:
         """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""

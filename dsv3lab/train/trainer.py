@@ -114,9 +114,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.adam_eps, foreach=False)  # fmt: skip
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with FP32 moments (``torch.optim.AdamW``), or with BF16 moments and FP32 master weights when
+    ``adam_moments="bf16"`` (§3.3.3, :class:`dsv3lab.fp8.optim.AdamW`)."""
+    groups, betas = param_groups(model, cfg.weight_decay), (cfg.beta1, cfg.beta2)
+    if cfg.adam_moments == "bf16":
+        from ..fp8.optim import AdamW
+
+        return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, moment_dtype=torch.bfloat16)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, foreach=False)
 
 
 # ---------------------------------------------------------------------- the run folder
