@@ -89,3 +89,17 @@ def test_fp8_experiment_summary_and_files(fast_run):
     assert "rel_loss_diff" in section and "Verdict" in section and "0.25%" in section
     for name in ("fp8_training.png", "fp8_numerics.png"):
         assert (fast_run / name).stat().st_size > 10_000
+
+
+def test_compare_and_margin_against_hand_computed_standard_errors():
+    from dsv3lab.reproduce._common import compare, margin
+
+    # means 1.0 and 0.0, sample std 1 each over 3 seeds: two standard errors = 2·sqrt(2/3) = 1.633
+    a, b = [0.0, 1.0, 2.0], [-1.0, 0.0, 1.0]
+    assert compare(a, b) == "within noise"
+    assert margin(a, b) == "difference +1.000, two standard errors 1.633"
+    shifted = [x + 1.0 for x in a]  # difference 2.0: beyond 1.633 but below 1.5 × 1.633
+    assert compare(shifted, b) == "higher" and "; marginal" in margin(shifted, b)
+    far = [x + 3.0 for x in a]
+    assert compare(b, far) == "lower" and "marginal" not in margin(far, b)
+    assert compare([1.0], [2.0]) == "one seed" and margin([1.0], [2.0]) == "difference -1.000 (one seed)"

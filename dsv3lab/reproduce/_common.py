@@ -70,6 +70,21 @@ def compare(a, b) -> str:
     return "lower" if ma < mb else "higher"
 
 
+def margin(a, b, unit: str = "") -> str:
+    """The numbers behind :func:`compare`: the difference of the means and two standard errors of it, plus
+    "marginal" when the difference clears the two-standard-error bar by less than half of it (three seeds cannot
+    settle such a result)."""
+    ma, sa = mean_std(a)
+    mb, sb = mean_std(b)
+    if math.isnan(sa) or math.isnan(sb):
+        return f"difference {ma - mb:+.3f}{unit} (one seed)"
+    two_se = 2 * math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    text = f"difference {ma - mb:+.3f}{unit}, two standard errors {two_se:.3f}{unit}"
+    if two_se < abs(ma - mb) < 1.5 * two_se:
+        text += "; marginal: a few more seeds could change the verdict"
+    return text
+
+
 def settings_line(run: RunResult) -> str:
     c = run.train_cfg
     m = run.model_cfg
