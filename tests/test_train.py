@@ -41,6 +41,17 @@ def tiny(**kw):
     return TrainConfig(**base)
 
 
+def interrupt_at_step(cfg, data, step):
+    """Run ``cfg`` until ``on_step`` sees row ``step`` (before that step's checkpoint) and interrupt it there."""
+
+    def stop(row, model):
+        if row["step"] == step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data, on_step=stop)
+
+
 # ---------------------------------------------------------------------- schedules
 def test_schedule_shapes():
     cfg = TrainConfig(steps=1000, lr=1.0, batch_size=10, batch_size_start=2, batch_ramp_frac=0.1)
@@ -151,13 +162,8 @@ def test_resume_continues_the_identical_trajectory(tmp_path, data):
     kw = dict(steps=6, batch_size=4, micro_batch_size=2, eval_every=3)
     full = train(tiny(out=str(tmp_path / "full"), **kw), data)
 
-    def stop_after_4(row, model):
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
     part = tiny(out=str(tmp_path / "part"), checkpoint_every=2, **kw)
-    with pytest.raises(KeyboardInterrupt):
-        train(part, data, on_step=stop_after_4)
+    interrupt_at_step(part, data, 3)
     assert latest_checkpoint(tmp_path / "part").name == "ckpt-0000002"  # on_step runs before the step-4 checkpoint
     resumed = train(part, data, resume=True)
     drop = ["tokens_per_s", "time_s"]
@@ -346,13 +352,8 @@ def test_bf16_adam_moments_train_resume_identically_and_keep_their_dtype(tmp_pat
     torch.testing.assert_close(torch.tensor(full.metrics.loss_main.values), torch.tensor(fp32.metrics.loss_main.values),
                                rtol=2e-2, atol=0)  # fmt: skip
 
-    def stop(row, model):
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-
     part = tiny(out=str(tmp_path / "part"), checkpoint_every=2, **kw)
-    with pytest.raises(KeyboardInterrupt):
-        train(part, data, on_step=stop)
+    interrupt_at_step(part, data, 3)
     resumed = train(part, data, resume=True)
     drop = ["tokens_per_s", "time_s"]
     assert full.metrics.drop(columns=drop).equals(resumed.metrics.drop(columns=drop))  # bitwise
