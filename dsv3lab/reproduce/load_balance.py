@@ -103,15 +103,13 @@ def run(ctx: Context) -> Result:
     else:
         balance_verdict = (f"**not reproduced at toy scale**: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
                            f"`none` {vio_none.mean():.2f} ({balance_cmp})")
-    if quality_cmp == "lower":
-        quality_verdict = "**reproduced**: `aux_free` reaches a lower validation loss than `aux_loss` beyond seed noise"
-    elif quality_cmp == "within noise":
-        quality_verdict = ("**not resolved at toy scale**: the validation losses of `aux_free` and `aux_loss` differ "
-                           "by less than two standard errors over seeds")
-    elif quality_cmp == "one seed":
-        quality_verdict = "no verdict from one seed (`--fast`); the default run uses three"
-    else:
-        quality_verdict = "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`"
+    quality_verdict = {
+        "lower": "**reproduced**: `aux_free` reaches a lower validation loss than `aux_loss` beyond seed noise",
+        "within noise": ("**not resolved at toy scale**: the validation losses of `aux_free` and `aux_loss` differ by "
+                         "less than two standard errors over seeds"),
+        "one seed": "no verdict from one seed (`--fast`); the default run uses three",
+        "higher": "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`",
+    }[quality_cmp]  # fmt: skip
     gamma, steps = any_run.train_cfg.bias_update_speed, any_run.train_cfg.steps
     train_s = float(sum(r.metrics.time_s.sum() for r in runs.values()))
     tok_s = float(pd.concat([r.metrics.tokens_per_s for r in runs.values()]).median())

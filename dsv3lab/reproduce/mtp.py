@@ -69,16 +69,14 @@ def run(ctx: Context) -> Result:
 
     off, on = table[table.model == "D=0"], table[table.model == "D=1"]
     cmp = compare(on.val_loss, off.val_loss)
-    if cmp == "lower":
-        verdict = "**reproduced**: training with MTP lowers the main model's validation loss beyond seed noise"
-    elif cmp == "within noise":
-        verdict = ("**not resolved at toy scale**: the main-model validation losses with and without MTP differ by "
-                   "less than two standard errors over seeds")
-    elif cmp == "one seed":
-        verdict = "one seed (`--fast`): no verdict on the loss"
-    else:
-        verdict = ("**not reproduced at toy scale**: the D = 0 model reaches a lower main-model validation loss (the "
-                   "MTP loss competes for a tiny model's capacity over a short run)")
+    verdict = {
+        "lower": "**reproduced**: training with MTP lowers the main model's validation loss beyond seed noise",
+        "within noise": ("**not resolved at toy scale**: the main-model validation losses with and without MTP differ "
+                         "by less than two standard errors over seeds"),
+        "one seed": "one seed (`--fast`): no verdict on the loss",
+        "higher": ("**not reproduced at toy scale**: the D = 0 model reaches a lower main-model validation loss (the "
+                   "MTP loss competes for a tiny model's capacity over a short run)"),
+    }[cmp]  # fmt: skip
     per_seed = (off.set_index("seed").val_loss - on.set_index("seed").val_loss).sort_index()
     loss_margin = margin(off.val_loss, on.val_loss, unit=" nats")
     if cmp == "lower" and "marginal" in loss_margin:
