@@ -115,7 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .infer.speculative import speculative_generate
 
     torch.manual_seed(args.seed if args.seed is not None else 0)
-    model = load_any(args.checkpoint, device=args.device, dtype=_dtype(args.dtype))
+    model = load_any(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), keep_fp8=args.keep_fp8,
+                     fp8_gemm=args.fp8_gemm)  # fmt: skip
     tokenizer = None
     if args.ids is None:
         if not args.prompt:
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="cache kind (default: latent)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's projections in E4M3 (1 byte per "
+                   "weight) instead of dequantising them on load")  # fmt: skip
+    p.add_argument("--fp8-gemm", choices=["dequant", "fp8"], default="dequant", help="with --keep-fp8: dequantise "
+                   "each weight before its GEMM (default), or quantise the activations too and multiply in FP8")
     p.add_argument("--json", action="store_true", help="print text, ids, acceptance_rate, tokens_per_forward as JSON")
     p.set_defaults(func=cmd_generate)
 

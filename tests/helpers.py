@@ -1,6 +1,20 @@
 """Small helpers shared by the tests (import as `from helpers import ...`)."""
 
+import json
+
 import torch
+
+
+def checkpoint_tensors(folder):
+    """Every tensor of an official-layout checkpoint folder, by name (read through its index)."""
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    out = {}
+    for name, file in index["weight_map"].items():
+        with safe_open(folder / file, framework="pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
 
 
 def random_tokens(cfg, batch=2, seqlen=24, seed=0):

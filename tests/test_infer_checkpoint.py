@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dsv3lab
@@ -12,18 +11,9 @@ from dsv3lab.infer import CheckpointError, LoadStats, convert, from_pretrained
 from dsv3lab.infer.blockfp8 import dequantize_blocks, quantize_blocks, scale_shape
 from dsv3lab.infer.checkpoint import load_state_dict_folder, save_state_dict
 from dsv3lab.infer.layout import from_rotate_half, layout, to_rotate_half
-from helpers import random_tokens
+from helpers import checkpoint_tensors, random_tokens
 
 transformers = pytest.importorskip("transformers")  # the `hf` extra, installed by `make setup`
-
-
-def _all_tensors(folder):
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    out = {}
-    for name, file in index["weight_map"].items():
-        with safe_open(folder / file, framework="pt") as f:
-            out[name] = f.get_tensor(name)
-    return out
 
 
 def _logits(model, tokens):
@@ -89,7 +79,7 @@ def test_rope_permutation_is_a_bijection_on_the_rope_rows_only(tiny_cfg):
 # ---------------------------------------------------------------------- MTP and the layout
 def test_mtp_weights_survive_the_round_trip(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, max_shard_size="150KB")
-    files = _all_tensors(tmp_path)
+    files = checkpoint_tensors(tmp_path)
     n = tiny_model.cfg.n_layers
     mtp = tiny_model.mtp[0]
     assert torch.equal(files[f"model.layers.{n}.eh_proj.weight"], mtp.eh_proj.weight)
@@ -166,7 +156,7 @@ def test_fp8_checkpoint_round_trip(tiny_model, tmp_path):
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                                "weight_block_size": [128, 128]}  # fmt: skip
-    files = _all_tensors(tmp_path)
+    files = checkpoint_tensors(tmp_path)
     w = files["model.layers.1.self_attn.q_b_proj.weight"]
     assert w.dtype == torch.float8_e4m3fn
     assert files["model.layers.1.self_attn.q_b_proj.weight_scale_inv"].shape == (1, 1)
@@ -201,7 +191,7 @@ def test_convert_fp8_bf16_and_rope_layout_streaming(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "fp32", max_shard_size="150KB")
     tiny_model.save_pretrained(tmp_path / "fp8_direct", fp8=True, max_shard_size="150KB")
     convert(tmp_path / "fp32", tmp_path / "fp8", fp8=True)
-    a, b = _all_tensors(tmp_path / "fp8"), _all_tensors(tmp_path / "fp8_direct")
+    a, b = checkpoint_tensors(tmp_path / "fp8"), checkpoint_tensors(tmp_path / "fp8_direct")
     assert set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn
                                                 else a[k], b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn
                                                 else b[k]) for k in a)  # fmt: skip

@@ -40,6 +40,7 @@ import torch
 from ..config import ModelConfig
 from ..model import DeepSeekV3
 from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
+from .fp8weights import keep_fp8_modules
 from .layout import Slot, from_rotate_half, layout, mtp_duplicates, mtp_prefixes, to_rotate_half
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -215,14 +216,48 @@ def _plan(cfg: ModelConfig, weight_map: dict[str, str], mtp: bool | None, path) 
 FP8Hook = Callable[[str, Slot, torch.Tensor, torch.Tensor, tuple[int, int], DeepSeekV3], bool]
 
 
+def stored_names(slot: Slot) -> list[str]:
+    """The state-dict names that hold an FP8 slot kept in FP8: its E4M3 bits and its block scales."""
+    return [slot.name + "_fp8", slot.name + "_scale_inv"]
+
+
+def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interleave: bool) -> FP8Hook:
+    """The FP8 hook of ``keep_fp8``: copies an E4M3 weight and its scales into the model's FP8 buffers as they are."""
+
+    def store(name, slot, t, scale, block, model) -> bool:
+        q, s = (targets[n] for n in stored_names(slot))
+        if slot.index is not None:
+            q, s = q[slot.index], s[slot.index]
+        if tuple(t.shape) != tuple(q.shape) or tuple(scale.shape) != tuple(s.shape):
+            raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(t.shape)} with scales "
+                                  f"{tuple(scale.shape)} but the model of config.json needs {tuple(q.shape)} with "
+                                  f"{tuple(s.shape)}")  # fmt: skip
+        bits = t.view(torch.uint8)
+        if slot.rope is not None and not rope_interleave:
+            src = from_rotate_half(torch.arange(t.shape[0])[:, None], cfg, slot.rope)[:, 0]  # row r comes from src[r]
+            if not torch.equal(src // block[0], torch.arange(t.shape[0]) // block[0]):
+                raise CheckpointError(f"{name}: the rotate-half RoPE rows cross {block} scale blocks, so the weight "
+                                      "cannot stay in FP8; load it with keep_fp8=False")  # fmt: skip
+            bits = from_rotate_half(bits, cfg, slot.rope)
+        q.copy_(bits)
+        s.copy_(scale.float().view(torch.int32))
+        return True
+
+    return store
+
+
 def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    *, mtp: bool | None = None, fp8_hook: FP8Hook | None = None, stats: LoadStats | None = None,
+                    *, mtp: bool | None = None, keep_fp8: bool = False, fp8_gemm: str = "dequant",
+                    fp8_hook: FP8Hook | None = None, stats: LoadStats | None = None,
                     **overrides: Any) -> DeepSeekV3:  # fmt: skip
     """Load a checkpoint in the official Hugging Face layout (BF16/FP32 or block-FP8) into a new ``DeepSeekV3``.
 
     ``dtype`` defaults to the checkpoint's ``torch_dtype`` (BF16 for FP8 checkpoints, which are dequantised);
     ``mtp``: None loads the MTP modules when the checkpoint has them, False skips them, True requires them;
-    ``fp8_hook`` keeps FP8 weights in FP8 (see :data:`FP8Hook`); ``stats`` receives a :class:`LoadStats`;
+    ``keep_fp8`` keeps an FP8 checkpoint's projections in E4M3 with their block scales (no dequantisation; see
+    :mod:`dsv3lab.infer.fp8weights`), computing with ``fp8_gemm`` = ``"dequant"`` (the weight dequantised just
+    before each GEMM) or ``"fp8"`` (FP8 activations too, the block-scaled GEMM); ``fp8_hook`` is the lower-level
+    seam for storing FP8 weights yourself (see :data:`FP8Hook`); ``stats`` receives a :class:`LoadStats`;
     ``overrides`` are ModelConfig fields (e.g. ``attn_impl="absorb"``, ``moe_impl="grouped"``, ``max_seq_len``).
     A folder written by :func:`save_state_dict` (``dsv3lab_config.json``) is loaded with :func:`load_state_dict_folder`.
     """
@@ -242,13 +277,23 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
         dtype = torch.bfloat16 if block is not None else DTYPES.get(stored, torch.bfloat16)
     stats = stats if stats is not None else LoadStats()
 
+    if keep_fp8 and block is None:
+        raise CheckpointError(f"keep_fp8=True needs an FP8 checkpoint (config.json with quantization_config."
+                              f"quant_method 'fp8'); {folder} has none")  # fmt: skip
+    if keep_fp8 and fp8_hook is not None:
+        raise ValueError("pass keep_fp8=True or an fp8_hook, not both")
     with torch.device("meta"):
         model = DeepSeekV3(cfg)  # shapes only: no memory, no init
-    model.to(dtype)  # still meta; the router bias and RoPE tables stay fp32
+        model.to(dtype)  # the router bias and RoPE tables stay fp32
+        if keep_fp8:
+            keep_fp8_modules(model, [sl.name for sl in expected.values() if sl.fp8], block, fp8_gemm, dtype)
     model.to_empty(device=device or "cpu")
     targets = model.state_dict()  # tensors sharing storage with the parameters and persistent buffers
-    if set(targets) != {s.name for s in expected.values()}:  # the layout must cover the model exactly
-        raise AssertionError(f"layout/model mismatch: {sorted(set(targets) ^ {s.name for s in expected.values()})}")
+    names = {n for sl in expected.values() for n in (stored_names(sl) if keep_fp8 and sl.fp8 else [sl.name])}
+    if set(targets) != names:  # the layout must cover the model exactly
+        raise AssertionError(f"layout/model mismatch: {sorted(set(targets) ^ names)}")
+    if keep_fp8:
+        fp8_hook = _fp8_store(targets, cfg, rope_interleave)
 
     filled: set[str] = set()
     dup_files: dict[str, str] = {}
@@ -289,6 +334,9 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
                         del scale
                     elif scale_name in weight_map:
                         raise CheckpointError(f"{name} has a scale {scale_name} but is stored in {t.dtype}, not FP8")
+                    elif keep_fp8 and slot.fp8:
+                        raise CheckpointError(f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
+                                              "attention/FFN projection in FP8; load with keep_fp8=False")  # fmt: skip
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, cfg, slot.rope))
                     dst = targets[slot.name] if slot.index is None else targets[slot.name][slot.index]
@@ -366,13 +414,24 @@ def _hf_tensors(model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave:
         entries += [(n, Slot(src)) for n, src in dups.items() if n.startswith(prefix)]
 
     for name, slot in entries:
-        src = sd[slot.name] if slot.index is None else sd[slot.name][slot.index]
+        kept = None  # (scales, block) of a weight loaded with keep_fp8, whose src holds E4M3 bits
+        if slot.name + "_fp8" in sd:
+            src, scale = (sd[n] if slot.index is None else sd[n][slot.index] for n in stored_names(slot))
+            kept = (scale, model.get_submodule(slot.name.rsplit(".", 1)[0]).block)
+        else:
+            src = sd[slot.name] if slot.index is None else sd[slot.name][slot.index]
         keep_fp32 = slot.name.endswith("gate.bias")  # the correction bias stays fp32, as in the released file
-        out_dtype = src.dtype if keep_fp32 else dtype
+        out_dtype = dtype if kept is not None or not keep_fp32 else src.dtype
         quant = fp8 is not None and slot.fp8
 
-        def produce(src=src, slot=slot, name=name, out_dtype=out_dtype, quant=quant):
-            t = src.detach().to("cpu")
+        def produce(src=src, slot=slot, name=name, out_dtype=out_dtype, quant=quant, kept=kept):
+            if kept is not None:
+                q, s = src.to("cpu").view(torch.float8_e4m3fn), kept[0].to("cpu").view(torch.float32)
+                if quant and tuple(fp8) == kept[1] and (slot.rope is None or rope_interleave):
+                    return [(name, q.clone()), (name + SCALE_SUFFIX, s.clone())]  # the stored bits, as they are
+                t = dequantize_blocks(q, s, kept[1], dtype=torch.float32)
+            else:
+                t = src.detach().to("cpu")
             if slot.rope is not None and not rope_interleave:
                 t = to_rotate_half(t, cfg, slot.rope)
             if quant:

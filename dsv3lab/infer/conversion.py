@@ -70,11 +70,15 @@ def _is_run(folder: Path) -> bool:
     return (folder / "run.json").exists()  # written by dsv3lab.train (the run's configs; checkpoints in ckpt-*/)
 
 
-def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, **overrides: Any) -> DeepSeekV3:
-    """Load a model from any checkpoint kind :func:`detect` recognises."""
+def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *, keep_fp8: bool = False,
+             fp8_gemm: str = "dequant", **overrides: Any) -> DeepSeekV3:  # fmt: skip
+    """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``: see :func:`from_pretrained`)."""
     kind = detect(path)
     if kind == "hf":
-        return from_pretrained(path, device=device, dtype=dtype, **overrides)
+        return from_pretrained(path, device=device, dtype=dtype, keep_fp8=keep_fp8, fp8_gemm=fp8_gemm, **overrides)
+    if keep_fp8:
+        raise ValueError(f"keep_fp8 needs an FP8 checkpoint in the official layout; {path} is a {kind} folder "
+                         "(dsv3lab convert --fp8 writes one)")  # fmt: skip
     if kind == "dsv3lab":
         return load_state_dict_folder(path, device=device, dtype=dtype, **overrides)
     try:

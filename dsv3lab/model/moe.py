@@ -120,6 +120,12 @@ class Experts(nn.Module):
             return self.forward_grouped(x, weights, indices)
         return self.forward_loop(x, weights, indices)
 
+    def weight_of(self, name: str, i: int | None = None):
+        """Expert ``i``'s ``w1``/``w2``/``w3`` matrix, or all experts' [E, ...] stack when ``i`` is None (a hook for
+        subclasses that store the weights in another form, e.g. FP8 checkpoints kept in FP8)."""
+        w = getattr(self, name)
+        return w if i is None else w[i]
+
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.fp8 is None:
             return F.linear(x, w)
@@ -134,8 +140,9 @@ class Experts(nn.Module):
             if counts[i] == 0:
                 continue
             token, slot = torch.where(indices == i)  # the tokens routed to expert i, and in which top-k slot
-            h = F.silu(self._linear(x[token], self.w1[i])) * self._linear(x[token], self.w3[i])  # [n_i, inter]
-            out = self._linear(h, self.w2[i]) * weights[token, slot, None]  # [n_i, dim]
+            xi = x[token]  # [n_i, dim]
+            h = F.silu(self._linear(xi, self.weight_of("w1", i))) * self._linear(xi, self.weight_of("w3", i))
+            out = self._linear(h, self.weight_of("w2", i)) * weights[token, slot, None]  # [n_i, dim]
             y.index_add_(0, token, out.to(y.dtype))
         return y
 
@@ -159,8 +166,8 @@ class Experts(nn.Module):
             def gmm(a, w):
                 return F.grouped_mm(a, w.to(a.dtype).transpose(1, 2), offs=offs)
 
-        h = F.silu(gmm(xs, self.w1)) * gmm(xs, self.w3)  # [T*K, inter]
-        out = gmm(h, self.w2)  # [T*K, dim]
+        h = F.silu(gmm(xs, self.weight_of("w1"))) * gmm(xs, self.weight_of("w3"))  # [T*K, inter]
+        out = gmm(h, self.weight_of("w2"))  # [T*K, dim]
         out = out * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
 

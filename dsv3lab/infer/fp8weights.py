@@ -1,0 +1,140 @@
+"""FP8 checkpoints kept in FP8: projections that hold E4M3 weights and their block scales (§3.3, README_WEIGHTS).
+
+The released DeepSeek-V3 weights store every attention and FFN projection as E4M3 with one fp32
+``weight_scale_inv`` per 128×128 block: 1 byte per weight instead of BF16's 2 (671B: ≈ 0.7 TB instead of 1.3 TB).
+``from_pretrained(path, keep_fp8=True)`` keeps them that way: it builds the model with the modules below in place of
+those projections and copies the FP8 bits and the scales in as they are, so nothing is dequantised at load time.
+
+Each module computes its GEMM in one of two ways (``gemm``), as the official inference code's ``gemm_impl``:
+
+* ``"dequant"``: dequantise the weight block by block to the activation's dtype just before the GEMM (the
+  official ``bf16`` path; exactly the model that ``keep_fp8=False`` loads);
+* ``"fp8"``: quantise the activations per 1×128 tile as well and multiply FP8 by FP8 with the block-scaled GEMM
+  (``dsv3lab.fp8.linear.scaled_mm``: the Triton kernel on a CUDA GPU with compute capability ≥ 8.9, exactly
+  emulated elsewhere) — the official ``fp8`` path, as DeepSeek-V3 serves.
+
+The E4M3 bits are stored as ``uint8`` and the scales as the ``int32`` bits of fp32, so ``model.to(dtype)`` moves them
+between devices but never rounds them. These modules are for inference: they hold buffers, not parameters.
+
+Notebook: 10_inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts
+from .blockfp8 import dequantize_blocks
+
+GEMM_IMPLS = ("dequant", "fp8")
+E4M3 = torch.float8_e4m3fn
+
+
+def _scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
+    return -(-rows // block[0]), -(-cols // block[1])
+
+
+def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], gemm: str,
+               ) -> torch.Tensor:  # fmt: skip
+    """y = x · Wᵀ for W given as E4M3 ``q`` [out, in] and its per-block ``scale_inv``; x: [..., in] -> [..., out]."""
+    if gemm == "dequant":
+        return F.linear(x, dequantize_blocks(q, scale_inv, block, dtype=x.dtype))
+    from ..fp8.linear import scaled_mm
+    from ..fp8.quant import BLOCK2D, TILE, QuantizedTensor, quantize
+
+    if tuple(block) != BLOCK2D:
+        raise ValueError(f"gemm='fp8' needs weights in {BLOCK2D} blocks (the scales run along K in 128s); this "
+                         f"checkpoint has {tuple(block)} blocks: use gemm='dequant'")  # fmt: skip
+    a = quantize(x.reshape(-1, x.shape[-1]).float(), TILE)  # [tokens, in] in 1×128 tiles
+    w = QuantizedTensor.from_fp8(q, scale_inv, BLOCK2D)
+    return scaled_mm(a, w, x.dtype, gemm="auto").view(*x.shape[:-1], q.shape[0])
+
+
+class FP8WeightLinear(nn.Module):
+    """A bias-free projection whose weight is E4M3 [out, in] with an fp32 scale per ``block`` (inference only).
+
+    ``weight`` (read by the absorbed MLA path) dequantises on access, to ``dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], gemm: str = "dequant",
+                 dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+        super().__init__()
+        if gemm not in GEMM_IMPLS:
+            raise ValueError(f"gemm must be one of {GEMM_IMPLS}, got {gemm!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.gemm, self.dtype = tuple(block), gemm, dtype
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=torch.uint8))  # E4M3 bits
+        self.register_buffer("weight_scale_inv", torch.empty(_scale_shape(out_features, in_features, block),
+                                                             dtype=torch.int32))  # fp32 bits  # fmt: skip
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_blocks(self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block,
+                                 dtype=self.dtype)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., in] -> [..., out]
+        return fp8_matmul(x, self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block,
+                          self.gemm)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, E4M3, block={self.block}, " \
+               f"gemm={self.gemm}"  # fmt: skip
+
+
+class FP8Experts(Experts):
+    """Routed experts whose stacked ``w1``/``w2``/``w3`` are E4M3 [E, out, in] with per-block scales [E, ., .].
+
+    ``weight_of(name, i)`` dequantises one expert at a time for the loop path (all of them for the grouped path);
+    with ``gemm="fp8"`` the loop path multiplies FP8 activations by the FP8 expert weight instead."""
+
+    def __init__(self, cfg, block: tuple[int, int], gemm: str = "dequant", dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)  # no FP32 parameters: the buffers below replace them
+        if gemm not in GEMM_IMPLS:
+            raise ValueError(f"gemm must be one of {GEMM_IMPLS}, got {gemm!r}")
+        self.n_experts, self.impl, self.fp8 = cfg.n_routed_experts, cfg.moe_impl, None
+        self.block, self.gemm, self.dtype = tuple(block), gemm, dtype
+        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        for name, (rows, cols) in (("w1", (i, d)), ("w2", (d, i)), ("w3", (i, d))):
+            self.register_buffer(f"{name}_fp8", torch.empty(e, rows, cols, dtype=torch.uint8))  # E4M3 bits
+            self.register_buffer(f"{name}_scale_inv", torch.empty(e, *_scale_shape(rows, cols, block),
+                                                                  dtype=torch.int32))  # fp32 bits  # fmt: skip
+
+    def init_weights(self, std: float) -> None:
+        raise TypeError("FP8Experts holds weights loaded from an FP8 checkpoint; it is not initialised or trained")
+
+    def _stored(self, name: str, i: int | None):
+        q = getattr(self, f"{name}_fp8").view(E4M3)
+        s = getattr(self, f"{name}_scale_inv").view(torch.float32)
+        return (q, s) if i is None else (q[i], s[i])
+
+    def weight_of(self, name: str, i: int | None = None):
+        q, s = self._stored(name, i)
+        if i is None:  # the grouped path: every expert, dequantised
+            return torch.stack([dequantize_blocks(q[j], s[j], self.block, dtype=self.dtype) for j in range(len(q))])
+        return (q, s) if self.gemm == "fp8" else dequantize_blocks(q, s, self.block, dtype=self.dtype)
+
+    def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        if isinstance(w, tuple):  # (E4M3 weight, scales) of one expert, gemm="fp8"
+            return fp8_matmul(x, *w, self.block, "fp8")
+        return F.linear(x, w.to(x.dtype))
+
+
+def keep_fp8_modules(model: nn.Module, slot_names: list[str], block: tuple[int, int], gemm: str,
+                     dtype: torch.dtype) -> None:  # fmt: skip
+    """Replace, in place, every module that owns one of ``slot_names`` (state-dict names of FP8 checkpoint tensors:
+    ``….weight`` of a projection or ``….experts.w1`` etc.) by its FP8 form, created on the current default device
+    (call it under ``torch.device("meta")`` before ``to_empty``)."""
+    for path in sorted({n.rsplit(".", 1)[0] for n in slot_names}):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, child)
+        if isinstance(old, Experts):
+            new = FP8Experts(model.cfg, block, gemm, dtype)
+        elif isinstance(old, nn.Linear) and old.bias is None:
+            new = FP8WeightLinear(old.in_features, old.out_features, block, gemm, dtype)
+        else:
+            raise TypeError(f"{path} is a {type(old).__name__}; only bias-free Linear projections and Experts hold "
+                            "FP8 weights")  # fmt: skip
+        setattr(parent, child, new)
