@@ -38,3 +38,14 @@ def test_train_step_benchmark_json():
     assert flops["total_gflop"] > 0 and all(v >= 0 for v in flops["share"].values())
     assert abs(sum(flops["share"].values()) - 1) < 0.01 and flops["share"]["output head"] > 0
     assert report["tokens_per_step"] == 32 and report["machine"]["torch_threads"] == 1
+
+
+def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():
+    import re
+
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
+    assert {"benchmarks/fp8_gemm.py", "benchmarks/train_step.py", "tests/test_fp8_kernels.py"} <= named
+    assert all((ROOT / p).exists() for p in named), [p for p in named if not (ROOT / p).exists()]
