@@ -145,15 +145,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.speculative:
         if len(prompts) != 1:
             raise ValueError("--speculative mtp decodes one prompt at a time")
-        if args.temperature != 0:
-            raise ValueError("--speculative mtp is greedy (temperature 0)")
         from .infer.generation import normalize_prompts
 
         ids_in, _ = normalize_prompts(prompts[0], tokenizer)
         if tokenizer is not None and args.bos:
             ids_in = [[model.cfg.bos_token_id] + ids_in[0]]
         ids, st = speculative_generate(model, ids_in[0], args.max_new_tokens, depth=args.depth,
-                                       attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
+                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                       seed=args.seed, attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
         result = {"ids": ids, "new_tokens": len(ids), "acceptance_rate": st.acceptance_rate,
                   "acceptance_per_depth": st.acceptance_per_depth, "tokens_per_forward": st.tokens_per_forward,
                   "main_forwards": st.main_forwards, "seconds": st.seconds}  # fmt: skip
@@ -272,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP modules, verify in one "
-                   "main-model forward (greedy, one prompt)")  # fmt: skip
+                   "main-model forward (one prompt; greedy, or speculative sampling with --temperature)")  # fmt: skip
     p.add_argument("--depth", type=int, default=None, help="MTP drafts per round (default: every MTP module)")
     p.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="cache kind (default: latent)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")

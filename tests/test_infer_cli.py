@@ -78,6 +78,11 @@ def test_generate_speculative_json(checkpoint, capsys):
     assert spec["ids"] == plain["ids"]
     assert {"acceptance_rate", "tokens_per_forward", "main_forwards"} <= set(spec)
     assert 0 <= spec["acceptance_rate"] <= 1 and spec["tokens_per_forward"] >= 1
+    sampled = args + ["--speculative", "mtp", "--temperature", "0.8", "--top-k", "50", "--seed", "1"]
+    assert main(sampled) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(sampled) == 0 and json.loads(capsys.readouterr().out)["ids"] == first["ids"]  # seeded
+    assert len(first["ids"]) <= 8 and 0 <= first["acceptance_rate"] <= 1
 
 
 def test_convert_and_errors(checkpoint, tmp_path, capsys):

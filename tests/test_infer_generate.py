@@ -5,7 +5,7 @@ import torch
 
 import dsv3lab
 from dsv3lab.infer.generation import generate, greedy_reference, next_token_probs, sample
-from dsv3lab.infer.speculative import speculative_generate
+from dsv3lab.infer.speculative import accept_or_resample, speculative_generate
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,50 @@ def test_speculative_errors(model):
     no_mtp = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny", n_mtp=0), seed=0)
     with pytest.raises(ValueError, match="n_mtp=0"):
         speculative_generate(no_mtp, [3, 4], 5)
+
+
+def test_accept_or_resample_returns_the_target_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])  # the draft proposes token 3 most, which p never emits
+    g = torch.Generator().manual_seed(0)
+    n, counts, accepted = 40_000, torch.zeros(4), 0
+    for d in torch.multinomial(q, n, replacement=True, generator=g).tolist():
+        ok, token = accept_or_resample(p, q, d, g)
+        counts[token] += 1
+        accepted += ok
+    torch.testing.assert_close(counts / n, p, atol=0.01, rtol=0)  # 4 standard deviations at n = 40,000
+    assert abs(accepted / n - torch.minimum(p, q).sum().item()) < 0.01  # P(accept) = Σ min(p, q) = 0.6
+    assert accept_or_resample(p, p, 1, g)[0]  # a draft from the target itself is always accepted
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_speculative_sampling_has_the_distribution_of_plain_sampling():
+    """The first two sampled tokens of speculative sampling, against their exact joint distribution under plain
+    sampling from the main model, enumerated with recomputation. A 4-token vocabulary keeps the 16 outcomes countable
+    and makes the random MTP draft overlap the target, so drafts are both accepted and resampled."""
+    small = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny", n_mtp=1, vocab_size=4), seed=0).eval()
+    prompt, kw = [2, 3, 1, 0, 3], dict(temperature=0.1)  # sharp enough that p and q differ (acceptance ≈ 0.67)
+    with torch.no_grad():
+        p1 = next_token_probs(small(torch.tensor([prompt]))[0][:, -1], **kw)[0]
+        exact = {}
+        for t1 in range(4):
+            p2 = next_token_probs(small(torch.tensor([prompt + [t1]]))[0][:, -1], **kw)[0]
+            for t2 in range(4):
+                exact[(t1, t2)] = (p1[t1] * p2[t2]).item()
+    n, counts, rounds = 2000, {}, []
+    for seed in range(n):
+        ids, stats = speculative_generate(small, prompt, 2, depth=1, stop_at_eos=False, seed=seed, **kw)
+        counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
+        rounds += stats.accepted_per_round
+    tv = 0.5 * sum(abs(counts.get(k, 0) / n - v) for k, v in exact.items())
+    # sampling noise alone gives ≈ 0.03 here; accepting every draft unchecked (a deliberate bug) gives ≈ 0.32
+    assert tv < 0.08, (tv, counts, exact)
+    assert 0.3 < sum(rounds) / len(rounds) < 0.9  # both paths ran: drafts accepted and drafts resampled
+
+
+def test_speculative_sampling_is_reproducible_under_a_seed(model):
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, stop_at_eos=False, seed=3)
+    first, _ = speculative_generate(model, _prompt(5, 7), 8, **kw)
+    assert first == speculative_generate(model, _prompt(5, 7), 8, **kw)[0]
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        speculative_generate(model, _prompt(5, 7), 4, temperature=-1.0)

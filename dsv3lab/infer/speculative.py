@@ -12,6 +12,13 @@ forward pass:
 so each main-model forward yields between 1 and D + 1 tokens, and the output is *exactly* plain greedy decoding:
 every accepted token is the main model's argmax given the correct prefix.
 
+With ``temperature > 0`` (and optionally top-k / top-p) the drafts are *sampled* from the MTP modules' filtered
+distributions q_k and verified by speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft d_i is
+accepted with probability min(1, p_i(d_i) / q_i(d_i)), where p_i is the main model's filtered distribution at that
+position; at the first rejection the token is drawn from max(0, p_i − q_i) renormalised, and when every draft is
+accepted a bonus token is drawn from p_D. Each emitted token then has exactly the distribution that plain sampling
+from the main model gives (:func:`accept_or_resample`; the tests check it against an exact enumeration).
+
 Caches stay consistent by position bookkeeping alone, with no copying. A cache entry at position p is written by the
 forward that processes p and read only by forwards that start at a later position; every forward starts at the first
 position that is not yet final, so entries computed from rejected drafts are overwritten before anyone reads them:
@@ -22,8 +29,8 @@ position that is not yet final, so entries computed from rejected drafts are ove
   (the tail beyond n - k uses drafts and is rewritten next round) and keeps the final hidden states h^k that module
   k+1 still needs in ``pending[k]``.
 
-Batch size 1 and greedy only (the setting of the paper's acceptance numbers). ``speculative_generate`` returns the
-new tokens and :class:`SpeculativeStats` (acceptance rate, acceptance per depth, tokens per main-model forward).
+Batch size 1; greedy by default (the setting of the paper's acceptance numbers). ``speculative_generate`` returns
+the new tokens and :class:`SpeculativeStats` (acceptance rate, acceptance per depth, tokens per main-model forward).
 
 Notebook: 10_inference.
 """
@@ -37,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..model import DeepSeekV3
-from .generation import TokenCallback
+from .generation import TokenCallback, _generator, next_token_probs
 
 
 @dataclass
@@ -78,15 +85,35 @@ class SpeculativeStats:
         return d
 
 
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None,
+                       ) -> tuple[bool, int]:  # fmt: skip
+    """One step of speculative sampling: target distribution ``p`` [V], draft distribution ``q`` [V], ``draft`` ~ q.
+
+    Returns (True, draft) with probability min(1, p(draft) / q(draft)), else (False, a token drawn from
+    max(0, p − q) renormalised). Over draft ~ q, the returned token is distributed exactly as p."""
+    u = torch.rand((), generator=generator, device=p.device)
+    if u * q[draft] <= p[draft]:  # u < p/q without dividing (q[draft] > 0 since draft was drawn from q)
+        return True, draft
+    residual = (p - q).clamp_min(0)
+    if residual.sum() <= 0:  # p == q up to rounding: a rejection has probability ~0; fall back to p itself
+        residual = p
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
 @torch.inference_mode()
 def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
                          depth: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-                         attn_impl: str = "absorb", on_token: TokenCallback | None = None,
+                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         seed: int | None = None, attn_impl: str = "absorb", on_token: TokenCallback | None = None,
                          ) -> tuple[list[int], SpeculativeStats]:  # fmt: skip
-    """Greedy decoding of one prompt with MTP drafts of ``depth`` tokens (default: all ``cfg.n_mtp`` modules).
+    """Decoding of one prompt with MTP drafts of ``depth`` tokens (default: all ``cfg.n_mtp`` modules).
 
-    Returns (new token ids without the prompt and without eos, stats). The tokens equal plain greedy decoding.
+    Greedy (``temperature=0``, the default): the tokens equal plain greedy decoding. Sampling (``temperature > 0``,
+    optional ``top_k``/``top_p``, ``seed``): speculative sampling, distributed as plain sampling from the main model.
+    Returns (new token ids without the prompt and without eos, stats).
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     cfg = model.cfg
     D = len(model.mtp) if depth is None else depth
     if not 1 <= D <= len(model.mtp):
@@ -103,7 +130,16 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
                          f"max_seq_len={cfg.max_seq_len}")  # fmt: skip
     eos = cfg.eos_token_id if eos_id is None else eos_id
     device = model.embed.weight.device
+    generator = _generator(seed, device)
     stats = SpeculativeStats(depth=D, reached=[0] * D, accepted_at=[0] * D)
+
+    def probs(logits: torch.Tensor) -> torch.Tensor:  # [..., V] -> the filtered sampling distribution [..., V]
+        return next_token_probs(logits, temperature, top_k, top_p)
+
+    def choose(logits: torch.Tensor) -> int:  # logits [1, V]: argmax, or a draw from the filtered distribution
+        if temperature == 0:
+            return int(logits.argmax(-1))
+        return int(torch.multinomial(probs(logits)[0], 1, generator=generator))
     new: list[int] = []
 
     def ids(xs: list[int]) -> torch.Tensor:
@@ -130,7 +166,7 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
         # prefill: the main model over the whole prompt gives h^0_0..h^0_{P-1} and the first new token
         h0 = model.hidden(ids(seq), 0, cache)  # [1, P, d]
         stats.main_forwards += 1
-        first = int(model.logits(h0[:, -1]).argmax(-1))
+        first = choose(model.logits(h0[:, -1]))
         seq.append(first)
         done = emit([first])
         final = [len(seq) - 1] + [0] * D  # final[0]: main-model positions in the cache; final[k]: MTP module k
@@ -140,6 +176,7 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
             # 1) bring every MTP module up to date and draft D tokens (module k predicts t_{n+k})
             ext = list(seq)
             spec = h0[:, :0]  # non-final h^{k-1} at the positions after final[k-1], from the run of module k-1
+            q = []  # sampling: the distribution each draft was drawn from
             for k in range(1, D + 1):
                 lo = final[k]
                 x = torch.cat([pending[k - 1], spec], dim=1)  # h^{k-1} for positions lo .. n-1
@@ -150,15 +187,32 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
                     pending[k] = torch.cat([pending[k], hk[:, : hi - lo]], dim=1)
                 spec = hk[:, hi - lo :]
                 final[k] = hi
-                ext.append(int(model.mtp_logits(k, hk[:, -1]).argmax(-1)))
+                draft_logits = model.mtp_logits(k, hk[:, -1])  # [1, V]
+                if temperature > 0:
+                    q.append(probs(draft_logits)[0])
+                ext.append(choose(draft_logits))
             drafts = ext[n + 1 :]
             # 2) verify all drafts in one main-model forward at positions n .. n+D
             h = model.hidden(ids([seq[n]] + drafts), n, cache)  # [1, D + 1, d]
             stats.main_forwards += 1
-            y = model.logits(h).argmax(-1)[0].tolist()  # y[i]: the main model's choice for position n+1+i
+            logits = model.logits(h)[0]  # [D + 1, V]; row i: the main model's prediction for position n+1+i
             a = 0
-            while a < D and drafts[a] == y[a]:
-                a += 1
+            if temperature == 0:
+                y = logits.argmax(-1).tolist()
+                while a < D and drafts[a] == y[a]:
+                    a += 1
+                last = y[a]  # the correction, or the bonus token when every draft matched
+            else:
+                p = probs(logits)
+                last = None
+                while a < D:
+                    ok, token = accept_or_resample(p[a], q[a], drafts[a], generator)
+                    if not ok:
+                        last = token  # drawn from max(0, p - q): the rejected position's token
+                        break
+                    a += 1
+                if last is None:  # every draft accepted: a bonus token from the main model
+                    last = int(torch.multinomial(p[D], 1, generator=generator))
             stats.drafted += D
             stats.accepted += a
             stats.accepted_per_round.append(a)
@@ -168,7 +222,7 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
                 stats.accepted_at[k] += int(k < a)
             # 3) keep what is final: main positions n..n+a were computed from accepted tokens
             pending[0] = torch.cat([pending[0], h[:, : a + 1]], dim=1)
-            accepted = drafts[:a] + [y[a]]
+            accepted = drafts[:a] + [last]
             seq.extend(accepted)
             final[0] = n + a + 1
             done = emit(accepted)
