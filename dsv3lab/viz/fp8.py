@@ -86,6 +86,18 @@ def plot_tile_scales(x: torch.Tensor, block, ax=None, title: str | None = None) 
     return fig
 
 
+def _error_axes(ax, xlabel: str, metric: str, title: str, log2_x: bool = True) -> None:
+    """The shared finish of the accumulation-error plots: log axes, labels, legend, grid."""
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+
+
 def plot_accumulation_vs_k(df: pd.DataFrame, metric: str = "max_rel_error", dist: str = "positive",
                            paper: float | None = 0.02, ax=None) -> Figure:  # fmt: skip
     """GEMM error vs K for the limited accumulator, with and without promotion (``accumulation_sweep`` output)."""
@@ -98,14 +110,8 @@ def plot_accumulation_vs_k(df: pd.DataFrame, metric: str = "max_rel_error", dist
             ax.fill_between(agg.index, agg["min"], agg["max"], color=f"C{i}", alpha=0.2)
     if paper is not None:
         ax.plot([4096], [paper], "r*", ms=12, label="paper: ~2% at K = 4096 (no promotion)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("K (inner dimension)")
-    ax.set_ylabel(metric.replace("_", " "))
     bits = int(d["acc_bits"].iloc[0]) if len(d) else "?"
-    ax.set_title(f"{bits}-bit accumulation of E4M3 products ({dist} inputs)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    _error_axes(ax, "K (inner dimension)", metric, f"{bits}-bit accumulation of E4M3 products ({dist} inputs)")
     return fig
 
 
@@ -115,13 +121,8 @@ def plot_accumulation_vs_nc(df: pd.DataFrame, metric: str = "max_rel_error", ax=
     for i, (dist, part) in enumerate(df.groupby("dist", sort=False)):
         ax.plot(part["N_C"], part[metric], "o-", color=f"C{i}", label=f"{dist} inputs")
     ax.axvline(128, color="gray", ls="--", lw=1, label="N_C = 128 (paper)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("promotion interval N_C (K elements per FP32 promotion)")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"K = {int(df['K'].iloc[0])}: promoting more often bounds the error")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    _error_axes(ax, "promotion interval N_C (K elements per FP32 promotion)", metric,
+                f"K = {int(df['K'].iloc[0])}: promoting more often bounds the error")  # fmt: skip
     return fig
 
 
@@ -134,12 +135,8 @@ def plot_accumulation_vs_bits(df: pd.DataFrame, metric: str = "max_rel_error", p
     if paper is not None:
         ax.axhline(paper, color="r", ls="--", lw=1, label="paper: ~2% (K = 4096, 14 bits, no promotion)")
     ax.axvline(14, color="gray", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("accumulator bits kept when adding")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"K = {int(df['K'].iloc[0])}: error vs accumulator precision")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    _error_axes(ax, "accumulator bits kept when adding", metric,
+                f"K = {int(df['K'].iloc[0])}: error vs accumulator precision", log2_x=False)  # fmt: skip
     return fig
 
 
