@@ -181,6 +181,8 @@ def run(args: argparse.Namespace) -> dict:
             with_hf = False
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     models = build_variants(cfg, device, dtype, with_hf, args.seed)
+    if args.compile:  # the reference path under torch.compile, sharing its weights (compilation is in the warm-up)
+        models["dsv3lab[naive,loop]+compile"] = torch.compile(models["dsv3lab[naive,loop]"])
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=g).to(device)
     tokens_per_step = args.batch * args.seq_len
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="compare dsv3lab variants only")
+    p.add_argument("--compile", action="store_true", help="also time dsv3lab[naive,loop] under torch.compile")
     args = p.parse_args(argv)
     print(json.dumps(run(args), indent=2))
     return 0
