@@ -20,12 +20,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install everything (idempotent)
 
-lint: setup  ## ruff
+lint: setup  ## ruff check + ruff format --check (ruff format governs the code; see .pre-commit-config.yaml)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-format: setup  ## ruff format + fix imports
+format: setup  ## ruff format + autofixes (imports, unused noqa)
 	$(BIN)/ruff check --fix .
-	$(BIN)/ruff format dsv3lab tests benchmarks
+	$(BIN)/ruff format .
 
 test: setup lint  ## ruff + pytest: unit tests, every notebook (fast mode), dsv3lab reproduce --fast
 	$(BIN)/python -m pytest -q

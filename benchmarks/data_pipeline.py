@@ -26,8 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = DataConfig.small() if args.small else DataConfig()
-    out: dict = {"config": cfg.to_dict(), "machine": machine_description(),
-                 "versions": dsv3lab.versions()}  # fmt: skip
+    out: dict = {"config": cfg.to_dict(), "machine": machine_description(), "versions": dsv3lab.versions()}
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         ds = make_datasets(cfg, cache_dir=cache)

@@ -57,19 +57,38 @@ def run_once(method: str, model, hf, prompt: torch.Tensor, new_tokens: int) -> t
     t0 = time.perf_counter()
     if method == "transformers":
         with torch.inference_mode():
-            hf.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False, streamer=stamps, use_cache=True,
-                        eos_token_id=None, pad_token_id=0)  # fmt: skip
+            hf.generate(
+                prompt[None],
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=stamps,
+                use_cache=True,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
     else:
-        generate(model, prompt, max_new_tokens=new_tokens, stop_at_eos=False, on_token=stamps,
-                 attn_impl=method.removeprefix("dsv3lab_"))  # fmt: skip
+        generate(
+            model,
+            prompt,
+            max_new_tokens=new_tokens,
+            stop_at_eos=False,
+            on_token=stamps,
+            attn_impl=method.removeprefix("dsv3lab_"),
+        )
     if len(stamps.times) != new_tokens:
         raise RuntimeError(f"{method} produced {len(stamps.times)} tokens, expected {new_tokens}")
     decode_s = stamps.times[-1] - stamps.times[0]
     return (new_tokens - 1) / decode_s, stamps.times[0] - t0, stamps.tokens
 
 
-def benchmark(preset: str = "toy", contexts: tuple[int, ...] = (512, 2048), new_tokens: int = 32, repeats: int = 5,
-              threads: int = 2, seed: int = 0) -> dict:  # fmt: skip
+def benchmark(
+    preset: str = "toy",
+    contexts: tuple[int, ...] = (512, 2048),
+    new_tokens: int = 32,
+    repeats: int = 5,
+    threads: int = 2,
+    seed: int = 0,
+) -> dict:
     from dsv3lab.hf import to_transformers
 
     torch.set_num_threads(threads)
@@ -77,9 +96,16 @@ def benchmark(preset: str = "toy", contexts: tuple[int, ...] = (512, 2048), new_
     model = dsv3lab.build_model(cfg, seed=seed).eval()
     hf = to_transformers(model, attn_implementation="sdpa")
     hf.generation_config.eos_token_id = None
-    out: dict = {"preset": preset, "new_tokens": new_tokens, "repeats": repeats, "threads": threads, "dtype": "float32",
-                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                 "versions": dsv3lab.versions(), "contexts": {}}  # fmt: skip
+    out: dict = {
+        "preset": preset,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": threads,
+        "dtype": "float32",
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "versions": dsv3lab.versions(),
+        "contexts": {},
+    }
     for ctx in contexts:
         if ctx + new_tokens > cfg.max_seq_len:
             raise ValueError(f"context {ctx} + {new_tokens} new tokens exceeds max_seq_len={cfg.max_seq_len}")

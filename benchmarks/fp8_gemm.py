@@ -36,10 +36,12 @@ GROUPED = {"grouped experts: 8 x 512 tokens, 7168->4096": (8, 512, 4096, 7168)} 
 
 
 def no_gpu_exit() -> int:
-    print("benchmarks/fp8_gemm.py: no CUDA GPU found. This benchmark measures FP8 tensor-core GEMMs (compute "
-          "capability >= 8.9, e.g. H100/H800/L40S/RTX 4090) and has nothing to measure on a CPU; the README's FP8 GPU "
-          "numbers stay 'pending a GPU run' until `python benchmarks/fp8_gemm.py` is run on one.",
-          file=sys.stderr)  # fmt: skip
+    print(
+        "benchmarks/fp8_gemm.py: no CUDA GPU found. This benchmark measures FP8 tensor-core GEMMs (compute "
+        "capability >= 8.9, e.g. H100/H800/L40S/RTX 4090) and has nothing to measure on a CPU; the README's FP8 GPU "
+        "numbers stay 'pending a GPU run' until `python benchmarks/fp8_gemm.py` is run on one.",
+        file=sys.stderr,
+    )
     return 2
 
 
@@ -104,10 +106,17 @@ def dense_case(name: str, m: int, n: int, k: int, reps: int) -> dict:
     try:
         scaled_mm()
         candidates["torch._scaled_mm rowwise"] = scaled_mm
-    except Exception as err:  # noqa: BLE001 - report what this torch/cuBLAS build supports
+    except Exception as err:
         note = f"unavailable: {type(err).__name__}: {err}"[:300]
-    return {"case": name, "M": m, "N": n, "K": k, "triton_rel_error_vs_reference": rel_err, "scaled_mm": note,
-            **bench_case(candidates, 2.0 * m * n * k, reps)}  # fmt: skip
+    return {
+        "case": name,
+        "M": m,
+        "N": n,
+        "K": k,
+        "triton_rel_error_vs_reference": rel_err,
+        "scaled_mm": note,
+        **bench_case(candidates, 2.0 * m * n * k, reps),
+    }
 
 
 def grouped_case(name: str, g: int, t: int, n: int, k: int, reps: int) -> dict:
@@ -125,8 +134,14 @@ def grouped_case(name: str, g: int, t: int, n: int, k: int, reps: int) -> dict:
         "triton fp8_grouped_gemm": lambda: fp8_grouped_gemm(xq, xsc, wgq.data, wgq.scale, offs),
         "bf16 matmul": lambda: torch.bmm(xs.view(g, t, k), wg.transpose(1, 2)),
     }
-    return {"case": name, "groups": g, "tokens_per_group": t, "N": n, "K": k,
-            **bench_case(candidates, 2.0 * g * t * n * k, reps)}  # fmt: skip
+    return {
+        "case": name,
+        "groups": g,
+        "tokens_per_group": t,
+        "N": n,
+        "K": k,
+        **bench_case(candidates, 2.0 * g * t * n * k, reps),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         return no_gpu_exit()
     cap = torch.cuda.get_device_capability()
     if cap < (8, 9):
-        print(f"benchmarks/fp8_gemm.py: GPU {torch.cuda.get_device_name()} has compute capability {cap}; FP8 tensor "
-              "cores need >= 8.9", file=sys.stderr)  # fmt: skip
+        print(
+            f"benchmarks/fp8_gemm.py: GPU {torch.cuda.get_device_name()} has compute capability {cap}; FP8 tensor "
+            "cores need >= 8.9",
+            file=sys.stderr,
+        )
         return 2
     import triton
 
@@ -152,13 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes == "all":
         for name, (g, t, n, k) in GROUPED.items():
             results.append(grouped_case(name, g, t, n, k, args.reps))
-    print(json.dumps({
-        "benchmark": "fp8_gemm",
-        "command": "python benchmarks/fp8_gemm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "gpu": torch.cuda.get_device_name(), "capability": list(cap), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "triton": triton.__version__, "python": platform.python_version(),
-        "reps": args.reps, "results": results,
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "fp8_gemm",
+                "command": "python benchmarks/fp8_gemm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "gpu": torch.cuda.get_device_name(),
+                "capability": list(cap),
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "triton": triton.__version__,
+                "python": platform.python_version(),
+                "reps": args.reps,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

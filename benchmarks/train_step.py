@@ -59,8 +59,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def build_variants(cfg: dsv3lab.ModelConfig, device: torch.device, dtype: torch.dtype, with_transformers: bool,
-                   seed: int) -> dict[str, torch.nn.Module]:  # fmt: skip
+def build_variants(
+    cfg: dsv3lab.ModelConfig, device: torch.device, dtype: torch.dtype, with_transformers: bool, seed: int
+) -> dict[str, torch.nn.Module]:
     base = dsv3lab.build_model(cfg, device=device, dtype=dtype, seed=seed)
     with torch.no_grad():  # a non-zero selection bias, so that it takes part in routing on both sides
         g = torch.Generator().manual_seed(seed + 1)
@@ -160,10 +161,13 @@ def flops_per_step(step: Callable[[], float]) -> dict:
     ffn = sum(v for k, v in per_module.items() if re.fullmatch(r"DeepSeekV3\.layers\.\d+\.ffn", k))
     return {
         "total_gflop": round(total / 1e9, 3),
-        "share": {"output head": round(head / total, 3), "attention (MLA)": round(attn / total, 3),
-                  "FFN (dense MLP + MoE)": round(ffn / total, 3),
-                  "other": round((total - head - attn - ffn) / total, 3)},
-    }  # fmt: skip
+        "share": {
+            "output head": round(head / total, 3),
+            "attention (MLA)": round(attn / total, 3),
+            "FFN (dense MLP + MoE)": round(ffn / total, 3),
+            "other": round((total - head - attn - ffn) / total, 3),
+        },
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -245,11 +249,13 @@ def run(args: argparse.Namespace) -> dict:
         "naive_grouped_vs_absorb_grouped": ("dsv3lab[naive,grouped]", "dsv3lab[absorb,grouped]"),
     }
     if hf_default:
-        pairs.update({
-            "dsv3lab[naive,grouped]_vs_transformers_default": ("dsv3lab[naive,grouped]", hf_default),
-            "dsv3lab[naive,loop]_vs_transformers_eager": ("dsv3lab[naive,loop]", hf_eager),
-            "dsv3lab_best_vs_transformers_default": (ds_best, hf_default),
-        })  # fmt: skip
+        pairs.update(
+            {
+                "dsv3lab[naive,grouped]_vs_transformers_default": ("dsv3lab[naive,grouped]", hf_default),
+                "dsv3lab[naive,loop]_vs_transformers_eager": ("dsv3lab[naive,loop]", hf_eager),
+                "dsv3lab_best_vs_transformers_default": (ds_best, hf_default),
+            }
+        )
     ratios = {name: ratio(a, b) for name, (a, b) in pairs.items()}
     ratios_cpu = {name: ratio(a, b, cpu=True) for name, (a, b) in pairs.items()}
     return {
@@ -269,15 +275,19 @@ def run(args: argparse.Namespace) -> dict:
             "eager_experts": hf_eager,
             "note": "transformers 5.x resolves unset attn_implementation to sdpa and experts_implementation to "
             "grouped_mm (sort by expert + torch grouped GEMM); eager is its per-expert loop",
-        } if with_hf else None,
+        }
+        if with_hf
+        else None,
         "fastest_dsv3lab": ds_best,
         "flops_per_step": dict(flops, note=f"torch.utils.flop_counter on one {ref_name} step (forward + backward)"),
         "results": results,
         "ratios": ratios,
         "ratios_by_cpu_time": ratios_cpu,
-        "memory_method": ("torch.profiler allocation events: peak tensor bytes during one step above the bytes live "
-                          "at its start" if device.type == "cpu" else
-                          "torch.cuda.max_memory_allocated - memory_allocated at the start of the step"),
+        "memory_method": (
+            "torch.profiler allocation events: peak tensor bytes during one step above the bytes live at its start"
+            if device.type == "cpu"
+            else "torch.cuda.max_memory_allocated - memory_allocated at the start of the step"
+        ),
         "machine": {
             "device": str(device),
             "cpu": cpu_model(),

@@ -1,13 +1,13 @@
 """dsv3lab — a research notebook workbench for DeepSeek-V3 (arXiv 2412.19437).
 
-    import dsv3lab
-    cfg = dsv3lab.ModelConfig.preset("toy")
-    model = dsv3lab.build_model(cfg, seed=0)
-    logits, losses = model(tokens, targets)
+import dsv3lab
+cfg = dsv3lab.ModelConfig.preset("toy")
+model = dsv3lab.build_model(cfg, seed=0)
+logits, losses = model(tokens, targets)
 
-    model.save_pretrained("ckpt")                          # the official Hugging Face layout
-    model = dsv3lab.from_pretrained("ckpt")
-    out = dsv3lab.generate(model, tokens[0].tolist(), max_new_tokens=32)
+model.save_pretrained("ckpt")                          # the official Hugging Face layout
+model = dsv3lab.from_pretrained("ckpt")
+out = dsv3lab.generate(model, tokens[0].tolist(), max_new_tokens=32)
 """
 
 from .accounting import model_stats
@@ -18,6 +18,18 @@ from .utils import get_device, seed_everything, setup_notebook, versions
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "ModelConfig", "DeepSeekV3", "build_model", "from_pretrained", "generate",
-           "speculative_generate", "model_stats", "get_device", "seed_everything",
-           "setup_notebook", "versions", "__version__"]
+__all__ = [
+    "PRESETS",
+    "ModelConfig",
+    "DeepSeekV3",
+    "build_model",
+    "from_pretrained",
+    "generate",
+    "speculative_generate",
+    "model_stats",
+    "get_device",
+    "seed_everything",
+    "setup_notebook",
+    "versions",
+    "__version__",
+]

@@ -115,8 +115,9 @@ def mla_attention_macs(cfg: ModelConfig, s: int, t: int) -> dict[str, int]:
     }
 
 
-def max_context(cfg: ModelConfig, budget_bytes: float, batch_size: int = 1, latent: bool = True,
-                bytes_per_value: int = 2) -> int:  # fmt: skip
+def max_context(
+    cfg: ModelConfig, budget_bytes: float, batch_size: int = 1, latent: bool = True, bytes_per_value: int = 2
+) -> int:
     """The longest context whose KV cache for ``batch_size`` sequences fits ``budget_bytes``."""
     per_token = kv_cache_bytes_per_token(cfg, bytes_per_value)["latent" if latent else "materialized"]
     return int(budget_bytes // (per_token * batch_size))
@@ -158,6 +159,9 @@ def model_stats(cfg: ModelConfig) -> dict[str, Any]:
         "flops_per_token": flops_per_token(cfg, seq_len),
         "flops_per_token_note": f"training (forward + backward) FLOPs of the main model at sequence length "
         f"{seq_len}, causal attention",
-        "breakdown": {k: v for k, v in pc.items() if k not in ("total_params", "activated_params", "mtp_params",
-                                                               "mtp_activated_params")},  # fmt: skip
+        "breakdown": {
+            k: v
+            for k, v in pc.items()
+            if k not in ("total_params", "activated_params", "mtp_params", "mtp_activated_params")
+        },
     }

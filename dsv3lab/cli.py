@@ -1,11 +1,11 @@
 """The ``dsv3lab`` command line.
 
-    dsv3lab info PRESET [--json] [--set key=value ...]
-    dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
-    dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
-    dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
-    dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
-    dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
+dsv3lab info PRESET [--json] [--set key=value ...]
+dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
+dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
+dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
+dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
+dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
 """
 
 from __future__ import annotations
@@ -37,13 +37,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     kv = stats["kv_cache_bytes_per_token"]
     print(cfg.summary())
     print(f"total_params              {stats['total_params']:>20,}  ({_human(stats['total_params'])}, MTP excluded)")
-    print(f"activated_params          {stats['activated_params']:>20,}  ({_human(stats['activated_params'])}, "
-          "embedding and head included)")
+    print(
+        f"activated_params          {stats['activated_params']:>20,}  ({_human(stats['activated_params'])}, "
+        "embedding and head included)"
+    )
     print(f"mtp_params                {stats['mtp_params']:>20,}  ({_human(stats['mtp_params'])}, D={cfg.n_mtp})")
-    print(f"kv_cache_bytes_per_token  latent {kv['latent']:,} | materialized {kv['materialized']:,} "
-          f"({kv['materialized'] / kv['latent']:.1f}x) BF16, all layers")
-    print(f"flops_per_token           {stats['flops_per_token']:>20,.0f}  ({_human(stats['flops_per_token'])}; "
-          f"{stats['flops_per_token_note']})")
+    print(
+        f"kv_cache_bytes_per_token  latent {kv['latent']:,} | materialized {kv['materialized']:,} "
+        f"({kv['materialized'] / kv['latent']:.1f}x) BF16, all layers"
+    )
+    print(
+        f"flops_per_token           {stats['flops_per_token']:>20,.0f}  ({_human(stats['flops_per_token'])}; "
+        f"{stats['flops_per_token_note']})"
+    )
     return 0
 
 
@@ -69,8 +75,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     last = m.iloc[-1] if len(m) else None
     if last is not None:
-        print(f"step {int(last.step) + 1}/{cfg.steps}: train loss {last.loss_main:.4f}, tokens seen "
-              f"{int(last.tokens_seen):,}, MaxVio {last.maxvio_batch:.3f}")
+        print(
+            f"step {int(last.step) + 1}/{cfg.steps}: train loss {last.loss_main:.4f}, tokens seen "
+            f"{int(last.tokens_seen):,}, MaxVio {last.maxvio_batch:.3f}"
+        )
     final = result.final_val()
     if len(final):
         print("validation: " + ", ".join(f"{d} loss {r.loss:.4f} acc {r.acc:.3f}" for d, r in final.iterrows()))
@@ -115,8 +123,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .infer.speculative import speculative_generate
 
     torch.manual_seed(args.seed if args.seed is not None else 0)
-    model = load_any(args.checkpoint, device=args.device, dtype=_dtype(args.dtype), keep_fp8=args.keep_fp8,
-                     fp8_gemm=args.fp8_gemm)  # fmt: skip
+    model = load_any(
+        args.checkpoint, device=args.device, dtype=_dtype(args.dtype), keep_fp8=args.keep_fp8, fp8_gemm=args.fp8_gemm
+    )
     tokenizer = None
     if args.ids is None:
         if not args.prompt:
@@ -150,22 +159,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids_in, _ = normalize_prompts(prompts[0], tokenizer)
         if tokenizer is not None and args.bos:
             ids_in = [[model.cfg.bos_token_id] + ids_in[0]]
-        ids, st = speculative_generate(model, ids_in[0], args.max_new_tokens, depth=args.depth,
-                                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                       seed=args.seed, attn_impl=args.attn_impl, on_token=callback)  # fmt: skip
-        result = {"ids": ids, "new_tokens": len(ids), "acceptance_rate": st.acceptance_rate,
-                  "acceptance_per_depth": st.acceptance_per_depth, "tokens_per_forward": st.tokens_per_forward,
-                  "main_forwards": st.main_forwards, "seconds": st.seconds}  # fmt: skip
+        ids, st = speculative_generate(
+            model,
+            ids_in[0],
+            args.max_new_tokens,
+            depth=args.depth,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            attn_impl=args.attn_impl,
+            on_token=callback,
+        )
+        result = {
+            "ids": ids,
+            "new_tokens": len(ids),
+            "acceptance_rate": st.acceptance_rate,
+            "acceptance_per_depth": st.acceptance_per_depth,
+            "tokens_per_forward": st.tokens_per_forward,
+            "main_forwards": st.main_forwards,
+            "seconds": st.seconds,
+        }
         texts = [decode(tokenizer, ids)] if tokenizer is not None else None
     else:
-        out = generate(model, prompts, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       attn_impl=args.attn_impl, on_token=callback,
-                       add_bos=tokenizer is not None and args.bos)  # fmt: skip
+        out = generate(
+            model,
+            prompts,
+            tokenizer=tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            attn_impl=args.attn_impl,
+            on_token=callback,
+            add_bos=tokenizer is not None and args.bos,
+        )
         texts = out.texts
-        result = {"ids": out.ids[0] if len(prompts) == 1 else out.ids, "finish": out.finish,
-                  "new_tokens": out.stats["new_tokens"], "acceptance_rate": None, "tokens_per_forward": 1.0,
-                  "main_forwards": out.stats["forwards"], "seconds": out.stats["prefill_s"] + out.stats["decode_s"]}
+        result = {
+            "ids": out.ids[0] if len(prompts) == 1 else out.ids,
+            "finish": out.finish,
+            "new_tokens": out.stats["new_tokens"],
+            "acceptance_rate": None,
+            "tokens_per_forward": 1.0,
+            "main_forwards": out.stats["forwards"],
+            "seconds": out.stats["prefill_s"] + out.stats["decode_s"],
+        }
     if texts is not None:
         result["text"] = texts[0] if len(prompts) == 1 else texts
     if args.json:
@@ -173,8 +212,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif stream:
         print()
         if args.speculative:
-            print(f"[acceptance rate {result['acceptance_rate']:.2f}, {result['tokens_per_forward']:.2f} tokens per "
-                  "main-model forward]", file=sys.stderr)
+            print(
+                f"[acceptance rate {result['acceptance_rate']:.2f}, {result['tokens_per_forward']:.2f} tokens per "
+                "main-model forward]",
+                file=sys.stderr,
+            )
     else:
         for i, item in enumerate(texts if texts is not None else result["ids"]):
             print(f"[{i}] {item}")
@@ -187,8 +229,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     fp8 = True if args.fp8 else (False if args.bf16 else None)
     dtype = _dtype(args.dtype) or (_dtype("bfloat16") if args.bf16 else None)
     rope = False if args.rotate_half else (True if args.interleave else None)
-    out = convert(args.src, args.dst, to=args.to, fp8=fp8, dtype=dtype, rope_interleave=rope,
-                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)  # fmt: skip
+    out = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        fp8=fp8,
+        dtype=dtype,
+        rope_interleave=rope,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -205,24 +255,36 @@ def cmd_memory(args: argparse.Namespace) -> int:
         if args.set:
             cfg = cfg.with_overrides(args.set)
         kv = kv_cache_bytes_per_token(cfg, args.bytes_per_value)
-        rows.append({
-            "preset": name, "latent_bytes_per_token": kv["latent"], "materialized_bytes_per_token": kv["materialized"],
-            "ratio": kv["materialized"] / kv["latent"], "budget_bytes": budget, "batch": args.batch,
-            "max_context_latent": max_context(cfg, budget, args.batch, True, args.bytes_per_value),
-            "max_context_materialized": max_context(cfg, budget, args.batch, False, args.bytes_per_value),
-            "max_seq_len": cfg.max_seq_len,
-        })  # fmt: skip
+        rows.append(
+            {
+                "preset": name,
+                "latent_bytes_per_token": kv["latent"],
+                "materialized_bytes_per_token": kv["materialized"],
+                "ratio": kv["materialized"] / kv["latent"],
+                "budget_bytes": budget,
+                "batch": args.batch,
+                "max_context_latent": max_context(cfg, budget, args.batch, True, args.bytes_per_value),
+                "max_context_materialized": max_context(cfg, budget, args.batch, False, args.bytes_per_value),
+                "max_seq_len": cfg.max_seq_len,
+            }
+        )
     if args.json:
         print(json.dumps(rows[0] if args.preset else rows, indent=2))
         return 0
-    print(f"KV cache, {args.bytes_per_value} bytes per value, all layers; budget {budget:,} bytes for the cache "
-          f"alone (weights not included), batch {args.batch}")
-    print(f"{'preset':8s} {'latent B/token':>15s} {'K/V B/token':>13s} {'ratio':>6s} {'max ctx latent':>15s} "
-          f"{'max ctx K/V':>12s} {'max_seq_len':>12s}")
+    print(
+        f"KV cache, {args.bytes_per_value} bytes per value, all layers; budget {budget:,} bytes for the cache "
+        f"alone (weights not included), batch {args.batch}"
+    )
+    print(
+        f"{'preset':8s} {'latent B/token':>15s} {'K/V B/token':>13s} {'ratio':>6s} {'max ctx latent':>15s} "
+        f"{'max ctx K/V':>12s} {'max_seq_len':>12s}"
+    )
     for r in rows:
-        print(f"{r['preset']:8s} {r['latent_bytes_per_token']:>15,} {r['materialized_bytes_per_token']:>13,} "
-              f"{r['ratio']:>5.1f}x {r['max_context_latent']:>15,} {r['max_context_materialized']:>12,} "
-              f"{r['max_seq_len']:>12,}")
+        print(
+            f"{r['preset']:8s} {r['latent_bytes_per_token']:>15,} {r['materialized_bytes_per_token']:>13,} "
+            f"{r['ratio']:>5.1f}x {r['max_context_latent']:>15,} {r['max_context_materialized']:>12,} "
+            f"{r['max_seq_len']:>12,}"
+        )
     return 0
 
 
@@ -239,8 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; metrics, checkpoints and the tokenizer go to --out")
     p.add_argument("--preset", default="toy", help=f"model preset, one of: {', '.join(PRESETS)} (default toy)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: TrainConfig.steps)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a TrainConfig or ModelConfig field, e.g. balance=aux_loss, n_mtp=0, lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig or ModelConfig field, e.g. balance=aux_loss, n_mtp=0, lr=1e-3 (repeatable)",
+    )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -258,28 +325,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint with the latent KV cache (optionally MTP "
-                       "speculative decoding)")  # fmt: skip
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint with the latent KV cache (optionally MTP speculative decoding)",
+    )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="official-layout or dsv3lab checkpoint folder")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--ids", default=None, help="prompt token ids, comma-separated (instead of --prompt)")
-    p.add_argument("--no-bos", dest="bos", action="store_false",
-                   help="do not put the bos token before a text prompt (default: put it, as training documents start)")
+    p.add_argument(
+        "--no-bos",
+        dest="bos",
+        action="store_false",
+        help="do not put the bos token before a text prompt (default: put it, as training documents start)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--speculative", choices=["mtp"], default=None, help="draft with the MTP modules, verify in one "
-                   "main-model forward (one prompt; greedy, or speculative sampling with --temperature)")  # fmt: skip
+    p.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        default=None,
+        help="draft with the MTP modules, verify in one "
+        "main-model forward (one prompt; greedy, or speculative sampling with --temperature)",
+    )
     p.add_argument("--depth", type=int, default=None, help="MTP drafts per round (default: every MTP module)")
     p.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="cache kind (default: latent)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--keep-fp8", action="store_true", help="keep an FP8 checkpoint's projections in E4M3 (1 byte per "
-                   "weight) instead of dequantising them on load")  # fmt: skip
-    p.add_argument("--fp8-gemm", choices=["dequant", "fp8"], default="dequant", help="with --keep-fp8: dequantise "
-                   "each weight before its GEMM (default), or quantise the activations too and multiply in FP8")
+    p.add_argument(
+        "--keep-fp8",
+        action="store_true",
+        help="keep an FP8 checkpoint's projections in E4M3 (1 byte per weight) instead of dequantising them on load",
+    )
+    p.add_argument(
+        "--fp8-gemm",
+        choices=["dequant", "fp8"],
+        default="dequant",
+        help="with --keep-fp8: dequantise "
+        "each weight before its GEMM (default), or quantise the activations too and multiply in FP8",
+    )
     p.add_argument("--json", action="store_true", help="print text, ids, acceptance_rate, tokens_per_forward as JSON")
     p.set_defaults(func=cmd_generate)
 
@@ -292,15 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="dequantise to BF16")
     p.add_argument("--dtype", default=None, help="dtype of the non-FP8 tensors (float32 or bfloat16)")
     r = p.add_mutually_exclusive_group()
-    r.add_argument("--rotate-half", action="store_true",
-                   help="write the rotate-half RoPE layout (rope_interleave=false)")
+    r.add_argument(
+        "--rotate-half", action="store_true", help="write the rotate-half RoPE layout (rope_interleave=false)"
+    )
     r.add_argument("--interleave", action="store_true", help="write the interleaved RoPE layout (the official one)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("memory", help="KV-cache bytes per token (latent vs materialised K/V) and the longest context "
-                       "that fits a memory budget")  # fmt: skip
+    p = sub.add_parser(
+        "memory",
+        help="KV-cache bytes per token (latent vs materialised K/V) and the longest context that fits a memory budget",
+    )
     p.add_argument("preset", nargs="?", default=None, help=f"one of: {', '.join(PRESETS)} (default: all)")
     p.add_argument("--budget", default="80GB", help="memory for the KV cache, e.g. 80GB or 64GiB (default 80GB)")
     p.add_argument("--batch", type=int, default=1, help="sequences sharing the budget (default 1)")

@@ -129,16 +129,34 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and what is allowed for every inconsistent combination."""
         positive = [
-            "vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len",
-            "n_expert_groups", "n_limited_groups", "max_batch_size",
-        ]  # fmt: skip
+            "vocab_size",
+            "dim",
+            "inter_dim",
+            "moe_inter_dim",
+            "n_layers",
+            "n_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_seq_len",
+            "original_seq_len",
+            "n_expert_groups",
+            "n_limited_groups",
+            "max_batch_size",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("n_dense_layers", "n_routed_experts", "n_shared_experts", "n_activated_experts", "q_lora_rank",
-                     "n_mtp"):  # fmt: skip
+        for name in (
+            "n_dense_layers",
+            "n_routed_experts",
+            "n_shared_experts",
+            "n_activated_experts",
+            "q_lora_rank",
+            "n_mtp",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -163,24 +181,35 @@ class ModelConfig:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.n_moe_layers > 0 or self.n_mtp > 0:
             if self.n_routed_experts < 1:
-                raise ValueError("n_routed_experts must be >= 1 when the model has MoE layers (n_dense_layers < "
-                                 f"n_layers or n_mtp > 0), got {self.n_routed_experts}")
+                raise ValueError(
+                    "n_routed_experts must be >= 1 when the model has MoE layers (n_dense_layers < "
+                    f"n_layers or n_mtp > 0), got {self.n_routed_experts}"
+                )
             if not 1 <= self.n_activated_experts <= self.n_routed_experts:
-                raise ValueError(f"n_activated_experts must be in [1, n_routed_experts={self.n_routed_experts}], "
-                                 f"got {self.n_activated_experts}")
+                raise ValueError(
+                    f"n_activated_experts must be in [1, n_routed_experts={self.n_routed_experts}], "
+                    f"got {self.n_activated_experts}"
+                )
             if self.n_routed_experts % self.n_expert_groups:
-                raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be divisible into n_expert_groups "
-                                 f"({self.n_expert_groups}) equal groups")
+                raise ValueError(
+                    f"n_routed_experts ({self.n_routed_experts}) must be divisible into n_expert_groups "
+                    f"({self.n_expert_groups}) equal groups"
+                )
             if self.n_limited_groups > self.n_expert_groups:
-                raise ValueError(f"n_limited_groups ({self.n_limited_groups}) must be <= n_expert_groups "
-                                 f"({self.n_expert_groups})")
+                raise ValueError(
+                    f"n_limited_groups ({self.n_limited_groups}) must be <= n_expert_groups ({self.n_expert_groups})"
+                )
             kept = self.n_limited_groups * self.experts_per_group
             if kept < self.n_activated_experts:
-                raise ValueError(f"the kept groups hold n_limited_groups * experts_per_group = {kept} experts, fewer "
-                                 f"than n_activated_experts ({self.n_activated_experts}); raise n_limited_groups")
+                raise ValueError(
+                    f"the kept groups hold n_limited_groups * experts_per_group = {kept} experts, fewer "
+                    f"than n_activated_experts ({self.n_activated_experts}); raise n_limited_groups"
+                )
             if self.n_expert_groups > 1 and self.gate_bias and self.experts_per_group < 2:
-                raise ValueError("group scores are the sum of the top-2 scores of a group: each of the "
-                                 f"n_expert_groups ({self.n_expert_groups}) groups needs >= 2 experts")
+                raise ValueError(
+                    "group scores are the sum of the top-2 scores of a group: each of the "
+                    f"n_expert_groups ({self.n_expert_groups}) groups needs >= 2 experts"
+                )
         if self.beta_fast <= self.beta_slow:
             raise ValueError(f"beta_fast ({self.beta_fast}) must be > beta_slow ({self.beta_slow})")
         if self.rope_factor < 1.0:
@@ -262,8 +291,10 @@ class ModelConfig:
         arch = hf.get("architectures") or ["DeepseekV3ForCausalLM"]
         model_type = hf.get("model_type", "deepseek_v3")
         if model_type not in ("deepseek_v3", "deepseek_v2") or not any("Deepseek" in a for a in arch):
-            raise ValueError(f"unsupported architecture {arch} / model_type {model_type!r}: dsv3lab reads "
-                             "DeepseekV3ForCausalLM (and DeepseekV2ForCausalLM) configs")
+            raise ValueError(
+                f"unsupported architecture {arch} / model_type {model_type!r}: dsv3lab reads "
+                "DeepseekV3ForCausalLM (and DeepseekV2ForCausalLM) configs"
+            )
         if hf.get("attention_bias", False):
             raise ValueError("attention_bias=true is not supported: DeepSeek-V3's projections have no bias")
         if hf.get("tie_word_embeddings", False):
@@ -272,15 +303,19 @@ class ModelConfig:
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf['hidden_act']!r}")
         n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"])
         if n_kv != hf["num_attention_heads"]:
-            raise ValueError(f"num_key_value_heads ({n_kv}) must equal num_attention_heads "
-                             f"({hf['num_attention_heads']}): MLA has no grouped K/V heads")
+            raise ValueError(
+                f"num_key_value_heads ({n_kv}) must equal num_attention_heads "
+                f"({hf['num_attention_heads']}): MLA has no grouped K/V heads"
+            )
         if hf.get("moe_layer_freq", 1) != 1:
             raise ValueError(f"moe_layer_freq must be 1, got {hf['moe_layer_freq']}")
         score_func = hf.get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax")
         norm_topk = hf.get("norm_topk_prob", score_func == "sigmoid")
         if bool(norm_topk) != (score_func == "sigmoid"):
-            raise ValueError(f"norm_topk_prob={norm_topk} with scoring_func={score_func!r} is not supported: "
-                             "dsv3lab normalises the top-k gate weights exactly when scoring with sigmoid (official)")
+            raise ValueError(
+                f"norm_topk_prob={norm_topk} with scoring_func={score_func!r} is not supported: "
+                "dsv3lab normalises the top-k gate weights exactly when scoring with sigmoid (official)"
+            )
         topk_method = hf.get("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy")
         q_lora = hf.get("q_lora_rank")
         d: dict[str, Any] = dict(
@@ -319,8 +354,10 @@ class ModelConfig:
         if rope_type == "yarn":
             m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
             if m is None or m_all is None or float(m) != float(m_all):
-                raise ValueError(f"YaRN with mscale={m} and mscale_all_dim={m_all} is not supported: dsv3lab (like "
-                                 "the official code) scales only the softmax and needs both given and equal")
+                raise ValueError(
+                    f"YaRN with mscale={m} and mscale_all_dim={m_all} is not supported: dsv3lab (like "
+                    "the official code) scales only the softmax and needs both given and equal"
+                )
             d.update(
                 max_seq_len=max_pos,
                 original_seq_len=rope["original_max_position_embeddings"],
@@ -330,8 +367,9 @@ class ModelConfig:
                 mscale=float(m_all),
             )
             if max_pos <= d["original_seq_len"]:
-                raise ValueError("rope_scaling type yarn needs max_position_embeddings > "
-                                 "original_max_position_embeddings")
+                raise ValueError(
+                    "rope_scaling type yarn needs max_position_embeddings > original_max_position_embeddings"
+                )
         elif rope_type in ("default", None):
             d.update(max_seq_len=max_pos, original_seq_len=max_pos, rope_factor=1.0)
         else:
@@ -406,9 +444,11 @@ class ModelConfig:
 
     def summary(self) -> str:
         """A one-line description for tables and logs."""
-        return (f"{self.name}: d={self.dim} L={self.n_layers} ({self.n_dense_layers} dense) heads={self.n_heads} "
-                f"experts={self.n_shared_experts}+{self.n_routed_experts} top-{self.n_activated_experts} "
-                f"groups={self.n_limited_groups}/{self.n_expert_groups} {self.score_func} MTP D={self.n_mtp}")
+        return (
+            f"{self.name}: d={self.dim} L={self.n_layers} ({self.n_dense_layers} dense) heads={self.n_heads} "
+            f"experts={self.n_shared_experts}+{self.n_routed_experts} top-{self.n_activated_experts} "
+            f"groups={self.n_limited_groups}/{self.n_expert_groups} {self.score_func} MTP D={self.n_mtp}"
+        )
 
 
 # ---------------------------------------------------------------------- presets
@@ -417,46 +457,145 @@ _V3_COMMON: dict[str, Any] = dict(score_func="sigmoid", gate_bias=True, n_mtp=1)
 PRESETS: dict[str, dict[str, Any]] = {
     # < 1M parameters: every unit test builds it in milliseconds. YaRN is on so tests cover it.
     "tiny": dict(
-        vocab_size=512, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=4,
-        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-        route_scale=2.5, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        max_seq_len=256, original_seq_len=64, rope_factor=4.0, max_batch_size=4, **_V3_COMMON,
+        vocab_size=512,
+        dim=64,
+        inter_dim=128,
+        moe_inter_dim=32,
+        n_layers=2,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_seq_len=256,
+        original_seq_len=64,
+        rope_factor=4.0,
+        max_batch_size=4,
+        **_V3_COMMON,
     ),
     # Notebooks and ablations: trains on a 2-core CPU in minutes; 16 routed experts in 4 groups, 1 shared, MTP.
     "toy": dict(
-        vocab_size=8192, dim=128, inter_dim=384, moe_inter_dim=64, n_layers=4, n_dense_layers=1, n_heads=4,
-        n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
-        route_scale=2.5, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        max_seq_len=4096, original_seq_len=4096, rope_factor=1.0, max_batch_size=8, **_V3_COMMON,
+        vocab_size=8192,
+        dim=128,
+        inter_dim=384,
+        moe_inter_dim=64,
+        n_layers=4,
+        n_dense_layers=1,
+        n_heads=4,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        n_activated_experts=4,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_seq_len=4096,
+        original_seq_len=4096,
+        rope_factor=1.0,
+        max_batch_size=8,
+        **_V3_COMMON,
     ),
     # ~200M total / ~60M activated: a GPU (or a patient CPU).
     "small": dict(
-        vocab_size=32768, dim=512, inter_dim=1536, moe_inter_dim=256, n_layers=12, n_dense_layers=1, n_heads=8,
-        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
-        route_scale=2.5, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        max_seq_len=4096, original_seq_len=4096, rope_factor=1.0, **_V3_COMMON,
+        vocab_size=32768,
+        dim=512,
+        inter_dim=1536,
+        moe_inter_dim=256,
+        n_layers=12,
+        n_dense_layers=1,
+        n_heads=8,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        n_activated_experts=4,
+        n_expert_groups=4,
+        n_limited_groups=2,
+        route_scale=2.5,
+        q_lora_rank=256,
+        kv_lora_rank=128,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_seq_len=4096,
+        original_seq_len=4096,
+        rope_factor=1.0,
+        **_V3_COMMON,
     ),
     # Official inference/configs/config_16B.json (DeepSeek-V2-Lite); unspecified fields take ModelArgs defaults.
     "16B": dict(
-        vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1, n_heads=16,
-        n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, route_scale=1.0, q_lora_rank=0,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, mscale=0.707,
+        vocab_size=102400,
+        dim=2048,
+        inter_dim=10944,
+        moe_inter_dim=1408,
+        n_layers=27,
+        n_dense_layers=1,
+        n_heads=16,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        n_activated_experts=6,
+        route_scale=1.0,
+        q_lora_rank=0,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        mscale=0.707,
     ),
     # Official config_236B.json (DeepSeek-V2).
     "236B": dict(
-        vocab_size=102400, dim=5120, inter_dim=12288, moe_inter_dim=1536, n_layers=60, n_dense_layers=1, n_heads=128,
-        n_routed_experts=160, n_shared_experts=2, n_activated_experts=6, n_expert_groups=8, n_limited_groups=3,
-        route_scale=16.0, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        vocab_size=102400,
+        dim=5120,
+        inter_dim=12288,
+        moe_inter_dim=1536,
+        n_layers=60,
+        n_dense_layers=1,
+        n_heads=128,
+        n_routed_experts=160,
+        n_shared_experts=2,
+        n_activated_experts=6,
+        n_expert_groups=8,
+        n_limited_groups=3,
+        route_scale=16.0,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
         v_head_dim=128,
     ),
     # Official config_671B.json (DeepSeek-V3) + the MTP module (D=1) of the released weights.
     "671B": dict(
-        vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3, n_heads=128,
-        n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
-        route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, **_V3_COMMON,
+        vocab_size=129280,
+        dim=7168,
+        inter_dim=18432,
+        moe_inter_dim=2048,
+        n_layers=61,
+        n_dense_layers=3,
+        n_heads=128,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        n_activated_experts=8,
+        n_expert_groups=8,
+        n_limited_groups=4,
+        route_scale=2.5,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        **_V3_COMMON,
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -467,8 +606,9 @@ def _check_keys(d: dict[str, Any], allowed: list[str], what: str) -> None:
         for k in unknown:
             close = difflib.get_close_matches(k, allowed, n=3, cutoff=0.5)
             parts.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise ValueError(f"unknown {what}{'s' if len(unknown) > 1 else ''}: {'; '.join(parts)}. "
-                         f"Allowed: {', '.join(allowed)}")
+        raise ValueError(
+            f"unknown {what}{'s' if len(unknown) > 1 else ''}: {'; '.join(parts)}. Allowed: {', '.join(allowed)}"
+        )
 
 
 def parse_value(text: str, typ: Any) -> Any:

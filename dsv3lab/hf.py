@@ -35,8 +35,11 @@ def to_transformers(model: DeepSeekV3, attn_implementation: str = "sdpa"):
     config._attn_implementation = attn_implementation
     with torch.device(model.embed.weight.device):
         hf = DeepseekV3ForCausalLM(config)
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.head.weight}  # fmt: skip
+    sd = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.head.weight,
+    }
     for i, block in enumerate(model.layers):
         p, a = f"model.layers.{i}.", block.attn
         sd[p + "input_layernorm.weight"] = block.attn_norm.weight

@@ -36,7 +36,7 @@ def versions() -> dict[str, str]:
         try:
             mod = __import__(name)
             out[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001 - an optional package that is missing or broken
+        except Exception:
             out[name] = "-"
     from . import __version__
 
@@ -78,6 +78,8 @@ def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    rows = [{"name": name, "median_s": float(np.median(ts)), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
-            for name, ts in times.items()]  # fmt: skip
+    rows = [
+        {"name": name, "median_s": float(np.median(ts)), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+        for name, ts in times.items()
+    ]
     return pd.DataFrame(rows)

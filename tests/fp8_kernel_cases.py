@@ -12,8 +12,9 @@ from dsv3lab.fp8.quant import BLOCK2D, TILE, quantize
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if CHILD else "cuda"
-kernel_test = pytest.mark.skipif(not (CHILD or torch.cuda.is_available()),
-                                 reason="needs TRITON_INTERPRET=1 (set by the parent test) or a GPU")  # fmt: skip
+kernel_test = pytest.mark.skipif(
+    not (CHILD or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 (set by the parent test) or a GPU"
+)
 
 
 def _kernels():
@@ -96,8 +97,9 @@ def test_fp8_grouped_gemm_equals_per_group_reference():
     offs = torch.tensor([40, 40, 75, 110], dtype=torch.int32)  # an empty group, groups not multiples of the tile
     a = quantize(torch.randn(110, 256, generator=g), TILE)
     w = quantize(torch.randn(4, 72, 256, generator=g), BLOCK2D)
-    out = k.fp8_grouped_gemm(a.data.to(DEV), a.scale.to(DEV), w.data.to(DEV), w.scale.to(DEV), offs.to(DEV),
-                             out_dtype=torch.float32)  # fmt: skip
+    out = k.fp8_grouped_gemm(
+        a.data.to(DEV), a.scale.to(DEV), w.data.to(DEV), w.scale.to(DEV), offs.to(DEV), out_dtype=torch.float32
+    )
     a_hat, w_hat = a.dequantize(), w.dequantize()
     ref = torch.cat([a_hat[:40] @ w_hat[0].t(), a_hat[40:75] @ w_hat[2].t(), a_hat[75:] @ w_hat[3].t()])
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-4)
@@ -132,8 +134,12 @@ def test_bad_input_messages():
     a8 = torch.zeros(4, 256, device=DEV).to(torch.float8_e4m3fn)
     s = torch.ones(4, 2, device=DEV)
     with pytest.raises(ValueError, match="K = 200 is not a multiple of 128"):
-        k.fp8_gemm(torch.zeros(4, 200, device=DEV).to(torch.float8_e4m3fn), torch.ones(4, 2, device=DEV),
-                   torch.zeros(4, 200, device=DEV).to(torch.float8_e4m3fn), torch.ones(1, 2, device=DEV))  # fmt: skip
+        k.fp8_gemm(
+            torch.zeros(4, 200, device=DEV).to(torch.float8_e4m3fn),
+            torch.ones(4, 2, device=DEV),
+            torch.zeros(4, 200, device=DEV).to(torch.float8_e4m3fn),
+            torch.ones(1, 2, device=DEV),
+        )
     with pytest.raises(ValueError, match="a must be a 2-D float8_e4m3fn"):
         k.fp8_gemm(torch.zeros(4, 256, device=DEV), s, a8, torch.ones(1, 2, device=DEV))
     with pytest.raises(ValueError, match=r"b's scales must have shape \(1, 2\).*or \(4, 2\)"):
@@ -148,5 +154,6 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="out_dtype must be torch.bfloat16 or torch.float32"):
         k.weight_dequant(a8[:, :128], torch.ones(1, 1, device=DEV), torch.float16)
     with pytest.raises(ValueError, match="non-decreasing group ends"):
-        k.fp8_grouped_gemm(a8, s, a8.view(1, 4, 256), torch.ones(1, 1, 2, device=DEV),
-                           torch.tensor([3], dtype=torch.int32, device=DEV))  # fmt: skip
+        k.fp8_grouped_gemm(
+            a8, s, a8.view(1, 4, 256), torch.ones(1, 1, 2, device=DEV), torch.tensor([3], dtype=torch.int32, device=DEV)
+        )

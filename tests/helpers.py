@@ -40,8 +40,9 @@ class SyntheticData:
         g = torch.Generator().manual_seed(seed)
         self.active = min(active, vocab_size - 3)  # the ids a domain uses: 3 .. 3 + active (learnable quickly)
         self.tables = [torch.randint(3, 3 + self.active, (vocab_size, branching), generator=g) for _ in self.domains]
-        self.val = {d: self._rows(i, val_seqs, torch.Generator().manual_seed(10_000 + i))
-                    for i, d in enumerate(self.domains)}  # fmt: skip
+        self.val = {
+            d: self._rows(i, val_seqs, torch.Generator().manual_seed(10_000 + i)) for i, d in enumerate(self.domains)
+        }
 
     def _rows(self, domain, n, g):
         table = self.tables[domain]

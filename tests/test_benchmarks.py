@@ -12,17 +12,49 @@ ROOT = Path(__file__).parent.parent
 
 def test_train_step_benchmark_json():
     pytest.importorskip("transformers")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "tiny", "--batch", "2",
-           "--seq-len", "16", "--repeats", "2", "--warmup", "1", "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_step.py"),
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    for key in ("command", "preset", "batch", "seq_len", "tokens_per_step", "results", "ratios", "machine",
-                "versions", "memory_method", "note", "fastest_dsv3lab"):  # fmt: skip
+    for key in (
+        "command",
+        "preset",
+        "batch",
+        "seq_len",
+        "tokens_per_step",
+        "results",
+        "ratios",
+        "machine",
+        "versions",
+        "memory_method",
+        "note",
+        "fastest_dsv3lab",
+    ):
         assert key in report, key
     names = set(report["results"])
-    assert {"dsv3lab[naive,loop]", "dsv3lab[naive,grouped]", "dsv3lab[absorb,loop]", "dsv3lab[absorb,grouped]",
-            "transformers[sdpa,grouped_mm]", "transformers[sdpa,eager]"} <= names  # fmt: skip
+    assert {
+        "dsv3lab[naive,loop]",
+        "dsv3lab[naive,grouped]",
+        "dsv3lab[absorb,loop]",
+        "dsv3lab[absorb,grouped]",
+        "transformers[sdpa,grouped_mm]",
+        "transformers[sdpa,eager]",
+    } <= names
     losses = set()
     for name, r in report["results"].items():
         assert r["tokens_per_s_min"] <= r["tokens_per_s"] <= r["tokens_per_s_max"], name
@@ -30,9 +62,13 @@ def test_train_step_benchmark_json():
         assert r["parity_max_abs_diff"] <= 1e-4, name  # every variant computes the same function
         losses.add(round(r["loss"], 3))
     assert len(losses) == 1  # the same loss on the same weights and tokens
-    for key in ("naive_grouped_vs_naive_loop", "naive_loop_vs_absorb_loop",
-                "dsv3lab[naive,grouped]_vs_transformers_default", "dsv3lab[naive,loop]_vs_transformers_eager"):
-        assert report["ratios"][key] > 0, key  # fmt: skip
+    for key in (
+        "naive_grouped_vs_naive_loop",
+        "naive_loop_vs_absorb_loop",
+        "dsv3lab[naive,grouped]_vs_transformers_default",
+        "dsv3lab[naive,loop]_vs_transformers_eager",
+    ):
+        assert report["ratios"][key] > 0, key
     assert set(report["ratios_by_cpu_time"]) == set(report["ratios"])
     flops = report["flops_per_step"]
     assert flops["total_gflop"] > 0 and all(v >= 0 for v in flops["share"].values())

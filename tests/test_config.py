@@ -10,8 +10,16 @@ def test_every_preset_validates_and_round_trips_through_hf(name):
     cfg = ModelConfig.preset(name)
     back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
     for f in ModelConfig.field_names():
-        if f in ("name", "aux_loss_alpha", "seq_aux_loss_alpha", "mtp_lambda", "attn_impl", "moe_impl", "init_std",
-                 "max_batch_size"):
+        if f in (
+            "name",
+            "aux_loss_alpha",
+            "seq_aux_loss_alpha",
+            "mtp_lambda",
+            "attn_impl",
+            "moe_impl",
+            "init_std",
+            "max_batch_size",
+        ):
             continue
         if f in ("rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale") and not cfg.yarn_enabled:
             continue  # without YaRN these fields have no effect and are not written
@@ -29,24 +37,75 @@ def test_671b_is_the_official_config():
 
 def test_from_hf_reads_the_official_v3_config_json():
     hf = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-        "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-        "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-        "scoring_func": "sigmoid", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
-        "max_position_embeddings": 163840, "initializer_range": 0.02, "rms_norm_eps": 1e-06, "use_cache": True,
-        "rope_theta": 10000, "num_nextn_predict_layers": 1, "bos_token_id": 0, "eos_token_id": 1,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "original_max_position_embeddings": 4096, "type": "yarn"},
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                "weight_block_size": [128, 128]},
-    }  # fmt: skip
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-06,
+        "use_cache": True,
+        "rope_theta": 10000,
+        "num_nextn_predict_layers": 1,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+        },
+    }
     cfg = ModelConfig.from_hf(hf)
     ref = ModelConfig.preset("671B")
-    for f in ("dim", "n_layers", "n_dense_layers", "n_routed_experts", "n_expert_groups", "n_limited_groups",
-              "q_lora_rank", "route_scale", "score_func", "gate_bias", "n_mtp", "rope_factor", "original_seq_len"):
+    for f in (
+        "dim",
+        "n_layers",
+        "n_dense_layers",
+        "n_routed_experts",
+        "n_expert_groups",
+        "n_limited_groups",
+        "q_lora_rank",
+        "route_scale",
+        "score_func",
+        "gate_bias",
+        "n_mtp",
+        "rope_factor",
+        "original_seq_len",
+    ):
         assert getattr(cfg, f) == getattr(ref, f), f
     assert cfg.max_seq_len == 163840
     assert cfg.softmax_scale == pytest.approx(ref.softmax_scale)
@@ -94,8 +153,9 @@ def test_unknown_key_suggests_close_matches():
 
 
 def test_overrides_parse_by_field_type():
-    cfg = ModelConfig.preset("tiny").with_overrides(["n_mtp=2", "gate_bias=false", "route_scale=1.5",
-                                                     "attn_impl=absorb"])  # fmt: skip
+    cfg = ModelConfig.preset("tiny").with_overrides(
+        ["n_mtp=2", "gate_bias=false", "route_scale=1.5", "attn_impl=absorb"]
+    )
     assert (cfg.n_mtp, cfg.gate_bias, cfg.route_scale, cfg.attn_impl) == (2, False, 1.5, "absorb")
     with pytest.raises(ValueError, match="integer"):
         ModelConfig.preset("tiny").with_overrides(["n_mtp=two"])

@@ -106,14 +106,14 @@ def test_split_is_deterministic_and_by_document(docs, cfg):
 
 def _linear_eval(expr: str, **values):
     expr = re.sub(r"(\d)([xy])", r"\1*\2", expr.replace("^", "**"))
-    return eval(expr, {}, {k: Fraction(v) for k, v in values.items()})  # noqa: S307 - our own generated text
+    return eval(expr, {}, {k: Fraction(v) for k, v in values.items()})
 
 
 def _check_math(p) -> None:
     q, a = p.question, p.answer
     nums = [int(n) for n in re.findall(r"-?\d+", q)]
     if p.kind == "arithmetic":
-        assert int(a) == eval(q[len("Compute ") : -1].replace("×", "*"))  # noqa: S307
+        assert int(a) == eval(q[len("Compute ") : -1].replace("×", "*"))
     elif p.kind == "division":
         n, d = nums
         assert a == f"quotient {n // d}, remainder {n % d}"
@@ -224,8 +224,14 @@ def test_tokenizer_training_is_deterministic(docs):
     some = [d for d in docs if d.split == "train"][::4]
     a, b = train_tokenizer(some, vocab_size=600), train_tokenizer(list(reversed(some)), vocab_size=600)
     assert a.vocab_size == 600 and a.fingerprint() == b.fingerprint()  # order of documents does not matter
-    assert [a.token(i) for i in range(6)] == ["<|begin_of_sentence|>", "<|end_of_sentence|>", "<|pad|>",
-                                              "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"]  # fmt: skip
+    assert [a.token(i) for i in range(6)] == [
+        "<|begin_of_sentence|>",
+        "<|end_of_sentence|>",
+        "<|pad|>",
+        "<|fim_begin|>",
+        "<|fim_hole|>",
+        "<|fim_end|>",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- FIM and packing
@@ -290,7 +296,8 @@ def test_training_rows_hold_the_training_documents(ds, docs, tok):
     assert abs(ds.stats["fim_docs"] / n_docs - 0.1) < 0.03
     for d in DOMAINS:  # per-token domain labels agree with the per-domain counts (FIM adds 3 tokens per document)
         assert abs(ds.num_tokens()["train_by_domain"][d] - ds.stats["by_domain"][d]["train_tokens"]) <= (
-            3 * ds.stats["fim_docs"] + SEQ_LEN)
+            3 * ds.stats["fim_docs"] + SEQ_LEN
+        )
 
 
 # ---------------------------------------------------------------------------------------------- Datasets
@@ -334,8 +341,10 @@ def test_cache_is_fast_and_keyed_by_config(built, cfg, cache_dir):
     t0 = time.perf_counter()
     again = make_datasets(cfg, cache_dir=cache_dir)
     load_s = time.perf_counter() - t0
-    print(f"\nsmall config: build {build_s:.2f}s from scratch, {load_s:.3f}s from cache, {ds.num_tokens()['train']:,} "
-          "training tokens")  # fmt: skip
+    print(
+        f"\nsmall config: build {build_s:.2f}s from scratch, {load_s:.3f}s from cache, {ds.num_tokens()['train']:,} "
+        "training tokens"
+    )
     assert again.stats["from_cache"] and not ds.stats["from_cache"] and load_s < 2.0
     assert torch.equal(again.train, ds.train) and all(torch.equal(again.val[d], ds.val[d]) for d in DOMAINS)
     assert torch.equal(again.train_domains, ds.train_domains)
@@ -363,8 +372,10 @@ def test_loader_is_not_the_bottleneck(ds):
         torch.nn.functional.cross_entropy(head(emb(x)).flatten(0, 1), y.flatten()).backward()
         steps.append(time.perf_counter() - t0)
     step = statistics.median(steps)
-    print(f"\nbatch(): {1 / per_batch:,.0f} batches/s (B={B}, T={SEQ_LEN}); bigram step {step * 1e3:.1f} ms "
-          f"= {step / per_batch:,.0f}x one batch")  # fmt: skip
+    print(
+        f"\nbatch(): {1 / per_batch:,.0f} batches/s (B={B}, T={SEQ_LEN}); bigram step {step * 1e3:.1f} ms "
+        f"= {step / per_batch:,.0f}x one batch"
+    )
     assert per_batch < 0.1 * step
 
 
@@ -411,6 +422,7 @@ def test_folder_make_datasets(tmp_path):
 
 def test_saved_hf_dataset_folder(tmp_path):
     import datasets  # a dev dependency, so the optional reader is always tested
+
     datasets.Dataset.from_dict({"text": [math_problem(0, i).text for i in range(50)]}).save_to_disk(tmp_path / "hf")
     docs = folder_corpus(tmp_path / "hf")
     assert len(docs) == 50 and docs[0].source.startswith("hf:")
@@ -488,15 +500,26 @@ def test_data_plots(ds, docs, tok):
 
     out = apply_fim(list(range(100, 110)), tok, _Draws([0.0, 0.25, 0.75]), rate=0.1)
     assert [(label, len(p)) for label, p in fim_parts(out, tok)] == [
-        ("special", 1), ("special", 1), ("prefix", 2), ("special", 1), ("suffix", 2), ("special", 1), ("middle", 6),
-        ("special", 1)]  # fmt: skip
+        ("special", 1),
+        ("special", 1),
+        ("prefix", 2),
+        ("special", 1),
+        ("suffix", 2),
+        ("special", 1),
+        ("middle", 6),
+        ("special", 1),
+    ]
     fig = plot_tokens_per_domain(ds.num_tokens())
     heights = [p.get_height() for p in fig.axes[0].patches]
     assert heights[:3] == [ds.stats["by_domain"][d]["train_tokens"] for d in ds.domains]
     table = documents_table(docs[:50], tok)
     assert (table.tokens > 0).all() and set(table.columns) == {"source", "domain", "split", "chars", "tokens"}
-    figs = [fig, plot_doc_lengths(table), plot_fim_example(out, tok),
-            plot_packing(ds.train, ds.train_domains, ds.domains, tok.bos_id)]  # fmt: skip
+    figs = [
+        fig,
+        plot_doc_lengths(table),
+        plot_fim_example(out, tok),
+        plot_packing(ds.train, ds.train_domains, ds.domains, tok.bos_id),
+    ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
     for f in figs:
         plt.close(f)

@@ -23,8 +23,10 @@ def test_default_config_builds_within_budget_from_the_committed_tokenizers_corpu
     again = make_datasets(DataConfig(), cache_dir=tmp_path)
     cached_s = time.perf_counter() - t0
     n = ds.num_tokens()
-    print(f"\nDataConfig(): built in {build_s:.1f}s, cached {cached_s:.2f}s; train tokens {n['train']:,} "
-          f"({ {d: n['by_domain'][d]['train_tokens'] for d in DOMAINS} }), val rows {n['val']}")  # fmt: skip
+    print(
+        f"\nDataConfig(): built in {build_s:.1f}s, cached {cached_s:.2f}s; train tokens {n['train']:,} "
+        f"({ {d: n['by_domain'][d]['train_tokens'] for d in DOMAINS} }), val rows {n['val']}"
+    )
     assert build_s < BUILD_BUDGET_S and cached_s < CACHED_BUDGET_S and again.stats["from_cache"]
     total = n["train"]
     assert 1_000_000 < total < 4_000_000  # "a few million tokens at most"
@@ -37,4 +39,5 @@ def test_default_config_builds_within_budget_from_the_committed_tokenizers_corpu
     if here != info["python"]:
         pytest.skip(f"the corpus depends on the stdlib: the tokenizer was built with {info['python']}, this is {here}")
     assert ds.stats["train_corpus_sha256"] == info["train_corpus_sha256"], (
-        "the default corpus changed: rebuild the tokenizer with `python -m dsv3lab.data.build_tokenizer`")
+        "the default corpus changed: rebuild the tokenizer with `python -m dsv3lab.data.build_tokenizer`"
+    )

@@ -44,7 +44,8 @@ def test_aligned_sum_matches_a_hand_computation():
     for bits in (3, 8, 14):
         acc = torch.randn(50, generator=g, dtype=torch.float64) * 100
         products = torch.randn(50, 32, generator=g, dtype=torch.float64) * torch.exp2(
-            torch.randint(-6, 6, (50, 32), generator=g).double())
+            torch.randint(-6, 6, (50, 32), generator=g).double()
+        )
         ours = aligned_sum(acc, products, bits)
         ref = [_aligned_sum_by_hand(acc[i].item(), products[i].tolist(), bits) for i in range(50)]
         assert ours.tolist() == ref
@@ -83,8 +84,9 @@ def test_bad_arguments():
 
 def test_per_row_settings_and_snapshots_equal_separate_runs():
     a, b = fp8_operands(4, 6, 1024, "positive", seed=3)
-    batched = emulated_gemm(torch.cat([a, a, a]), b, acc_bits=[14] * 4 + [16] * 4 + [14] * 4,
-                            promote_every=[0] * 4 + [0] * 4 + [128] * 4)  # fmt: skip
+    batched = emulated_gemm(
+        torch.cat([a, a, a]), b, acc_bits=[14] * 4 + [16] * 4 + [14] * 4, promote_every=[0] * 4 + [0] * 4 + [128] * 4
+    )
     assert torch.equal(batched[:4], emulated_gemm(a, b, acc_bits=14, promote_every=None))
     assert torch.equal(batched[4:8], emulated_gemm(a, b, acc_bits=16, promote_every=None))
     assert torch.equal(batched[8:], emulated_gemm(a, b, acc_bits=14, promote_every=128))

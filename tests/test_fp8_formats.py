@@ -9,11 +9,27 @@ from dsv3lab.fp8.formats import fp8_format, fp8_grid, is_representable, resolve_
 
 # The OCP 8-bit floating point spec (E4M3 "fn" and E5M2), written down independently of the code under test.
 SPEC = {
-    "e4m3": dict(exponent_bits=4, mantissa_bits=3, bias=7, max=448.0, min_normal=2.0**-6, min_subnormal=2.0**-9,
-                 has_inf=False, n_unique=253),  # 256 patterns − 2 NaN (±0x7F) − (−0 duplicate)
-    "e5m2": dict(exponent_bits=5, mantissa_bits=2, bias=15, max=57344.0, min_normal=2.0**-14, min_subnormal=2.0**-16,
-                 has_inf=True, n_unique=247),  # 256 − 6 NaN − 2 inf − (−0)
-}  # fmt: skip
+    "e4m3": dict(
+        exponent_bits=4,
+        mantissa_bits=3,
+        bias=7,
+        max=448.0,
+        min_normal=2.0**-6,
+        min_subnormal=2.0**-9,
+        has_inf=False,
+        n_unique=253,
+    ),  # 256 patterns − 2 NaN (±0x7F) − (−0 duplicate)
+    "e5m2": dict(
+        exponent_bits=5,
+        mantissa_bits=2,
+        bias=15,
+        max=57344.0,
+        min_normal=2.0**-14,
+        min_subnormal=2.0**-16,
+        has_inf=True,
+        n_unique=247,
+    ),  # 256 − 6 NaN − 2 inf − (−0)
+}
 
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])
@@ -95,7 +111,8 @@ def test_vectorised_rounding_equals_torchs_cast_bit_for_bit(name):
     mids = (grid[:-1] + grid[1:]) / 2
     g = torch.Generator().manual_seed(0)
     rand = torch.randn(100_000, generator=g, dtype=torch.float64) * torch.exp2(
-        torch.randint(-24, 16, (100_000,), generator=g).double())
+        torch.randint(-24, 16, (100_000,), generator=g).double()
+    )
     special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 126.2, 127.9, 15.9, 464.0, 465.0, -470.0])
     x = torch.cat([grid, mids, mids * (1 + 1e-6), mids * (1 - 1e-6), rand, special.double()]).float()
     x = x[x.abs() <= fmt.max * 1.03]  # within the range, plus the saturating band above max

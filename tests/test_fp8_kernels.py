@@ -25,8 +25,14 @@ def test_kernels_equal_the_reference():
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     summary = out.stdout.strip().splitlines()[-1]
     passed = re.search(r"\b(\d+) passed", summary)

@@ -27,8 +27,9 @@ class MatmulRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket.__name__ in GEMM_OPS:
-            self.calls.append((func.overloadpacket.__name__, [a.detach().clone() for a in args
-                                                               if isinstance(a, torch.Tensor)]))
+            self.calls.append(
+                (func.overloadpacket.__name__, [a.detach().clone() for a in args if isinstance(a, torch.Tensor)])
+            )
         return func(*args, **(kwargs or {}))
 
 
@@ -245,13 +246,15 @@ def test_fp8_config_fields_and_messages(tiny_cfg):
 
 
 def test_fp8_is_imported_only_when_used():
-    code = ("import sys, torch, dsv3lab\n"
-            "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny'))\n"
-            "assert 'dsv3lab.fp8' not in sys.modules, 'fp8 imported without fp8=True'\n"
-            "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny', fp8=True))\n"
-            "m(torch.randint(0, 512, (1, 16)))\n"
-            "assert 'dsv3lab.fp8.linear' in sys.modules\n"
-            "assert 'dsv3lab.fp8.kernels' not in sys.modules, 'the Triton kernels were imported on CPU'\n")  # fmt: skip
+    code = (
+        "import sys, torch, dsv3lab\n"
+        "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny'))\n"
+        "assert 'dsv3lab.fp8' not in sys.modules, 'fp8 imported without fp8=True'\n"
+        "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny', fp8=True))\n"
+        "m(torch.randint(0, 512, (1, 16)))\n"
+        "assert 'dsv3lab.fp8.linear' in sys.modules\n"
+        "assert 'dsv3lab.fp8.kernels' not in sys.modules, 'the Triton kernels were imported on CPU'\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -262,8 +265,11 @@ def test_adamw_matches_torch_with_fp32_moments_and_stores_bf16_moments():
     p0 = torch.randn(40, 30, generator=g)
     params = [nn.Parameter(p0.clone()) for _ in range(3)]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    opts = [torch.optim.AdamW([params[0]], foreach=False, **kw), AdamW([params[1]], moment_dtype=torch.float32, **kw),
-            AdamW([params[2]], **kw)]  # fmt: skip
+    opts = [
+        torch.optim.AdamW([params[0]], foreach=False, **kw),
+        AdamW([params[1]], moment_dtype=torch.float32, **kw),
+        AdamW([params[2]], **kw),
+    ]
     for _ in range(25):
         grad = torch.randn(40, 30, generator=g)
         for p, opt in zip(params, opts):

@@ -157,6 +157,7 @@ def test_block_quantization_equals_the_checkpoint_path():
     """Two implementations of the 128×128 weight format agree: dsv3lab.fp8 (training) and dsv3lab.infer.blockfp8
     (the official checkpoint's weight_scale_inv), bit for bit, edge blocks included."""
     from dsv3lab.infer import blockfp8
+
     w = _x((300, 200), seed=5)
     ours = quantize(w, BLOCK2D)
     data, scale_inv = blockfp8.quantize_blocks(w)

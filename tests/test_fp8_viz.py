@@ -4,12 +4,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from dsv3lab.fp8.accum import accumulation_sweep, accumulator_bits_sweep, promotion_interval_sweep  # noqa: E402
-from dsv3lab.fp8.compare import loss_curves  # noqa: E402
-from dsv3lab.fp8.quant import outlier_scaling_demo  # noqa: E402
-from dsv3lab.viz import fp8 as vfp8  # noqa: E402
+from dsv3lab.fp8.accum import accumulation_sweep, accumulator_bits_sweep, promotion_interval_sweep
+from dsv3lab.fp8.compare import loss_curves
+from dsv3lab.fp8.quant import outlier_scaling_demo
+from dsv3lab.viz import fp8 as vfp8
 
 
 def test_grid_and_granularity_plots():

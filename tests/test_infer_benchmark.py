@@ -14,8 +14,10 @@ def test_decode_benchmark_json_keys(capsys):
     spec = importlib.util.spec_from_file_location("decode_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--preset", "tiny", "--contexts", "16", "--new-tokens", "3", "--repeats", "1",
-                       "--threads", "1"]) == 0  # fmt: skip
+    assert (
+        bench.main(["--preset", "tiny", "--contexts", "16", "--new-tokens", "3", "--repeats", "1", "--threads", "1"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert {"preset", "new_tokens", "repeats", "threads", "machine", "versions", "contexts"} <= set(out)
     row = out["contexts"]["16"]

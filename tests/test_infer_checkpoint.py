@@ -26,21 +26,47 @@ def test_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     config = DeepseekV3Config(
-        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings":
-                         64, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    )  # fmt: skip
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    )
     torch.manual_seed(0)
     hf = DeepseekV3ForCausalLM(config).eval()
     with torch.no_grad():
         for layer in hf.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)  # non-zero: selection depends on it
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
-    assert any("experts.0.gate_proj" in k for k in json.loads((tmp_path / "model.safetensors.index.json")
-                                                              .read_text())["weight_map"])  # per-expert on disk
+    assert any(
+        "experts.0.gate_proj" in k
+        for k in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    )  # per-expert on disk
     with pytest.warns(UserWarning, match="no MTP weights"):  # transformers' config says 1 MTP layer, saves none
         ours = from_pretrained(tmp_path, dtype=torch.float32)
     assert ours.cfg.yarn_enabled and ours.cfg.n_expert_groups == 4 and ours.cfg.n_mtp == 0
@@ -87,8 +113,10 @@ def test_mtp_weights_survive_the_round_trip(tiny_model, tmp_path):
     assert torch.equal(files[f"model.layers.{n}.shared_head.norm.weight"], mtp.norm.weight)
     assert torch.equal(files[f"model.layers.{n}.embed_tokens.weight"], tiny_model.embed.weight)  # duplicates
     assert torch.equal(files[f"model.layers.{n}.shared_head.head.weight"], tiny_model.head.weight)
-    assert set(files) == set(layout(tiny_model.cfg)) | {f"model.layers.{n}.embed_tokens.weight",
-                                                         f"model.layers.{n}.shared_head.head.weight"}  # fmt: skip
+    assert set(files) == set(layout(tiny_model.cfg)) | {
+        f"model.layers.{n}.embed_tokens.weight",
+        f"model.layers.{n}.shared_head.head.weight",
+    }
     back = from_pretrained(tmp_path)
     for (name, a), b in zip(tiny_model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
@@ -113,8 +141,9 @@ def test_loading_streams_through_meta_one_tensor_at_a_time(tiny_model, tmp_path,
     assert stats.live_bytes == 0
     monkeypatch.undo()
     fresh = dsv3lab.build_model(tiny_model.cfg)
-    assert torch.equal(model.rope_cos, fresh.rope_cos) and all(int(m.tokens_per_expert.sum()) == 0
-                                                              for m in model.moe_layers())  # fmt: skip
+    assert torch.equal(model.rope_cos, fresh.rope_cos) and all(
+        int(m.tokens_per_expert.sum()) == 0 for m in model.moe_layers()
+    )
 
 
 # ---------------------------------------------------------------------- FP8
@@ -154,15 +183,24 @@ def test_block_quantizer_against_a_loop_and_transformers(shape):
 def test_fp8_checkpoint_round_trip(tiny_model, tmp_path):
     tiny_model.eval().save_pretrained(tmp_path, fp8=True)
     cfg_json = json.loads((tmp_path / "config.json").read_text())
-    assert cfg_json["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                               "weight_block_size": [128, 128]}  # fmt: skip
+    assert cfg_json["quantization_config"] == {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
     files = checkpoint_tensors(tmp_path)
     w = files["model.layers.1.self_attn.q_b_proj.weight"]
     assert w.dtype == torch.float8_e4m3fn
     assert files["model.layers.1.self_attn.q_b_proj.weight_scale_inv"].shape == (1, 1)
     assert files["model.layers.1.mlp.experts.5.up_proj.weight"].dtype == torch.float8_e4m3fn
-    for kept in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
-                 "model.layers.2.eh_proj.weight", "model.norm.weight"):  # fmt: skip
+    for kept in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.2.eh_proj.weight",
+        "model.norm.weight",
+    ):
         assert files[kept].dtype == torch.float32 and kept + "_scale_inv" not in files
     assert files["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     back = from_pretrained(tmp_path, dtype=torch.float32)
@@ -192,9 +230,13 @@ def test_convert_fp8_bf16_and_rope_layout_streaming(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "fp8_direct", fp8=True, max_shard_size="150KB")
     convert(tmp_path / "fp32", tmp_path / "fp8", fp8=True)
     a, b = checkpoint_tensors(tmp_path / "fp8"), checkpoint_tensors(tmp_path / "fp8_direct")
-    assert set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn
-                                                else a[k], b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn
-                                                else b[k]) for k in a)  # fmt: skip
+    assert set(a) == set(b) and all(
+        torch.equal(
+            a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+            b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k],
+        )
+        for k in a
+    )
     convert(tmp_path / "fp8", tmp_path / "bf16", fp8=False, dtype=torch.bfloat16, rope_interleave=False)
     cfg_json = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert "quantization_config" not in cfg_json and cfg_json["torch_dtype"] == "bfloat16"
@@ -239,8 +281,11 @@ def _edit(folder, drop=(), add=None, replace=None):
 
 def test_missing_and_unexpected_tensors_are_one_error(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path, max_shard_size="150KB")
-    _edit(tmp_path, drop=["model.layers.1.mlp.experts.4.up_proj.weight", "model.norm.weight"],
-          add={"model.layers.0.mlp.bias": torch.zeros(3)})  # fmt: skip
+    _edit(
+        tmp_path,
+        drop=["model.layers.1.mlp.experts.4.up_proj.weight", "model.norm.weight"],
+        add={"model.layers.0.mlp.bias": torch.zeros(3)},
+    )
     with pytest.raises(CheckpointError) as err:
         from_pretrained(tmp_path)
     msg = str(err.value)
@@ -251,8 +296,11 @@ def test_missing_and_unexpected_tensors_are_one_error(tiny_model, tmp_path):
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     _edit(tmp_path, replace={"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(100, 32)})
-    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.kv_b_proj.weight: the checkpoint holds "
-                       r"shape \(100, 32\) but the model of config.json needs \(128, 32\)"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.layers.0.self_attn.kv_b_proj.weight: the checkpoint holds "
+        r"shape \(100, 32\) but the model of config.json needs \(128, 32\)",
+    ):
         from_pretrained(tmp_path)
 
 
@@ -263,12 +311,15 @@ def test_fp8_weight_without_its_scale_is_an_error(tiny_model, tmp_path):
         from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
-    ({"quantization_config": {"quant_method": "awq"}}, "quant_method='awq' is not supported"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
-    ({"num_key_value_heads": 2}, "num_key_value_heads"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quant_method='awq' is not supported"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads"),
+    ],
+)
 def test_unsupported_configs_are_errors(tiny_model, tmp_path, change, match):
     tiny_model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -306,8 +357,16 @@ def test_training_run_folder_converts_to_the_official_layout(tmp_path):
     from dsv3lab.train import TrainConfig, load_run, train
     from helpers import SyntheticData
 
-    cfg = TrainConfig(preset="tiny", seq_len=16, steps=2, batch_size=2, micro_batch_size=2, eval_every=0,
-                      progress=False, out=str(tmp_path / "run"))  # fmt: skip
+    cfg = TrainConfig(
+        preset="tiny",
+        seq_len=16,
+        steps=2,
+        batch_size=2,
+        micro_batch_size=2,
+        eval_every=0,
+        progress=False,
+        out=str(tmp_path / "run"),
+    )
     train(cfg, SyntheticData(vocab_size=512, seq_len=16))
     convert(tmp_path / "run", tmp_path / "hf", fp8=False)
     trained = load_run(tmp_path / "run").model

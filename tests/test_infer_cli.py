@@ -55,8 +55,9 @@ def test_generate_streams_text_and_matches_greedy(checkpoint, capsys):
     path, model, tok = checkpoint
     assert main(["generate", "--checkpoint", str(path), "--prompt", "the quick", "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out
-    assert main(["generate", "--checkpoint", str(path), "--prompt", "the quick", "--max-new-tokens", "6",
-                 "--json"]) == 0  # fmt: skip
+    assert (
+        main(["generate", "--checkpoint", str(path), "--prompt", "the quick", "--max-new-tokens", "6", "--json"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     prompt = [model.cfg.bos_token_id] + tok.encode("the quick")  # text prompts start with bos, like documents
     expected = greedy_reference(model, prompt, 6)

@@ -19,17 +19,24 @@ def _measured_macs(attn, cfg, s, t, cache_kind):
             attn(torch.randn(1, t - s, cfg.dim), 0, cos[: t - s], sin[: t - s], cache)
         with FlopCounterMode(display=False) as counter:
             attn(torch.randn(1, s, cfg.dim), t - s, cos[t - s :], sin[t - s :], cache)
-    shared = s * (cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * cfg.n_heads * cfg.qk_head_dim
-                  + cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.n_heads * cfg.v_head_dim * cfg.dim)
+    shared = s * (
+        cfg.dim * cfg.q_lora_rank
+        + cfg.q_lora_rank * cfg.n_heads * cfg.qk_head_dim
+        + cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        + cfg.n_heads * cfg.v_head_dim * cfg.dim
+    )
     return counter.get_total_flops() // 2 - shared
 
 
-@pytest.mark.parametrize("s,t,cache_kind,path", [
-    (1, 40, "absorb", "absorb"),        # decode on the latent: absorbed
-    (32, 32, "absorb", "expand"),       # prefill on the latent: up-projected once
-    (1, 40, "naive", "naive_cached"),   # decode on per-head K/V
-    (12, 40, "naive", "naive_cached"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "s,t,cache_kind,path",
+    [
+        (1, 40, "absorb", "absorb"),  # decode on the latent: absorbed
+        (32, 32, "absorb", "expand"),  # prefill on the latent: up-projected once
+        (1, 40, "naive", "naive_cached"),  # decode on per-head K/V
+        (12, 40, "naive", "naive_cached"),
+    ],
+)
 def test_cost_model_matches_the_flop_counter(s, t, cache_kind, path):
     cfg = dsv3lab.ModelConfig.preset("tiny")
     attn = MLA(cfg)

@@ -17,13 +17,11 @@ def test_mtp_targets_are_shifted_correctly_hand_built(tiny_cfg):
         h0 = model.hidden(tokens)  # [1, 7, d]
         cos, sin = model.rope(0, 6)
         m1 = model.mtp[0]
-        h1 = m1.block(m1.eh_proj(torch.cat([m1.enorm(model.embed(seq[:, 1:7])), m1.hnorm(h0[:, :6])], -1)), 0,
-                      cos, sin)  # fmt: skip
+        h1 = m1.block(m1.eh_proj(torch.cat([m1.enorm(model.embed(seq[:, 1:7])), m1.hnorm(h0[:, :6])], -1)), 0, cos, sin)
         loss1 = F.cross_entropy(model.head(m1.norm(h1))[0], seq[0, 2:8])  # depth 1 predicts t_{i+2}
         cos, sin = model.rope(0, 5)
         m2 = model.mtp[1]
-        h2 = m2.block(m2.eh_proj(torch.cat([m2.enorm(model.embed(seq[:, 2:7])), m2.hnorm(h1[:, :5])], -1)), 0,
-                      cos, sin)  # fmt: skip
+        h2 = m2.block(m2.eh_proj(torch.cat([m2.enorm(model.embed(seq[:, 2:7])), m2.hnorm(h1[:, :5])], -1)), 0, cos, sin)
         loss2 = F.cross_entropy(model.head(m2.norm(h2))[0], seq[0, 3:8])  # depth 2 predicts t_{i+3}
     assert losses["mtp_1"].item() == pytest.approx(loss1.item(), rel=1e-5)
     assert losses["mtp_2"].item() == pytest.approx(loss2.item(), rel=1e-5)

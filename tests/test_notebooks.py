@@ -29,8 +29,9 @@ def test_notebook_runs_in_fast_mode(path, tmp_path):
     os.environ["DSV3LAB_FAST"] = "1"
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        client = NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(path.parent)}})  # fmt: skip
+        client = NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
         t0 = time.time()
         client.execute()
         elapsed = time.time() - t0

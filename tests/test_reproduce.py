@@ -28,8 +28,7 @@ def test_tour_outputs(fast_run):
     table = pd.read_csv(fast_run / "presets.csv").set_index("preset")
     assert list(table.index) == ["tiny", "toy", "small", "16B", "236B", "671B"]
     assert table.loc["671B", "kv_latent_bytes_per_token"] == 70_272
-    for col in ("total_params", "activated_params", "mtp_params", "kv_materialized_bytes_per_token",
-                "flops_per_token"):  # fmt: skip
+    for col in ("total_params", "activated_params", "mtp_params", "kv_materialized_bytes_per_token", "flops_per_token"):
         assert col in table.columns
     assert (fast_run / "kv_cache.png").stat().st_size > 10_000
     summary = json.loads((fast_run / "summary.json").read_text())
@@ -64,9 +63,15 @@ def test_training_experiments_summary_and_files(fast_run):
     assert set(table.variant) == {"none", "aux_loss", "aux_free", "aux_free_seq"}
     # the summary is computed from the table, not typed in
     assert summary["load_balance"]["aux_free"]["val_loss"] == pytest.approx(
-        table[table.variant == "aux_free"].val_loss.mean())
-    for name in ("load_balance_curves.png", "load_heatmaps.png", "bias_trajectories.png", "specialization.png",
-                 "mtp.png"):
+        table[table.variant == "aux_free"].val_loss.mean()
+    )
+    for name in (
+        "load_balance_curves.png",
+        "load_heatmaps.png",
+        "bias_trajectories.png",
+        "specialization.png",
+        "mtp.png",
+    ):
         assert (fast_run / name).stat().st_size > 10_000, name
     report = (fast_run / "REPORT.md").read_text()
     for title in ("## E1", "## E2", "## E3"):

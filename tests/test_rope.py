@@ -25,8 +25,9 @@ def test_yarn_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = ModelConfig.preset("671B", max_seq_len=163840)
-    hf = DeepseekV3Config(rope_parameters=dict(cfg.to_hf()["rope_scaling"], rope_theta=10000.0),
-                          max_position_embeddings=163840)  # fmt: skip
+    hf = DeepseekV3Config(
+        rope_parameters=dict(cfg.to_hf()["rope_scaling"], rope_theta=10000.0), max_position_embeddings=163840
+    )
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     torch.testing.assert_close(rope_frequencies(cfg), inv_freq.float())
     assert attention_factor == pytest.approx(1.0)  # mscale == mscale_all_dim: cos/sin are not scaled

@@ -35,8 +35,9 @@ def data():
 
 
 def tiny(**kw):
-    base = dict(preset="tiny", seq_len=SEQ, steps=6, batch_size=4, micro_batch_size=4, eval_every=0, progress=False,
-                lr=3e-3)
+    base = dict(
+        preset="tiny", seq_len=SEQ, steps=6, batch_size=4, micro_batch_size=4, eval_every=0, progress=False, lr=3e-3
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -83,8 +84,21 @@ def test_short_run_learns_and_logs_every_metric(data):
     m = result.metrics
     assert len(m) == 16 and list(m.step) == list(range(16))
     assert m.loss_main.iloc[-5:].mean() < m.loss_main.iloc[:3].mean() - 0.2
-    for col in ("lr", "batch_size", "tokens_seen", "loss_mtp_1", "loss_aux", "loss_total", "grad_norm",
-                "tokens_per_s", "maxvio_batch", "maxvio_seq", "mtp_lambda", "gamma", "bias_abs_mean"):
+    for col in (
+        "lr",
+        "batch_size",
+        "tokens_seen",
+        "loss_mtp_1",
+        "loss_aux",
+        "loss_total",
+        "grad_norm",
+        "tokens_per_s",
+        "maxvio_batch",
+        "maxvio_seq",
+        "mtp_lambda",
+        "gamma",
+        "bias_abs_mean",
+    ):
         assert col in m.columns and m[col].notna().all(), col
     assert m.tokens_seen.iloc[-1] == m.batch_size.sum() * SEQ
     assert set(result.val.step) == {8, 16} and set(result.val.domain) == set(data.val)
@@ -107,8 +121,7 @@ def test_gradient_accumulation_matches_one_big_batch(data):
 
 def test_bias_is_updated_once_per_optimizer_step(data):
     gamma = 1e-3
-    result = train(tiny(steps=1, batch_size=4, batch_size_start=4, micro_batch_size=1, bias_update_speed=gamma),
-                   data)
+    result = train(tiny(steps=1, batch_size=4, batch_size_start=4, micro_batch_size=1, bias_update_speed=gamma), data)
     bias = result.loads["bias"][0]  # after the step's update, from zero
     steps = torch.tensor(bias).abs().unique().tolist()
     assert max(steps) == pytest.approx(gamma)  # 4 micro-batches, one update of ±γ (not 4γ)
@@ -174,8 +187,9 @@ def test_resume_continues_the_identical_trajectory(tmp_path, data):
     loaded = load_run(tmp_path / "part")
     for p, q in zip(full.model.state_dict().values(), loaded.model.state_dict().values()):
         assert torch.equal(p, q)
-    assert loaded.metrics.drop(columns=drop).equals(full.metrics.drop(columns=drop).astype(loaded.metrics.dtypes
-                                                                                          .drop(drop).to_dict()))
+    assert loaded.metrics.drop(columns=drop).equals(
+        full.metrics.drop(columns=drop).astype(loaded.metrics.dtypes.drop(drop).to_dict())
+    )
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, data):
@@ -313,8 +327,27 @@ def test_bad_corpus_folders(tmp_path, capsys):
     with pytest.raises(ValueError):
         make_data(cfg.replace(corpus=str(binary)), cfg.model_config())
     out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--steps", "1", "--set", f"corpus={tmp_path / 'missing'}",
-                 "--set", "vocab_size=8192", "--set", f"seq_len={SEQ}", "--out", str(out), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--set",
+                f"corpus={tmp_path / 'missing'}",
+                "--set",
+                "vocab_size=8192",
+                "--set",
+                f"seq_len={SEQ}",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "missing" in capsys.readouterr().err
 
 
@@ -349,8 +382,9 @@ def test_bf16_adam_moments_train_resume_identically_and_keep_their_dtype(tmp_pat
     fp32 = train(tiny(**{**kw, "adam_moments": "fp32"}), data)
     # BF16 moments round the stored m and v only: the run stays close to the FP32 one but is not identical to it
     assert not full.metrics.loss_main.equals(fp32.metrics.loss_main)
-    torch.testing.assert_close(torch.tensor(full.metrics.loss_main.values), torch.tensor(fp32.metrics.loss_main.values),
-                               rtol=2e-2, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(full.metrics.loss_main.values), torch.tensor(fp32.metrics.loss_main.values), rtol=2e-2, atol=0
+    )
 
     part = tiny(out=str(tmp_path / "part"), checkpoint_every=2, **kw)
     interrupt_at_step(part, data, 3)

@@ -4,13 +4,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import pytest
+import torch
 
-from dsv3lab import ModelConfig, viz  # noqa: E402
-from dsv3lab.utils import time_alternating  # noqa: E402
+from dsv3lab import ModelConfig, viz
+from dsv3lab.utils import time_alternating
 
 
 def test_plot_bars_draws_one_bar_per_case_and_variant():

@@ -17,7 +17,25 @@ from .packing import apply_fim, is_fim, pack, undo_fim
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, default_tokenizer, train_tokenizer
 
 __all__ = [
-    "DOMAINS", "Document", "builtin_corpus", "corpus_stats", "documents_table", "folder_corpus", "DEFAULT_CACHE_DIR",
-    "DataConfig", "Datasets", "load_corpus", "make_datasets", "MathProblem", "math_problem", "apply_fim", "is_fim",
-    "pack", "undo_fim", "SPECIAL_TOKENS", "Tokenizer", "default_tokenizer", "train_tokenizer",
-]  # fmt: skip
+    "DOMAINS",
+    "Document",
+    "builtin_corpus",
+    "corpus_stats",
+    "documents_table",
+    "folder_corpus",
+    "DEFAULT_CACHE_DIR",
+    "DataConfig",
+    "Datasets",
+    "load_corpus",
+    "make_datasets",
+    "MathProblem",
+    "math_problem",
+    "apply_fim",
+    "is_fim",
+    "pack",
+    "undo_fim",
+    "SPECIAL_TOKENS",
+    "Tokenizer",
+    "default_tokenizer",
+    "train_tokenizer",
+]

@@ -36,8 +36,11 @@ def build(cfg: DataConfig | None = None) -> tuple[Tokenizer, dict, float]:
         "fingerprint": tok.fingerprint(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "tokenizers": tokenizers.__version__,
-        "corpus": {k: v for k, v in cfg.to_dict().items() if k in ("corpus", "seed", "max_chars_per_domain",
-                                                                     "val_fraction", "domains")},  # fmt: skip
+        "corpus": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k in ("corpus", "seed", "max_chars_per_domain", "val_fraction", "domains")
+        },
         "train_documents": corpus_stats([d for d in docs if d.split == "train"]),
         "train_corpus_sha256": corpus_digest(docs, "train"),
     }
@@ -54,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         old = Tokenizer.load(args.out)
         same = old.fingerprint() == tok.fingerprint()
-        print(f"{'same' if same else 'DIFFERENT'}: committed {old.fingerprint()} vs rebuilt {tok.fingerprint()} "
-              f"({info['python']})")  # fmt: skip
+        print(
+            f"{'same' if same else 'DIFFERENT'}: committed {old.fingerprint()} vs rebuilt {tok.fingerprint()} "
+            f"({info['python']})"
+        )
         return 0 if same else 1
     tok.save(args.out)
     (args.out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {args.out / 'tokenizer.json'}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint()}, "
-          f"{seconds:.1f} s")  # fmt: skip
+    print(
+        f"wrote {args.out / 'tokenizer.json'}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint()}, {seconds:.1f} s"
+    )
     return 0
 
 

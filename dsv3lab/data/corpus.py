@@ -75,8 +75,9 @@ def assign_splits(items: list[tuple[str, str, str, str]], val_fraction: float, s
     return [Document(text, dom, src, sp) for (text, dom, src, _), sp in zip(items, splits)]
 
 
-def _capped(candidates: Iterable[tuple[str, Callable[[], list[tuple[str, str]]]]], max_chars: int | None,
-            seed: int) -> list[tuple[str, str, str]]:  # fmt: skip
+def _capped(
+    candidates: Iterable[tuple[str, Callable[[], list[tuple[str, str]]]]], max_chars: int | None, seed: int
+) -> list[tuple[str, str, str]]:
     """Visit (key, loader) candidates in a seeded order; loader() -> [(source, text)]; keep whole texts that fit."""
     out, total, seen = [], 0, set()
     for key, load in sorted(candidates, key=lambda c: hash_unit("order:" + c[0], seed)):
@@ -170,8 +171,10 @@ def _math_items(max_chars: int | None, seed: int) -> list[tuple[str, str, str]]:
     from .math_problems import math_problem
 
     if max_chars is None:
-        raise ValueError("max_chars_per_domain=None is only allowed without the generated 'math' domain "
-                         "(it is endless); give a number of characters")  # fmt: skip
+        raise ValueError(
+            "max_chars_per_domain=None is only allowed without the generated 'math' domain "
+            "(it is endless); give a number of characters"
+        )
     out, total, seen = [], 0, set()
     for i in itertools.count():
         text = math_problem(seed, i).text
@@ -184,8 +187,12 @@ def _math_items(max_chars: int | None, seed: int) -> list[tuple[str, str, str]]:
     raise AssertionError("unreachable")
 
 
-def builtin_corpus(seed: int = 0, max_chars_per_domain: int | None = 2_000_000, val_fraction: float = 0.05,
-                   domains: Iterable[str] = DOMAINS) -> list[Document]:  # fmt: skip
+def builtin_corpus(
+    seed: int = 0,
+    max_chars_per_domain: int | None = 2_000_000,
+    val_fraction: float = 0.05,
+    domains: Iterable[str] = DOMAINS,
+) -> list[Document]:
     """The built-in corpus (see the module docstring): ``code``, ``prose`` and ``math`` documents, split by document.
 
     Args:
@@ -244,8 +251,13 @@ def chunk_text(text: str, max_chars: int = FOLDER_CHUNK_CHARS) -> list[str]:
     return out
 
 
-def folder_corpus(path: str | os.PathLike, domain: str = "user", val_fraction: float = 0.05, seed: int = 0,
-                  max_chars: int | None = None) -> list[Document]:  # fmt: skip
+def folder_corpus(
+    path: str | os.PathLike,
+    domain: str = "user",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_chars: int | None = None,
+) -> list[Document]:
     """Every UTF-8 text file under ``path`` (recursively, hidden entries skipped) as documents labelled ``domain``.
 
     Files over ``FOLDER_CHUNK_CHARS`` are cut at line breaks into several documents (``source`` = ``relpath#k``), so
@@ -255,8 +267,10 @@ def folder_corpus(path: str | os.PathLike, domain: str = "user", val_fraction: f
     """
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"corpus folder {str(root)!r} does not exist; corpus must be 'builtin' or an existing "
-                                "folder of UTF-8 text files")  # fmt: skip
+        raise FileNotFoundError(
+            f"corpus folder {str(root)!r} does not exist; corpus must be 'builtin' or an existing "
+            "folder of UTF-8 text files"
+        )
     if not root.is_dir():
         raise ValueError(f"corpus {str(root)!r} is a file; corpus must be 'builtin' or a folder of UTF-8 text files")
     if not domain or not isinstance(domain, str):
@@ -268,8 +282,11 @@ def folder_corpus(path: str | os.PathLike, domain: str = "user", val_fraction: f
             raise ValueError(f"the saved dataset at {str(root)!r} has no non-empty 'text' rows")
         items = [(t, domain, src, src) for src, t in texts]
         return assign_splits(_cap_items(items, max_chars), val_fraction, seed)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))  # fmt: skip
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise ValueError(f"corpus folder {str(root)!r} is empty; it must hold UTF-8 text files (any extension)")
     items, rejected = [], {"binary": 0, "empty": 0}
@@ -284,8 +301,10 @@ def folder_corpus(path: str | os.PathLike, domain: str = "user", val_fraction: f
             src = f"{rel}#{k}" if len(chunks) > 1 else rel
             items.append((chunk, domain, f"folder:{src}", src))
     if not items:
-        raise ValueError(f"corpus folder {str(root)!r} has {len(files)} file(s) but no text: {rejected['binary']} "
-                         f"binary, {rejected['empty']} empty; it must hold non-empty UTF-8 text files")  # fmt: skip
+        raise ValueError(
+            f"corpus folder {str(root)!r} has {len(files)} file(s) but no text: {rejected['binary']} "
+            f"binary, {rejected['empty']} empty; it must hold non-empty UTF-8 text files"
+        )
     return assign_splits(_cap_items(items, max_chars), val_fraction, seed)
 
 
@@ -306,8 +325,10 @@ def _hf_dataset_texts(root: Path) -> list[str]:
     try:
         import datasets  # optional: not a dependency of dsv3lab
     except ImportError:
-        raise ValueError(f"{str(root)!r} is a saved Hugging Face dataset; reading it needs the optional `datasets` "
-                         "package (pip install datasets), or give a folder of text files") from None
+        raise ValueError(
+            f"{str(root)!r} is a saved Hugging Face dataset; reading it needs the optional `datasets` "
+            "package (pip install datasets), or give a folder of text files"
+        ) from None
     ds = datasets.load_from_disk(str(root))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
@@ -340,8 +361,14 @@ def documents_table(docs: list[Document], tokenizer=None):
     """A pandas DataFrame, one row per document: source, domain, split, chars (and tokens with a ``tokenizer``)."""
     import pandas as pd
 
-    table = pd.DataFrame({"source": [d.source for d in docs], "domain": [d.domain for d in docs],
-                          "split": [d.split for d in docs], "chars": [len(d.text) for d in docs]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "source": [d.source for d in docs],
+            "domain": [d.domain for d in docs],
+            "split": [d.split for d in docs],
+            "chars": [len(d.text) for d in docs],
+        }
+    )
     if tokenizer is not None:
         table["tokens"] = [len(x) for x in tokenizer.encode_batch([d.text for d in docs])]
     return table

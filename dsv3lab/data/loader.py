@@ -46,8 +46,11 @@ from .tokenizer import (
 FORMAT_VERSION = 1  # bump when the corpus builders or the cache layout change: old caches are then ignored
 # data/cache/ of the repository (git-ignored) wherever the caller's working directory is (notebooks run in notebooks/);
 # a copy installed without the repository caches under ~/.cache/dsv3lab instead
-DEFAULT_CACHE_DIR = (REPO_ROOT / "data" / "cache" if (REPO_ROOT / "pyproject.toml").is_file()
-                     else Path.home() / ".cache" / "dsv3lab" / "data")  # fmt: skip
+DEFAULT_CACHE_DIR = (
+    REPO_ROOT / "data" / "cache"
+    if (REPO_ROOT / "pyproject.toml").is_file()
+    else Path.home() / ".cache" / "dsv3lab" / "data"
+)
 
 
 @dataclass
@@ -85,13 +88,17 @@ class DataConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.max_chars_per_domain is not None and (not isinstance(self.max_chars_per_domain, int)
-                                                      or self.max_chars_per_domain < 1000):  # fmt: skip
-            raise ValueError(f"max_chars_per_domain must be None or an integer >= 1000, "
-                             f"got {self.max_chars_per_domain!r}")
+        if self.max_chars_per_domain is not None and (
+            not isinstance(self.max_chars_per_domain, int) or self.max_chars_per_domain < 1000
+        ):
+            raise ValueError(
+                f"max_chars_per_domain must be None or an integer >= 1000, got {self.max_chars_per_domain!r}"
+            )
         if self.max_chars_per_domain is None and self.is_builtin and "math" in self.domain_names:
-            raise ValueError("max_chars_per_domain=None (no cap) is not allowed with the built-in 'math' domain: its "
-                             "problems are generated without end; give a number of characters")
+            raise ValueError(
+                "max_chars_per_domain=None (no cap) is not allowed with the built-in 'math' domain: its "
+                "problems are generated without end; give a number of characters"
+            )
         if not isinstance(self.val_seqs_per_domain, int) or self.val_seqs_per_domain < 1:
             raise ValueError(f"val_seqs_per_domain must be a positive integer, got {self.val_seqs_per_domain!r}")
         if self.domains is not None:
@@ -102,8 +109,9 @@ class DataConfig:
                 if unknown:
                     raise ValueError(f"unknown domain(s) {unknown}; the built-in corpus has {DOMAINS}")
             elif len(self.domains) != 1:
-                raise ValueError(f"a folder corpus has one domain label; domains must be None or one name, "
-                                 f"got {self.domains!r}")  # fmt: skip
+                raise ValueError(
+                    f"a folder corpus has one domain label; domains must be None or one name, got {self.domains!r}"
+                )
 
     @property
     def is_builtin(self) -> bool:
@@ -125,10 +133,19 @@ class DataConfig:
 def load_corpus(cfg: DataConfig) -> list[Document]:
     """The documents ``cfg`` describes (built-in or a folder), labelled and split."""
     if cfg.is_builtin:
-        return builtin_corpus(seed=cfg.seed, max_chars_per_domain=cfg.max_chars_per_domain,
-                              val_fraction=cfg.val_fraction, domains=cfg.domain_names)  # fmt: skip
-    return folder_corpus(cfg.corpus, domain=cfg.domain_names[0], val_fraction=cfg.val_fraction, seed=cfg.seed,
-                         max_chars=cfg.max_chars_per_domain)  # fmt: skip
+        return builtin_corpus(
+            seed=cfg.seed,
+            max_chars_per_domain=cfg.max_chars_per_domain,
+            val_fraction=cfg.val_fraction,
+            domains=cfg.domain_names,
+        )
+    return folder_corpus(
+        cfg.corpus,
+        domain=cfg.domain_names[0],
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        max_chars=cfg.max_chars_per_domain,
+    )
 
 
 def corpus_fingerprint(cfg: DataConfig) -> str:
@@ -186,8 +203,9 @@ class Datasets:
             rows[sel] = self._perm(int(e))[pos[sel]]
         return rows
 
-    def batch(self, step: int, batch_size: int, device: torch.device | str | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def batch(
+        self, step: int, batch_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens ``[B, T]``, targets ``[B, T]``) for optimizer step ``step``; targets are tokens shifted by one."""
         # NumPy gathers and copies on one thread: torch's parallel indexing stalls on a busy 2-core machine
         rows = self.train.numpy()[self.batch_rows(step, batch_size)]  # [B, T+1]
@@ -231,8 +249,16 @@ def resolve_tokenizer(cfg: DataConfig, cache_dir: Path, docs: Callable[[], list[
     elif cfg.vocab_size == DEFAULT_VOCAB_SIZE:
         tok = default_tokenizer()
     else:
-        key = _key("tokenizer", FORMAT_VERSION, cfg.vocab_size, cfg.seed, cfg.max_chars_per_domain, cfg.val_fraction,
-                   cfg.domain_names, corpus_fingerprint(cfg))  # fmt: skip
+        key = _key(
+            "tokenizer",
+            FORMAT_VERSION,
+            cfg.vocab_size,
+            cfg.seed,
+            cfg.max_chars_per_domain,
+            cfg.val_fraction,
+            cfg.domain_names,
+            corpus_fingerprint(cfg),
+        )
         path = cache_dir / "tokenizers" / key
         if (path / "tokenizer.json").is_file():
             tok = Tokenizer.load(path)
@@ -240,13 +266,16 @@ def resolve_tokenizer(cfg: DataConfig, cache_dir: Path, docs: Callable[[], list[
             tok = train_tokenizer(docs(), vocab_size=cfg.vocab_size, seed=cfg.seed)
             tok.save(path)
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} entries but vocab_size={cfg.vocab_size}: token ids "
-                         "must fit the model's vocabulary; raise vocab_size or use another tokenizer")  # fmt: skip
+        raise ValueError(
+            f"the tokenizer has {tok.vocab_size} entries but vocab_size={cfg.vocab_size}: token ids "
+            "must fit the model's vocabulary; raise vocab_size or use another tokenizer"
+        )
     return tok
 
 
-def make_datasets(cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-                  log: Callable[[str], None] | None = None) -> Datasets:  # fmt: skip
+def make_datasets(
+    cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, log: Callable[[str], None] | None = None
+) -> Datasets:
     """Build (or load from ``cache_dir``) the tensors ``cfg`` describes. ``log`` receives one line per build."""
     from safetensors.torch import load_file, save_file
 
@@ -269,10 +298,21 @@ def make_datasets(cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["meta"])
         t = load_file(str(path))
-        ds = Datasets(tok, meta["domains"], cfg.seq_len, t["train"].long(),
-                      {d: t[f"val.{d}"].long() for d in meta["domains"]}, t["train_domains"], cfg.seed,
-                      {**meta["stats"], "from_cache": True, "cache_file": str(path),
-                       "load_seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+        ds = Datasets(
+            tok,
+            meta["domains"],
+            cfg.seq_len,
+            t["train"].long(),
+            {d: t[f"val.{d}"].long() for d in meta["domains"]},
+            t["train_domains"],
+            cfg.seed,
+            {
+                **meta["stats"],
+                "from_cache": True,
+                "cache_file": str(path),
+                "load_seconds": round(time.perf_counter() - t0, 3),
+            },
+        )
         return ds
     ds = build_datasets(cfg, tok, docs())
     ds.stats.update(build_seconds=round(time.perf_counter() - t0, 2), from_cache=False, cache_file=str(path))
@@ -284,8 +324,7 @@ def make_datasets(cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
     if log:
-        log(f"[data] built {ds.num_tokens()['train']:,} training tokens in {ds.stats['build_seconds']:.1f}s "
-            f"-> {path}")  # fmt: skip
+        log(f"[data] built {ds.num_tokens()['train']:,} training tokens in {ds.stats['build_seconds']:.1f}s -> {path}")
     return ds
 
 
@@ -307,8 +346,9 @@ def build_datasets(cfg: DataConfig, tok: Tokenizer, docs: list[Document]) -> Dat
     fim_docs = sum(1 for w in wrapped if len(w) > 1 and w[1] == tok.fim_prefix_id)
     train = pack(wrapped, cfg.seq_len)  # [N, T+1]
     dom_index = {d: k for k, d in enumerate(domains)}
-    labels = np.repeat(np.array([dom_index[docs[i].domain] for i in train_idx], dtype=np.int8),
-                       [len(w) for w in wrapped])[: train.numel()]  # fmt: skip
+    labels = np.repeat(
+        np.array([dom_index[docs[i].domain] for i in train_idx], dtype=np.int8), [len(w) for w in wrapped]
+    )[: train.numel()]
     train_domains = torch.from_numpy(labels.reshape(train.shape).copy())  # [N, T+1]
 
     # validation: each domain packed from its own documents, no FIM
@@ -319,13 +359,20 @@ def build_datasets(cfg: DataConfig, tok: Tokenizer, docs: list[Document]) -> Dat
         rows = pack([[tok.bos_id, *ids[i], tok.eos_id] for i in idx], cfg.seq_len)[: cfg.val_seqs_per_domain]
         if len(rows) == 0:
             n = sum(len(ids[i]) + 2 for i in idx)
-            raise ValueError(f"domain {d!r} has {len(idx)} validation document(s) with {n} tokens, fewer than one row "
-                             f"of seq_len + 1 = {cfg.seq_len + 1}; raise max_chars_per_domain or val_fraction, add "
-                             "documents, or lower seq_len")  # fmt: skip
+            raise ValueError(
+                f"domain {d!r} has {len(idx)} validation document(s) with {n} tokens, fewer than one row "
+                f"of seq_len + 1 = {cfg.seq_len + 1}; raise max_chars_per_domain or val_fraction, add "
+                "documents, or lower seq_len"
+            )
         val[d] = rows
     if len(train) == 0:
         raise ValueError(f"the training documents hold fewer than seq_len + 1 = {cfg.seq_len + 1} tokens")
-    stats = {"by_domain": by_domain, "fim_docs": fim_docs, "train_docs": len(train_idx),
-             "stream_tokens": sum(len(w) for w in wrapped), "train_corpus_sha256": corpus_digest(docs, "train"),
-             "tokenizer_fingerprint": tok.fingerprint()}  # fmt: skip
+    stats = {
+        "by_domain": by_domain,
+        "fim_docs": fim_docs,
+        "train_docs": len(train_idx),
+        "stream_tokens": sum(len(w) for w in wrapped),
+        "train_corpus_sha256": corpus_digest(docs, "train"),
+        "tokenizer_fingerprint": tok.fingerprint(),
+    }
     return Datasets(tok, domains, cfg.seq_len, train, val, train_domains, cfg.seed, stats)

@@ -85,8 +85,9 @@ def division(r: random.Random) -> MathProblem:
     q, rem = r.randint(10, 500), r.randint(0, d - 1)
     n = d * q + rem
     sol = f"{d} × {q} = {d * q}, and {n} - {d * q} = {rem}.\nSo {n} = {d} × {q} + {rem}."
-    return MathProblem("division", f"Divide {n} by {d}. Give the quotient and the remainder.", sol,
-                       f"quotient {q}, remainder {rem}")  # fmt: skip
+    return MathProblem(
+        "division", f"Divide {n} by {d}. Give the quotient and the remainder.", sol, f"quotient {q}, remainder {rem}"
+    )
 
 
 def fractions_(r: random.Random) -> MathProblem:
@@ -155,10 +156,12 @@ def system(r: random.Random) -> MathProblem:
     e1 = f"{_signed(a1, first=True)} {_signed(b1, 'y')} = {c1}"
     e2 = f"{_signed(a2, first=True)} {_signed(b2, 'y')} = {c2}"
     det = a1 * b2 - a2 * b1
-    sol = (f"Multiply the first equation by {b2} and the second by {b1}, then subtract to eliminate y:\n"
-           f"({a1 * b2} - {_p(a2 * b1)})x = {c1 * b2} - {_p(c2 * b1)}, so {det}x = {c1 * b2 - c2 * b1} and x = {x}.\n"
-           f"Substitute into the first equation: {_signed(b1, 'y', first=True)} = {c1} - {_p(a1 * x)} = "
-           f"{c1 - a1 * x}, so y = {y}.")  # fmt: skip
+    sol = (
+        f"Multiply the first equation by {b2} and the second by {b1}, then subtract to eliminate y:\n"
+        f"({a1 * b2} - {_p(a2 * b1)})x = {c1 * b2} - {_p(c2 * b1)}, so {det}x = {c1 * b2 - c2 * b1} and x = {x}.\n"
+        f"Substitute into the first equation: {_signed(b1, 'y', first=True)} = {c1} - {_p(a1 * x)} = "
+        f"{c1 - a1 * x}, so y = {y}."
+    )
     return MathProblem("system", f"Solve the system: {e1} and {e2}.", sol, f"x = {x}, y = {y}")
 
 
@@ -184,8 +187,12 @@ def gcd_lcm(r: random.Random) -> MathProblem:
         x, y = y, x % y
     lcm = a * b // x
     sol = "By Euclid's algorithm:\n" + "\n".join(steps) + f"\nSo gcd = {x}, and lcm = {a} × {b} / {x} = {lcm}."
-    return MathProblem("gcd_lcm", f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
-                       sol, f"gcd {x}, lcm {lcm}")  # fmt: skip
+    return MathProblem(
+        "gcd_lcm",
+        f"Find the greatest common divisor and the least common multiple of {a} and {b}.",
+        sol,
+        f"gcd {x}, lcm {lcm}",
+    )
 
 
 def powers(r: random.Random) -> MathProblem:
@@ -197,8 +204,9 @@ def powers(r: random.Random) -> MathProblem:
             steps.append(str(acc))
         return MathProblem("power", f"Compute {b}^{e}.", "Multiply repeatedly: " + ", ".join(steps) + ".", str(acc))
     n = r.randint(2, 40)
-    return MathProblem("sqrt", f"What is the square root of {n * n}?", f"{n} × {n} = {n * n}, so the root is {n}.",
-                       str(n))  # fmt: skip
+    return MathProblem(
+        "sqrt", f"What is the square root of {n * n}?", f"{n} × {n} = {n * n}, so the root is {n}.", str(n)
+    )
 
 
 def statistics_(r: random.Random) -> MathProblem:
@@ -208,15 +216,27 @@ def statistics_(r: random.Random) -> MathProblem:
     k = len(xs) // 2
     med = Fraction(srt[k]) if len(xs) % 2 else Fraction(srt[k - 1] + srt[k], 2)
     mean_steps = f"{s}/{len(xs)}" + ("" if mean.denominator == len(xs) else f" = {_frac(mean)}")
-    sol = (f"The sum is {s} and there are {len(xs)} numbers, so the mean is {mean_steps}.\n"
-           f"Sorted: {', '.join(map(str, srt))}, so the median is {_frac(med)}.")  # fmt: skip
-    return MathProblem("mean_median", f"Find the mean and the median of {', '.join(map(str, xs))}.", sol,
-                       f"mean {_frac(mean)}, median {_frac(med)}")  # fmt: skip
+    sol = (
+        f"The sum is {s} and there are {len(xs)} numbers, so the mean is {mean_steps}.\n"
+        f"Sorted: {', '.join(map(str, srt))}, so the median is {_frac(med)}."
+    )
+    return MathProblem(
+        "mean_median",
+        f"Find the mean and the median of {', '.join(map(str, xs))}.",
+        sol,
+        f"mean {_frac(mean)}, median {_frac(med)}",
+    )
 
 
 _NAMES = ["Ada", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo", "Kofi", "Lena", "Maya", "Nils"]
-_ITEMS = [("pencil", "pencils"), ("apple", "apples"), ("notebook", "notebooks"), ("ticket", "tickets"),
-          ("book", "books"), ("mug", "mugs")]  # fmt: skip
+_ITEMS = [
+    ("pencil", "pencils"),
+    ("apple", "apples"),
+    ("notebook", "notebooks"),
+    ("ticket", "tickets"),
+    ("book", "books"),
+    ("mug", "mugs"),
+]
 
 
 def word_problem(r: random.Random) -> MathProblem:
@@ -227,8 +247,10 @@ def word_problem(r: random.Random) -> MathProblem:
         n, price = r.randint(2, 12), r.randint(1, 15)
         paid = ((n * price) // 10 + 1) * 10
         q = f"{name} buys {n} {items} at ${price} each and pays with ${paid}. How much change does {name} get?"
-        sol = f"The {items} cost {n} × {price} = {n * price} dollars.\nThe change is {paid} - {n * price} = " \
-              f"{paid - n * price} dollars."
+        sol = (
+            f"The {items} cost {n} × {price} = {n * price} dollars.\nThe change is {paid} - {n * price} = "
+            f"{paid - n * price} dollars."
+        )
         return MathProblem("word_shopping", q, sol, f"${paid - n * price}")
     if kind == "travel":
         speed, hours = r.randint(3, 24) * 5, r.randint(2, 9)
@@ -239,33 +261,49 @@ def word_problem(r: random.Random) -> MathProblem:
         a, b = r.choice([(2, 3), (3, 6), (4, 12), (6, 3), (5, 20), (10, 15), (12, 4), (2, 6)])
         t = Fraction(a * b, a + b)
         q = f"{name} can paint a fence in {a} hours and {other} in {b} hours. How long do they take together?"
-        sol = f"Together they paint 1/{a} + 1/{b} = {_frac(Fraction(1, a) + Fraction(1, b))} of the fence per hour.\n" \
-              f"So the time is 1 ÷ ({_frac(Fraction(1, a) + Fraction(1, b))}) = {_frac(t)} hours."
+        sol = (
+            f"Together they paint 1/{a} + 1/{b} = {_frac(Fraction(1, a) + Fraction(1, b))} of the fence per hour.\n"
+            f"So the time is 1 ÷ ({_frac(Fraction(1, a) + Fraction(1, b))}) = {_frac(t)} hours."
+        )
         return MathProblem("word_work", q, sol, f"{_frac(t)} hours")
     if kind == "ages":
         young, k, later = r.randint(3, 15), r.randint(2, 4), r.randint(2, 10)
         old = k * young
         total = young + old + 2 * later
-        q = f"{name} is {k} times as old as {other}. In {later} years their ages will add up to {total}. " \
+        q = (
+            f"{name} is {k} times as old as {other}. In {later} years their ages will add up to {total}. "
             f"How old is {other} now?"
-        sol = f"Let {other}'s age be a. Then {name} is {k}a, and in {later} years: " \
-              f"(a + {later}) + ({k}a + {later}) = {total}.\n" \
-              f"So {k + 1}a + {2 * later} = {total}, {k + 1}a = {total - 2 * later}, a = {young}."
+        )
+        sol = (
+            f"Let {other}'s age be a. Then {name} is {k}a, and in {later} years: "
+            f"(a + {later}) + ({k}a + {later}) = {total}.\n"
+            f"So {k + 1}a + {2 * later} = {total}, {k + 1}a = {total - 2 * later}, a = {young}."
+        )
         return MathProblem("word_ages", q, sol, str(young))
     p, qq = r.randint(1, 5), r.randint(1, 5)
     unit = r.randint(2, 20)
     total = (p + qq) * unit
     q = f"{name} and {other} share {total} marbles in the ratio {p}:{qq}. How many does {name} get?"
-    sol = f"There are {p} + {qq} = {p + qq} parts, each worth {total} / {p + qq} = {unit}.\n" \
-          f"{name} gets {p} × {unit} = {p * unit}."
+    sol = (
+        f"There are {p} + {qq} = {p + qq} parts, each worth {total} / {p + qq} = {unit}.\n"
+        f"{name} gets {p} × {unit} = {p * unit}."
+    )
     return MathProblem("word_sharing", q, sol, str(p * unit))
 
 
 TEMPLATES: dict[str, Callable[[random.Random], MathProblem]] = {
-    "arithmetic": arithmetic, "division": division, "fractions": fractions_, "percent": percent, "linear": linear,
-    "system": system, "quadratic": quadratic, "gcd_lcm": gcd_lcm, "powers": powers, "statistics": statistics_,
+    "arithmetic": arithmetic,
+    "division": division,
+    "fractions": fractions_,
+    "percent": percent,
+    "linear": linear,
+    "system": system,
+    "quadratic": quadratic,
+    "gcd_lcm": gcd_lcm,
+    "powers": powers,
+    "statistics": statistics_,
     "word": word_problem,
-}  # fmt: skip
+}
 
 
 def math_problem(seed: int, index: int) -> MathProblem:

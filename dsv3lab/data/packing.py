@@ -41,8 +41,9 @@ def check_seq_len(seq_len: int) -> None:
         raise ValueError(f"seq_len must be an integer >= 2 (tokens per training row), got {seq_len!r}")
 
 
-def apply_fim(ids: Sequence[int], tokenizer: Tokenizer, rng: random.Random | np.random.Generator,
-              rate: float = 0.1) -> list[int]:  # fmt: skip
+def apply_fim(
+    ids: Sequence[int], tokenizer: Tokenizer, rng: random.Random | np.random.Generator, rate: float = 0.1
+) -> list[int]:
     """One document's tokens → ``bos doc eos``, or with probability ``rate`` the PSM form
     ``bos <fim_begin> prefix <fim_hole> suffix <fim_end> middle eos``.
 
@@ -55,8 +56,16 @@ def apply_fim(ids: Sequence[int], tokenizer: Tokenizer, rng: random.Random | np.
         n = len(ids)
         i, j = sorted(min(int(rng.random() * (n + 1)), n) for _ in range(2))
         prefix, middle, suffix = ids[:i], ids[i:j], ids[j:]
-        return [tokenizer.bos_id, tokenizer.fim_prefix_id, *prefix, tokenizer.fim_suffix_id, *suffix,
-                tokenizer.fim_middle_id, *middle, tokenizer.eos_id]  # fmt: skip
+        return [
+            tokenizer.bos_id,
+            tokenizer.fim_prefix_id,
+            *prefix,
+            tokenizer.fim_suffix_id,
+            *suffix,
+            tokenizer.fim_middle_id,
+            *middle,
+            tokenizer.eos_id,
+        ]
     return [tokenizer.bos_id, *ids, tokenizer.eos_id]
 
 

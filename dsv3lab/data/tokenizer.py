@@ -60,13 +60,17 @@ class Tokenizer:
         self.hf = hf
         missing = [tok for tok in SPECIAL_TOKENS.values() if hf.token_to_id(tok) is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special token(s) {missing}; "
-                             f"dsv3lab needs {list(SPECIAL_TOKENS.values())}")
+            raise ValueError(
+                f"tokenizer lacks the special token(s) {missing}; dsv3lab needs {list(SPECIAL_TOKENS.values())}"
+            )
         hf.encode_special_tokens = True  # document text never turns into special ids
         ids = {name: hf.token_to_id(tok) for name, tok in SPECIAL_TOKENS.items()}
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
-        self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id = (ids["fim_prefix"], ids["fim_suffix"],
-                                                                      ids["fim_middle"])  # fmt: skip
+        self.fim_prefix_id, self.fim_suffix_id, self.fim_middle_id = (
+            ids["fim_prefix"],
+            ids["fim_suffix"],
+            ids["fim_middle"],
+        )
         self.special_ids = frozenset(ids.values())
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 
@@ -120,18 +124,22 @@ class Tokenizer:
 
 def _new_hf_tokenizer() -> HFTokenizer:
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])  # fmt: skip
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
 def check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte symbols + "
-                         f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}")  # fmt: skip
+        raise ValueError(
+            f"vocab_size must be an integer >= {MIN_VOCAB_SIZE} (256 byte symbols + "
+            f"{len(SPECIAL_TOKENS)} special tokens), got {vocab_size!r}"
+        )
 
 
 def train_tokenizer(docs: Iterable, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0) -> Tokenizer:
@@ -148,8 +156,12 @@ def train_tokenizer(docs: Iterable, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: 
     if not texts:
         raise ValueError("train_tokenizer needs at least one training document")
     tok = _new_hf_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return Tokenizer(tok)
 
@@ -159,6 +171,8 @@ def default_tokenizer() -> Tokenizer:
     corpus by ``python -m dsv3lab.data.build_tokenizer``)."""
     path = DEFAULT_TOKENIZER_DIR / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"the default tokenizer {str(path)!r} is missing (it is committed in the repository); "
-                                "rebuild it with `python -m dsv3lab.data.build_tokenizer`")  # fmt: skip
+        raise FileNotFoundError(
+            f"the default tokenizer {str(path)!r} is missing (it is committed in the repository); "
+            "rebuild it with `python -m dsv3lab.data.build_tokenizer`"
+        )
     return Tokenizer.load(path)

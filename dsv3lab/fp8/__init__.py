@@ -20,6 +20,23 @@ from .linear import FP8Linear, FP8Recipe, fp8_grouped_linear, fp8_linear
 from .optim import AdamW
 from .quant import BLOCK2D, TILE, QuantizedTensor, dequantize, fake_quantize, quant_error, quantize, tiles_on_grid
 
-__all__ = ["FP8Format", "fp8_format", "fp8_grid", "round_to_fp8", "QuantizedTensor", "quantize", "dequantize",
-           "fake_quantize", "quant_error", "tiles_on_grid", "TILE", "BLOCK2D", "emulated_gemm", "FP8Recipe",
-           "FP8Linear", "fp8_linear", "fp8_grouped_linear", "AdamW"]
+__all__ = [
+    "FP8Format",
+    "fp8_format",
+    "fp8_grid",
+    "round_to_fp8",
+    "QuantizedTensor",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quant_error",
+    "tiles_on_grid",
+    "TILE",
+    "BLOCK2D",
+    "emulated_gemm",
+    "FP8Recipe",
+    "FP8Linear",
+    "fp8_linear",
+    "fp8_grouped_linear",
+    "AdamW",
+]

@@ -61,16 +61,23 @@ def aligned_sum(acc: torch.Tensor, products: torch.Tensor, acc_bits: int | torch
 def _check_setting(acc_bits, promote_every, group: int) -> None:
     for bits in torch.as_tensor(acc_bits).flatten().tolist() if acc_bits is not None else []:
         if not 1 <= bits <= 47:
-            raise ValueError(f"acc_bits must be in [1, 47] (fp64 must hold the aligned sum exactly) or None, "
-                             f"got {bits}")
+            raise ValueError(
+                f"acc_bits must be in [1, 47] (fp64 must hold the aligned sum exactly) or None, got {bits}"
+            )
     for every in torch.as_tensor(promote_every).flatten().tolist() if promote_every is not None else []:
         if every and (every < group or every % group):
             raise ValueError(f"promote_every (N_C) must be a positive multiple of group={group}, got {every}")
 
 
-def emulated_gemm(a: torch.Tensor, b: torch.Tensor, acc_bits: int | None = 14, promote_every: int | None = N_C,
-                  group: int = MMA_K, promote_dtype: torch.dtype = torch.float32,
-                  snapshots: tuple[int, ...] | None = None) -> torch.Tensor | dict[int, torch.Tensor]:  # fmt: skip
+def emulated_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    acc_bits: int | None = 14,
+    promote_every: int | None = N_C,
+    group: int = MMA_K,
+    promote_dtype: torch.dtype = torch.float32,
+    snapshots: tuple[int, ...] | None = None,
+) -> torch.Tensor | dict[int, torch.Tensor]:
     """C = a · bᵀ for a [M, K], b [N, K] with a limited-precision accumulator. Returns fp64 [M, N].
 
     Args:
@@ -94,8 +101,11 @@ def emulated_gemm(a: torch.Tensor, b: torch.Tensor, acc_bits: int | None = 14, p
         raise ValueError(f"snapshots must be multiples of group={group} in (0, K={k}], got {bad}")
     a64, b64 = a.double(), b.double()
     bits = None if acc_bits is None else torch.as_tensor(acc_bits).reshape(-1, 1).expand(m, 1)
-    every = torch.zeros(m, 1, dtype=torch.long) if promote_every is None else \
-        torch.as_tensor(promote_every, dtype=torch.long).reshape(-1, 1).expand(m, 1)  # fmt: skip
+    every = (
+        torch.zeros(m, 1, dtype=torch.long)
+        if promote_every is None
+        else torch.as_tensor(promote_every, dtype=torch.long).reshape(-1, 1).expand(m, 1)
+    )
     promoting = every > 0  # [M, 1]
     acc = a64.new_zeros(m, n)  # the tensor-core accumulator
     outer = a64.new_zeros(m, n)  # the promoted accumulator (CUDA-core registers)
@@ -141,9 +151,15 @@ def gemm_error(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     }
 
 
-def accumulation_sweep(ks: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192), m: int = 32, n: int = 32,
-                       acc_bits: int = 14, promote_every: int = N_C, dists: tuple[str, ...] = ("positive", "normal"),
-                       seeds: tuple[int, ...] = (0,)) -> pd.DataFrame:  # fmt: skip
+def accumulation_sweep(
+    ks: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192),
+    m: int = 32,
+    n: int = 32,
+    acc_bits: int = 14,
+    promote_every: int = N_C,
+    dists: tuple[str, ...] = ("positive", "normal"),
+    seeds: tuple[int, ...] = (0,),
+) -> pd.DataFrame:
     """Error of the emulated FP8 GEMM vs the exact sum for each K, with and without promotion.
 
     One row per (dist, K, promotion, seed) with :func:`gemm_error` columns; ``promotion`` is ``"none"`` or
@@ -158,41 +174,69 @@ def accumulation_sweep(ks: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192),
             for k in ks:
                 exact = a[:, :k] @ b[:, :k].T  # fp64: exact for FP8-valued operands of this size
                 for label, part in (("none", snaps[k][:m]), (f"every {promote_every}", snaps[k][m:])):
-                    rows.append({"dist": dist, "K": k, "promotion": label, "seed": seed, "acc_bits": acc_bits,
-                                 **gemm_error(part, exact)})  # fmt: skip
+                    rows.append(
+                        {
+                            "dist": dist,
+                            "K": k,
+                            "promotion": label,
+                            "seed": seed,
+                            "acc_bits": acc_bits,
+                            **gemm_error(part, exact),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-def promotion_interval_sweep(n_cs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096), k: int = 4096,
-                             m: int = 32, n: int = 32, acc_bits: int = 14, dist: str = "positive",
-                             seed: int = 0) -> pd.DataFrame:  # fmt: skip
+def promotion_interval_sweep(
+    n_cs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096),
+    k: int = 4096,
+    m: int = 32,
+    n: int = 32,
+    acc_bits: int = 14,
+    dist: str = "positive",
+    seed: int = 0,
+) -> pd.DataFrame:
     """Error at fixed K as the promotion interval N_C grows (N_C = K means a single promotion at the end)."""
     a, b = fp8_operands(m, n, k, dist, seed)
     exact = a @ b.T
-    c = emulated_gemm(a.repeat(len(n_cs), 1), b, acc_bits=acc_bits,
-                      promote_every=[n_c for n_c in n_cs for _ in range(m)])  # one pass, M rows per setting
+    c = emulated_gemm(
+        a.repeat(len(n_cs), 1), b, acc_bits=acc_bits, promote_every=[n_c for n_c in n_cs for _ in range(m)]
+    )  # one pass, M rows per setting
     rows = []
     for i, n_c in enumerate(n_cs):
-        rows.append({"N_C": n_c, "K": k, "dist": dist, "acc_bits": acc_bits,
-                     **gemm_error(c[i * m:(i + 1) * m], exact)})  # fmt: skip
+        rows.append(
+            {"N_C": n_c, "K": k, "dist": dist, "acc_bits": acc_bits, **gemm_error(c[i * m : (i + 1) * m], exact)}
+        )
     return pd.DataFrame(rows)
 
 
-def accumulator_bits_sweep(bits: tuple[int, ...] = (12, 13, 14, 15, 16, 18, 20, 24), k: int = 4096, m: int = 32,
-                           n: int = 32, dist: str = "positive", promote_every: int = N_C,
-                           seed: int = 0) -> pd.DataFrame:  # fmt: skip
+def accumulator_bits_sweep(
+    bits: tuple[int, ...] = (12, 13, 14, 15, 16, 18, 20, 24),
+    k: int = 4096,
+    m: int = 32,
+    n: int = 32,
+    dist: str = "positive",
+    promote_every: int = N_C,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Error at fixed K as the accumulator keeps more bits, without and with promotion every ``promote_every``.
 
     The paper's "about 14 bits" is an approximate description of undocumented hardware, and the error scales as
     2^-bits: this sweep shows how much a one- or two-bit difference in the model moves the K = 4096 number."""
     a, b = fp8_operands(m, n, k, dist, seed)
     exact = a @ b.T
-    settings = [(nb, label, every) for nb in bits for label, every in (("none", 0), (f"every {promote_every}",
-                                                                                   promote_every))]  # fmt: skip
-    c = emulated_gemm(a.repeat(len(settings), 1), b, acc_bits=[nb for nb, _, _ in settings for _ in range(m)],
-                      promote_every=[every for _, _, every in settings for _ in range(m)])  # fmt: skip
+    settings = [
+        (nb, label, every) for nb in bits for label, every in (("none", 0), (f"every {promote_every}", promote_every))
+    ]
+    c = emulated_gemm(
+        a.repeat(len(settings), 1),
+        b,
+        acc_bits=[nb for nb, _, _ in settings for _ in range(m)],
+        promote_every=[every for _, _, every in settings for _ in range(m)],
+    )
     rows = []
     for i, (nb, label, _) in enumerate(settings):
-        rows.append({"acc_bits": nb, "promotion": label, "K": k, "dist": dist,
-                     **gemm_error(c[i * m:(i + 1) * m], exact)})  # fmt: skip
+        rows.append(
+            {"acc_bits": nb, "promotion": label, "K": k, "dist": dist, **gemm_error(c[i * m : (i + 1) * m], exact)}
+        )
     return pd.DataFrame(rows)

@@ -35,8 +35,17 @@ def loss_curves(bf16: pd.DataFrame, fp8: pd.DataFrame, seed: int = 0, alpha: flo
         raise ValueError(f"the two runs must have the same steps to be compared (got {len(bf16)} and {len(fp8)} rows)")
     a, b = bf16["loss_main"].to_numpy(), fp8["loss_main"].to_numpy()
     sa, sb = ema(a, alpha), ema(b, alpha)
-    out = pd.DataFrame({"step": bf16["step"].to_numpy(), "seed": seed, "raw_bf16": a, "raw_fp8": b, "loss_bf16": sa,
-                        "loss_fp8": sb, "rel_diff": np.abs(sb - sa) / sa})  # fmt: skip
+    out = pd.DataFrame(
+        {
+            "step": bf16["step"].to_numpy(),
+            "seed": seed,
+            "raw_bf16": a,
+            "raw_fp8": b,
+            "loss_bf16": sa,
+            "loss_fp8": sb,
+            "rel_diff": np.abs(sb - sa) / sa,
+        }
+    )
     if "time_s" in bf16 and "time_s" in fp8:
         out["time_bf16_s"], out["time_fp8_s"] = bf16["time_s"].to_numpy(), fp8["time_s"].to_numpy()
     return out

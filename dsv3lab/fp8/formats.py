@@ -64,11 +64,19 @@ class FP8Format:
 
     def summary(self) -> dict:
         return {
-            "format": self.name, "dtype": str(self.dtype).replace("torch.", ""), "exponent_bits": self.exponent_bits,
-            "mantissa_bits": self.mantissa_bits, "bias": self.bias, "max": self.max, "min_normal": self.min_normal,
-            "min_subnormal": self.min_subnormal, "eps": self.eps, "max_rel_error": self.max_rel_error,
-            "finite_values": self.n_finite, "has_inf": self.has_inf,
-        }  # fmt: skip
+            "format": self.name,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "exponent_bits": self.exponent_bits,
+            "mantissa_bits": self.mantissa_bits,
+            "bias": self.bias,
+            "max": self.max,
+            "min_normal": self.min_normal,
+            "min_subnormal": self.min_subnormal,
+            "eps": self.eps,
+            "max_rel_error": self.max_rel_error,
+            "finite_values": self.n_finite,
+            "has_inf": self.has_inf,
+        }
 
 
 def resolve_dtype(fmt: str | torch.dtype) -> torch.dtype:
@@ -105,10 +113,19 @@ def _fp8_format(dtype: torch.dtype) -> FP8Format:
     assert min_subnormal == info.smallest_normal * info.eps, (min_subnormal, info.smallest_normal, info.eps)
     assert float(finite.max()) == info.max
     name = next(k for k, v in FP8_DTYPES.items() if v == dtype)
-    return FP8Format(name=name, dtype=dtype, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits, bias=bias,
-                     max=float(info.max), min_normal=float(info.smallest_normal), min_subnormal=min_subnormal,
-                     eps=float(info.eps), n_finite=int(finite.numel()),
-                     has_inf=bool(torch.isinf(values).any()))  # fmt: skip
+    return FP8Format(
+        name=name,
+        dtype=dtype,
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        bias=bias,
+        max=float(info.max),
+        min_normal=float(info.smallest_normal),
+        min_subnormal=min_subnormal,
+        eps=float(info.eps),
+        n_finite=int(finite.numel()),
+        has_inf=bool(torch.isinf(values).any()),
+    )
 
 
 def fp8_grid(fmt: str | torch.dtype = "e4m3", positive: bool = False) -> torch.Tensor:

@@ -65,17 +65,20 @@ def _check_device(*tensors: torch.Tensor) -> None:
         return
     if dev.type == "cpu" and interpreted():
         return
-    raise ValueError(f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 set before triton is "
-                     f"first imported in this process (note: torch and dsv3lab.versions() may import it); got tensors "
-                     f"on {dev.type}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, interpreter active: "
-                     f"{interpreted()}")
+    raise ValueError(
+        f"the Triton FP8 kernels run on CUDA, or on a CPU under TRITON_INTERPRET=1 set before triton is "
+        f"first imported in this process (note: torch and dsv3lab.versions() may import it); got tensors "
+        f"on {dev.type}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, interpreter active: "
+        f"{interpreted()}"
+    )
 
 
 def _check_contiguous(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-                             "call .contiguous() first")
+            raise ValueError(
+                f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous() first"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- device helpers
@@ -127,8 +130,9 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, amax_floor, BLOCK_SIZE: tl.constexpr,
     tl.store(s_ptr + pid, s)
 
 
-def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None,
-              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def act_quant(
+    x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [..., K] (fp32/bf16/fp16, contiguous, K % 128 == 0) per 1×128 tile.
 
     Returns E4M3 values [..., K] and fp32 scales [..., K/128] with x ≈ y · s; equal to
@@ -141,8 +145,10 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = 
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
     if x.dim() < 1 or x.shape[-1] % BLOCK:
-        raise ValueError(f"act_quant needs the last dimension K to be a multiple of {BLOCK}, got shape "
-                         f"{tuple(x.shape)}; zero-pad K first")
+        raise ValueError(
+            f"act_quant needs the last dimension K to be a multiple of {BLOCK}, got shape "
+            f"{tuple(x.shape)}; zero-pad K first"
+        )
     _check_contiguous(x=x)
     _check_device(x)
     y = torch.empty_like(x, dtype=E4M3)
@@ -174,8 +180,10 @@ def weight_dequant(x: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype = to
     m, n = x.shape
     expected = (triton.cdiv(m, BLOCK), triton.cdiv(n, BLOCK))
     if s.dtype != torch.float32 or tuple(s.shape) != expected:
-        raise ValueError(f"weight_dequant: scales must be fp32 of shape {expected} for a {m}×{n} weight "
-                         f"({BLOCK}×{BLOCK} blocks), got {s.dtype} {tuple(s.shape)}")
+        raise ValueError(
+            f"weight_dequant: scales must be fp32 of shape {expected} for a {m}×{n} weight "
+            f"({BLOCK}×{BLOCK} blocks), got {s.dtype} {tuple(s.shape)}"
+        )
     _check_out_dtype(out_dtype)
     _check_contiguous(x=x, s=s)
     _check_device(x, s)
@@ -187,8 +195,20 @@ def weight_dequant(x: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype = to
 
 # ---------------------------------------------------------------------------------------------- fp8_gemm
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, B_ROWWISE: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _fp8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    M,
+    N,
+    K,
+    B_ROWWISE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # C[M, N] = A[M, K] · B[N, K]ᵀ; A scales [M, K/128]; B scales [⌈N/128⌉, K/128] (blocks) or [N, K/128] (rows)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,8 +232,11 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, B_ROWWISE: 
 
 _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128}, num_stages=st, num_warps=w)
-    for bm in (64, 128) for bn in (64, 128) for st in (3, 4) for w in (4, 8)
-]  # fmt: skip
+    for bm in (64, 128)
+    for bn in (64, 128)
+    for st in (3, 4)
+    for w in (4, 8)
+]
 _fp8_gemm_autotuned = triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "B_ROWWISE"])(_fp8_gemm_kernel)
 _INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": BLOCK}  # small tiles: the interpreter is slow
 
@@ -228,17 +251,21 @@ def _check_gemm_operand(name: str, t: torch.Tensor, s: torch.Tensor, rowwise: bo
         raise ValueError(f"fp8_gemm: {name} must be a 2-D float8_e4m3fn matrix, got {t.dtype} {tuple(t.shape)}")
     rows, k = t.shape
     if k % BLOCK:
-        raise ValueError(f"fp8_gemm: K = {k} is not a multiple of {BLOCK} ({name} has shape {tuple(t.shape)}); the "
-                         f"kernel promotes once per {BLOCK}-wide block of K, so zero-pad K first")
+        raise ValueError(
+            f"fp8_gemm: K = {k} is not a multiple of {BLOCK} ({name} has shape {tuple(t.shape)}); the "
+            f"kernel promotes once per {BLOCK}-wide block of K, so zero-pad K first"
+        )
     if s.dtype != torch.float32:
         raise ValueError(f"fp8_gemm: {name}'s scales must be fp32, got {s.dtype}")
     if rowwise and tuple(s.shape) != (rows, k // BLOCK):
-        raise ValueError(f"fp8_gemm: {name}'s scales must have shape {(rows, k // BLOCK)} (1×{BLOCK} tiles), got "
-                         f"{tuple(s.shape)}")
+        raise ValueError(
+            f"fp8_gemm: {name}'s scales must have shape {(rows, k // BLOCK)} (1×{BLOCK} tiles), got {tuple(s.shape)}"
+        )
 
 
-def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+def fp8_gemm(
+    a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """C = A · Bᵀ in FP8 with FP32 promotion per 128-block of K.
 
     Args:
@@ -256,8 +283,10 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     blocked = (triton.cdiv(n, BLOCK), k // BLOCK)
     rowwise = tuple(b_s.shape) == (n, k // BLOCK)
     if not rowwise and tuple(b_s.shape) != blocked:
-        raise ValueError(f"fp8_gemm: b's scales must have shape {blocked} ({BLOCK}×{BLOCK} blocks) or "
-                         f"{(n, k // BLOCK)} (1×{BLOCK} tiles), got {tuple(b_s.shape)}")
+        raise ValueError(
+            f"fp8_gemm: b's scales must have shape {blocked} ({BLOCK}×{BLOCK} blocks) or "
+            f"{(n, k // BLOCK)} (1×{BLOCK} tiles), got {tuple(b_s.shape)}"
+        )
     _check_gemm_operand("b", b, b_s, rowwise=rowwise)
     _check_out_dtype(out_dtype)
     _check_contiguous(a=a, a_s=a_s, b=b, b_s=b_s)
@@ -277,8 +306,20 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 
 # ---------------------------------------------------------------------------------------------- grouped GEMM
 @triton.jit
-def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, ends_ptr, N, K, TILES_PER_GROUP,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _fp8_grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    a_s_ptr,
+    b_s_ptr,
+    ends_ptr,
+    N,
+    K,
+    TILES_PER_GROUP,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # rows of A are sorted by group; group g owns rows [ends[g-1], ends[g]) and multiplies weight B[g] [N, K]
     pid, pid_n = tl.program_id(0), tl.program_id(1)
     g = pid // TILES_PER_GROUP
@@ -302,29 +343,44 @@ def _fp8_grouped_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, ends_ptr, N,
             a_s = tl.load(a_s_ptr + rm * n_kb + kb, mask=mask_m, other=0.0)
             b_s = tl.load(b_s_base + (rn // BLOCK_K) * n_kb + kb, mask=mask_n, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        tl.store(c_ptr + rm[:, None] * N + rn[None, :], _to_output(acc, c_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+        tl.store(
+            c_ptr + rm[:, None] * N + rn[None, :],
+            _to_output(acc, c_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
 
 
-def fp8_grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, offs: torch.Tensor,
-                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+def fp8_grouped_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """Grouped C_g = A_g · B_gᵀ for MoE experts: a [T, K] E4M3 with rows sorted by group and scales [T, K/128];
     b [G, N, K] E4M3 with 128×128 block scales [G, ⌈N/128⌉, K/128]; offs [G] int32 group ends. Returns [T, N]."""
     _check_gemm_operand("a", a, a_s, rowwise=True)
     if b.dtype != E4M3 or b.dim() != 3 or b.shape[-1] != a.shape[-1]:
-        raise ValueError(f"fp8_grouped_gemm: b must be float8_e4m3fn [G, N, K] with K = {a.shape[-1]}, got "
-                         f"{b.dtype} {tuple(b.shape)}")
+        raise ValueError(
+            f"fp8_grouped_gemm: b must be float8_e4m3fn [G, N, K] with K = {a.shape[-1]}, got "
+            f"{b.dtype} {tuple(b.shape)}"
+        )
     g, n, k = b.shape
     expected = (g, triton.cdiv(n, BLOCK), k // BLOCK)
     if b_s.dtype != torch.float32 or tuple(b_s.shape) != expected:
         raise ValueError(f"fp8_grouped_gemm: b's scales must be fp32 {expected}, got {b_s.dtype} {tuple(b_s.shape)}")
     if offs.dim() != 1 or offs.shape[0] != g or offs.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"fp8_grouped_gemm: offs must be an integer vector of the {g} group ends, got "
-                         f"{offs.dtype} {tuple(offs.shape)}")
+        raise ValueError(
+            f"fp8_grouped_gemm: offs must be an integer vector of the {g} group ends, got "
+            f"{offs.dtype} {tuple(offs.shape)}"
+        )
     ends = offs.to(torch.int32)
     if g and (int(ends[-1]) != a.shape[0] or bool((ends[1:] < ends[:-1]).any()) or int(ends[0]) < 0):
-        raise ValueError(f"fp8_grouped_gemm: offs must be non-decreasing group ends finishing at T = {a.shape[0]}, "
-                         f"got {offs.tolist()}")
+        raise ValueError(
+            f"fp8_grouped_gemm: offs must be non-decreasing group ends finishing at T = {a.shape[0]}, "
+            f"got {offs.tolist()}"
+        )
     _check_out_dtype(out_dtype)
     _check_contiguous(a=a, a_s=a_s, b=b, b_s=b_s)
     _check_device(a, a_s, b, b_s, ends)

@@ -99,9 +99,11 @@ def resolve_gemm(gemm: str, device: torch.device) -> str:
     if gemm == "auto":
         return "kernel" if device.type == "cuda" and kernel_available(device) else "emulate"
     if gemm == "kernel" and not kernel_available(device):
-        raise ValueError(f"fp8_gemm='kernel' runs the Triton FP8 GEMM, which needs triton and a CUDA GPU with compute "
-                         f"capability >= 8.9 (or TRITON_INTERPRET=1 on a CPU, for tests); the tensors are on "
-                         f"{device.type}. Use fp8_gemm='emulate' or 'auto'")
+        raise ValueError(
+            f"fp8_gemm='kernel' runs the Triton FP8 GEMM, which needs triton and a CUDA GPU with compute "
+            f"capability >= 8.9 (or TRITON_INTERPRET=1 on a CPU, for tests); the tensors are on "
+            f"{device.type}. Use fp8_gemm='emulate' or 'auto'"
+        )
     return gemm
 
 
@@ -109,8 +111,10 @@ def scaled_mm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype, ge
     """C = A · Bᵀ from FP8 operands quantized along K: a [M, K] in 1×128 tiles, b [N, K] in 128×128 blocks or
     1×128 tiles. Accumulates in FP32 (scales applied per 128-wide chunk of K); returns ``out_dtype`` [M, N]."""
     if a.block != TILE or b.block not in (TILE, BLOCK2D):
-        raise ValueError(f"scaled_mm needs a in {TILE} tiles and b in {TILE} tiles or {BLOCK2D} blocks (scales "
-                         f"along K); got {a.block} and {b.block}")
+        raise ValueError(
+            f"scaled_mm needs a in {TILE} tiles and b in {TILE} tiles or {BLOCK2D} blocks (scales "
+            f"along K); got {a.block} and {b.block}"
+        )
     gemm = resolve_gemm(gemm, a.values.device)
     if gemm == "kernel":
         from .kernels import fp8_gemm
@@ -180,8 +184,9 @@ class _FP8LinearFunction(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe | None = None) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) with the three GEMMs in FP8. x [..., K], weight [N, K] -> [..., N]."""
     if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"fp8_linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects "
-                         f"{weight.shape[-1]}")
+        raise ValueError(
+            f"fp8_linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects {weight.shape[-1]}"
+        )
     return _FP8LinearFunction.apply(x, weight, recipe or FP8Recipe())
 
 
@@ -192,8 +197,15 @@ class FP8Linear(nn.Linear):
     code that reads ``.weight`` directly (MLA's absorbed path) are unaffected.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, recipe: FP8Recipe | None = None,
-                 device=None, dtype=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        recipe: FP8Recipe | None = None,
+        device=None,
+        dtype=None,
+    ):
         if bias:
             raise ValueError("FP8Linear has no bias (DeepSeek-V3's projections have none)")
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
@@ -281,12 +293,15 @@ def _grouped_mm_fp32(device: torch.device) -> bool:
     return hasattr(F, "grouped_mm") and device.type == "cpu"  # CUDA's grouped_mm takes bf16 only
 
 
-def fp8_grouped_linear(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
-                       recipe: FP8Recipe | None = None) -> torch.Tensor:  # fmt: skip
+def fp8_grouped_linear(
+    xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: FP8Recipe | None = None
+) -> torch.Tensor:
     """Grouped ``xs[group e] · w[e]ᵀ`` in FP8: xs [T, K] sorted by group, w [E, N, K], offs [E] int32 group ends."""
     if w.dim() != 3 or xs.dim() != 2 or xs.shape[1] != w.shape[2] or offs.shape != (w.shape[0],):
-        raise ValueError(f"fp8_grouped_linear: expected xs [T, K], w [E, N, K], offs [E]; got {tuple(xs.shape)}, "
-                         f"{tuple(w.shape)}, {tuple(offs.shape)}")
+        raise ValueError(
+            f"fp8_grouped_linear: expected xs [T, K], w [E, N, K], offs [E]; got {tuple(xs.shape)}, "
+            f"{tuple(w.shape)}, {tuple(offs.shape)}"
+        )
     recipe = recipe or FP8Recipe()
     if resolve_gemm(recipe.gemm, xs.device) == "kernel" or not _grouped_mm_fp32(xs.device):
         # one block-scaled FP8 GEMM per expert: the same tiles (each expert's tokens are tiled from its first token)
@@ -299,5 +314,14 @@ def fp8_grouped_linear(xs: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
     return _FP8GroupedFunction.apply(xs, w, offs, recipe)
 
 
-__all__ = ["FP8Recipe", "FP8Linear", "fp8_linear", "fp8_grouped_linear", "scaled_mm", "transpose", "resolve_gemm",
-           "kernel_available", "segment_tile_quantize"]
+__all__ = [
+    "FP8Recipe",
+    "FP8Linear",
+    "fp8_linear",
+    "fp8_grouped_linear",
+    "scaled_mm",
+    "transpose",
+    "resolve_gemm",
+    "kernel_available",
+    "segment_tile_quantize",
+]

@@ -28,16 +28,24 @@ class AdamW(torch.optim.Optimizer):
     ``torch.optim.AdamW``; ``lr`` may be changed in ``param_groups`` by any scheduler.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, moment_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        moment_dtype: torch.dtype = torch.bfloat16,
+    ):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if not eps >= 0 or not weight_decay >= 0:
             raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      moment_dtype=_dtype_name(moment_dtype)))  # fmt: skip
+        super().__init__(
+            params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moment_dtype=_dtype_name(moment_dtype))
+        )
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)

@@ -119,9 +119,11 @@ def check_finite(x: torch.Tensor, what: str = "input") -> None:
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"FP8 quantization of {what} {tuple(x.shape)}: {int(bad.sum())} non-finite value(s) "
-                         f"(first at index {first}: {x[first].item()}); NaN/inf cannot be scaled into FP8. "
-                         "Fix the overflow upstream (learning rate, loss scale, init) instead of saturating it")
+        raise ValueError(
+            f"FP8 quantization of {what} {tuple(x.shape)}: {int(bad.sum())} non-finite value(s) "
+            f"(first at index {first}: {x[first].item()}); NaN/inf cannot be scaled into FP8. "
+            "Fix the overflow upstream (learning rate, loss scale, init) instead of saturating it"
+        )
 
 
 def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
@@ -131,8 +133,9 @@ def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(s), exponent)
 
 
-def compute_scale(amax: torch.Tensor, fmt_max: float, scale_fmt: str | None = None,
-                  amax_floor: float = AMAX_FLOOR) -> torch.Tensor:  # fmt: skip
+def compute_scale(
+    amax: torch.Tensor, fmt_max: float, scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR
+) -> torch.Tensor:
     """s = max(amax, floor) / fmt_max in fp32, rounded up to a power of two for ``ue8m0``."""
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
@@ -146,8 +149,10 @@ def _check_block(x: torch.Tensor, block) -> tuple[int, int] | None:
     if len(block) != 2 or any(not isinstance(b, int) or b < 1 for b in block):
         raise ValueError(f"block must be (rows, cols) with positive integers or None (per tensor), got {block!r}")
     if x.dim() < 2:
-        raise ValueError(f"block quantization works on the last two dimensions; got a {x.dim()}-D tensor "
-                         f"{tuple(x.shape)} (view it as [1, n] for 1×n tiles)")
+        raise ValueError(
+            f"block quantization works on the last two dimensions; got a {x.dim()}-D tensor "
+            f"{tuple(x.shape)} (view it as [1, n] for 1×n tiles)"
+        )
     return int(block[0]), int(block[1])
 
 
@@ -162,8 +167,13 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return torch.linalg.vector_norm(xp.reshape(*lead, nr, br, nc, bc), ord=math.inf, dim=(-3, -1))
 
 
-def quantize(x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | torch.dtype = "e4m3",
-             scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR) -> QuantizedTensor:  # fmt: skip
+def quantize(
+    x: torch.Tensor,
+    block: tuple[int, int] | None = TILE,
+    fmt: str | torch.dtype = "e4m3",
+    scale_fmt: str | None = None,
+    amax_floor: float = AMAX_FLOOR,
+) -> QuantizedTensor:
     """Quantize x to FP8 with one scale per ``block`` of its last two dims (``None``: one scale for the tensor).
 
     ``block=(1, 128)``: per token per 128 channels (activations, gradients); ``(128, 128)``: weights;
@@ -187,14 +197,16 @@ def quantize(x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | t
     return QuantizedTensor(round_to_grid(y, fp.dtype), scale, block, fp.name)  # = y.to(fp8), vectorised
 
 
-def fake_quantize(x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | torch.dtype = "e4m3",
-                  scale_fmt: str | None = None) -> torch.Tensor:  # fmt: skip
+def fake_quantize(
+    x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | torch.dtype = "e4m3", scale_fmt: str | None = None
+) -> torch.Tensor:
     """quantize → dequantize, returned in x's dtype: what an FP8 GEMM sees of x."""
     return quantize(x, block, fmt, scale_fmt).dequantize(x.dtype)
 
 
-def tiles_on_grid(x: torch.Tensor, block: tuple[int, int] | None, fmt: str | torch.dtype = "e4m3",
-                  scale: torch.Tensor | None = None) -> bool:  # fmt: skip
+def tiles_on_grid(
+    x: torch.Tensor, block: tuple[int, int] | None, fmt: str | torch.dtype = "e4m3", scale: torch.Tensor | None = None
+) -> bool:
     """Is every block of x exactly ``fl(s · q)`` with q FP8 values and one scale s per block?
 
     With ``scale`` given, s is that scale (x must equal ``dequantize`` of its own re-quantization, bit for bit).
@@ -242,8 +254,9 @@ GRANULARITIES: dict[str, object] = {
 }
 
 
-def activations_with_outliers(tokens: int = 256, channels: int = 1024, n_outlier_channels: int = 4,
-                              magnitude: float = 100.0, seed: int = 0) -> torch.Tensor:  # fmt: skip
+def activations_with_outliers(
+    tokens: int = 256, channels: int = 1024, n_outlier_channels: int = 4, magnitude: float = 100.0, seed: int = 0
+) -> torch.Tensor:
     """Gaussian activations [tokens, channels] where a few channels are ``magnitude`` times larger (as LLM
     activations have "massive" channels). Seeded."""
     g = torch.Generator().manual_seed(seed)
@@ -253,8 +266,9 @@ def activations_with_outliers(tokens: int = 256, channels: int = 1024, n_outlier
     return x
 
 
-def granularity_error(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
-                      scale_fmt: str | None = None) -> dict[str, float]:  # fmt: skip
+def granularity_error(
+    x: torch.Tensor, granularity: str, fmt: str = "e4m3", scale_fmt: str | None = None
+) -> dict[str, float]:
     """Quantization error of x [tokens, channels] at one of :data:`GRANULARITIES` (measured on the non-outlier
     majority too: ``rel_error_typical`` excludes the 1% largest-magnitude channels)."""
     block = GRANULARITIES[granularity]
@@ -268,9 +282,14 @@ def granularity_error(x: torch.Tensor, granularity: str, fmt: str = "e4m3",
     return out
 
 
-def outlier_scaling_demo(magnitudes: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5), tokens: int = 256,
-                         channels: int = 1024, n_outlier_channels: int = 4, fmt: str = "e4m3",
-                         seed: int = 0) -> pd.DataFrame:  # fmt: skip
+def outlier_scaling_demo(
+    magnitudes: tuple[float, ...] = (1, 10, 100, 1e3, 1e4, 1e5),
+    tokens: int = 256,
+    channels: int = 1024,
+    n_outlier_channels: int = 4,
+    fmt: str = "e4m3",
+    seed: int = 0,
+) -> pd.DataFrame:
     """Why fine-grained scaling: quantization error per granularity as outlier channels grow.
 
     Returns one row per (magnitude, granularity) with :func:`quant_error` columns and ``rel_error_typical`` (the

@@ -18,5 +18,16 @@ from .conversion import convert, load_any
 from .generation import Generation, generate, load_tokenizer
 from .speculative import SpeculativeStats, speculative_generate
 
-__all__ = ["CheckpointError", "LoadStats", "from_pretrained", "save_pretrained", "convert", "load_any", "Generation",
-           "generate", "load_tokenizer", "SpeculativeStats", "speculative_generate"]
+__all__ = [
+    "CheckpointError",
+    "LoadStats",
+    "from_pretrained",
+    "save_pretrained",
+    "convert",
+    "load_any",
+    "Generation",
+    "generate",
+    "load_tokenizer",
+    "SpeculativeStats",
+    "speculative_generate",
+]

@@ -56,8 +56,12 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> 
     return q.to(E4M3).contiguous(), scale_inv.contiguous()
 
 
-def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
-                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:  # fmt: skip
+def dequantize_blocks(
+    q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """W_fp8 [out, in] and weight_scale_inv [ceil(out/bm), ceil(in/bn)] -> W [out, in] in ``dtype``.
 
     A scale of the wrong shape is an error, not a broadcast.
@@ -66,8 +70,10 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
         raise ValueError(f"block FP8 needs a 2-D weight [out, in], got shape {tuple(q.shape)}")
     expected = scale_shape(q.shape, block)
     if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight of "
-                         f"shape {tuple(q.shape)} with {block[0]}x{block[1]} blocks")
+        raise ValueError(
+            f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight of "
+            f"shape {tuple(q.shape)} with {block[0]}x{block[1]} blocks"
+        )
     m, n = q.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:m].repeat_interleave(block[1], 1)[:, :n]  # [out, in]
     return (q.float() * scale).to(dtype)

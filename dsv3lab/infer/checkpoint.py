@@ -49,8 +49,16 @@ CONFIG_FILE = "config.json"
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # ModelConfig fields the HF config cannot carry; saved under "dsv3lab" in config.json and restored on load
-_DSV3LAB_ONLY = ("attn_impl", "moe_impl", "mtp_lambda", "aux_loss_alpha", "seq_aux_loss_alpha", "init_std",
-                 "max_batch_size", "name")  # fmt: skip
+_DSV3LAB_ONLY = (
+    "attn_impl",
+    "moe_impl",
+    "mtp_lambda",
+    "aux_loss_alpha",
+    "seq_aux_loss_alpha",
+    "init_std",
+    "max_batch_size",
+    "name",
+)
 
 
 class CheckpointError(ValueError):
@@ -110,8 +118,9 @@ def read_weight_map(path: str | os.PathLike) -> dict[str, str]:
         raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
     missing_files = sorted({f for f in weight_map.values() if not (folder / f).exists()})
     if missing_files:
-        raise CheckpointError(f"the index of {folder} names shard files that do not exist: "
-                              f"{_names_list(missing_files)}")
+        raise CheckpointError(
+            f"the index of {folder} names shard files that do not exist: {_names_list(missing_files)}"
+        )
     return weight_map
 
 
@@ -122,8 +131,10 @@ def fp8_block(hf_cfg: dict[str, Any]) -> tuple[int, int] | None:
         return None
     method = q.get("quant_method")
     if method != "fp8":
-        raise CheckpointError(f"quantization_config.quant_method={method!r} is not supported; allowed: 'fp8' "
-                              "(block-wise E4M3 with weight_scale_inv, as the released DeepSeek-V3 weights)")
+        raise CheckpointError(
+            f"quantization_config.quant_method={method!r} is not supported; allowed: 'fp8' "
+            "(block-wise E4M3 with weight_scale_inv, as the released DeepSeek-V3 weights)"
+        )
     fmt = q.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise CheckpointError(f"quantization_config.fmt={fmt!r} is not supported; allowed: 'e4m3'")
@@ -140,15 +151,20 @@ def config_from_hf(hf_cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig.from_hf(clean, **{**extra, **overrides})
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, fp8: tuple[int, int] | None = None,
-              rope_interleave: bool = True) -> dict[str, Any]:  # fmt: skip
+def hf_config(
+    cfg: ModelConfig, dtype: torch.dtype, fp8: tuple[int, int] | None = None, rope_interleave: bool = True
+) -> dict[str, Any]:
     """The ``config.json`` dict written by :func:`save_pretrained`."""
     out = cfg.to_hf()
     out["rope_interleave"] = rope_interleave
     out["torch_dtype"] = dtype_name(dtype)
     if fp8 is not None:
-        out["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "weight_block_size": list(fp8)}  # fmt: skip
+        out["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": list(fp8),
+        }
     out["dsv3lab"] = {k: getattr(cfg, k) for k in _DSV3LAB_ONLY}
     return out
 
@@ -185,9 +201,11 @@ def _plan(cfg: ModelConfig, weight_map: dict[str, str], mtp: bool | None, path) 
     if mtp is None:
         mtp = has_mtp
         if cfg.n_mtp and not has_mtp:
-            warnings.warn(f"{path}: config.json declares num_nextn_predict_layers={cfg.n_mtp} but the checkpoint holds "
-                          "no MTP weights (transformers does not save them); loading the main model with n_mtp=0",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"{path}: config.json declares num_nextn_predict_layers={cfg.n_mtp} but the checkpoint holds "
+                "no MTP weights (transformers does not save them); loading the main model with n_mtp=0",
+                stacklevel=3,
+            )
     elif mtp and cfg.n_mtp == 0:
         raise CheckpointError(f"mtp=True but {path}/config.json declares no MTP module (num_nextn_predict_layers=0)")
     skipped = []
@@ -229,15 +247,19 @@ def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interlea
         if slot.index is not None:
             q, s = q[slot.index], s[slot.index]
         if tuple(t.shape) != tuple(q.shape) or tuple(scale.shape) != tuple(s.shape):
-            raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(t.shape)} with scales "
-                                  f"{tuple(scale.shape)} but the model of config.json needs {tuple(q.shape)} with "
-                                  f"{tuple(s.shape)}")  # fmt: skip
+            raise CheckpointError(
+                f"{name}: the checkpoint holds shape {tuple(t.shape)} with scales "
+                f"{tuple(scale.shape)} but the model of config.json needs {tuple(q.shape)} with "
+                f"{tuple(s.shape)}"
+            )
         bits = t.view(torch.uint8)
         if slot.rope is not None and not rope_interleave:
             src = from_rotate_half(torch.arange(t.shape[0])[:, None], cfg, slot.rope)[:, 0]  # row r comes from src[r]
             if not torch.equal(src // block[0], torch.arange(t.shape[0]) // block[0]):
-                raise CheckpointError(f"{name}: the rotate-half RoPE rows cross {block} scale blocks, so the weight "
-                                      "cannot stay in FP8; load it with keep_fp8=False")  # fmt: skip
+                raise CheckpointError(
+                    f"{name}: the rotate-half RoPE rows cross {block} scale blocks, so the weight "
+                    "cannot stay in FP8; load it with keep_fp8=False"
+                )
             bits = from_rotate_half(bits, cfg, slot.rope)
         q.copy_(bits)
         s.copy_(scale.float().view(torch.int32))
@@ -246,10 +268,18 @@ def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interlea
     return store
 
 
-def from_pretrained(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    *, mtp: bool | None = None, keep_fp8: bool = False, fp8_gemm: str = "dequant",
-                    fp8_hook: FP8Hook | None = None, stats: LoadStats | None = None,
-                    **overrides: Any) -> DeepSeekV3:  # fmt: skip
+def from_pretrained(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    mtp: bool | None = None,
+    keep_fp8: bool = False,
+    fp8_gemm: str = "dequant",
+    fp8_hook: FP8Hook | None = None,
+    stats: LoadStats | None = None,
+    **overrides: Any,
+) -> DeepSeekV3:
     """Load a checkpoint in the official Hugging Face layout (BF16/FP32 or block-FP8) into a new ``DeepSeekV3``.
 
     ``dtype`` defaults to the checkpoint's ``torch_dtype`` (BF16 for FP8 checkpoints, which are dequantised);
@@ -278,8 +308,10 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
     stats = stats if stats is not None else LoadStats()
 
     if keep_fp8 and block is None:
-        raise CheckpointError(f"keep_fp8=True needs an FP8 checkpoint (config.json with quantization_config."
-                              f"quant_method 'fp8'); {folder} has none")  # fmt: skip
+        raise CheckpointError(
+            f"keep_fp8=True needs an FP8 checkpoint (config.json with quantization_config."
+            f"quant_method 'fp8'); {folder} has none"
+        )
     if keep_fp8 and fp8_hook is not None:
         raise ValueError("pass keep_fp8=True or an fp8_hook, not both")
     with torch.device("meta"):
@@ -321,8 +353,9 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
                     scale_name = name + SCALE_SUFFIX
                     if is_fp8(t):
                         if scale_name not in weight_map:
-                            raise CheckpointError(f"{name} is stored in {t.dtype} but its scale {scale_name} is not in "
-                                                  "the checkpoint")  # fmt: skip
+                            raise CheckpointError(
+                                f"{name} is stored in {t.dtype} but its scale {scale_name} is not in the checkpoint"
+                            )
                         scale = stats.track(_read_tensor(f, folder, file, weight_map[scale_name], scale_name))
                         if fp8_hook is not None and fp8_hook(name, slot, t, scale, block or DEFAULT_BLOCK, model):
                             filled.add(name)
@@ -335,15 +368,19 @@ def from_pretrained(path: str | os.PathLike, device: torch.device | str | None =
                     elif scale_name in weight_map:
                         raise CheckpointError(f"{name} has a scale {scale_name} but is stored in {t.dtype}, not FP8")
                     elif keep_fp8 and slot.fp8:
-                        raise CheckpointError(f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
-                                              "attention/FFN projection in FP8; load with keep_fp8=False")  # fmt: skip
+                        raise CheckpointError(
+                            f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
+                            "attention/FFN projection in FP8; load with keep_fp8=False"
+                        )
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, cfg, slot.rope))
                     dst = targets[slot.name] if slot.index is None else targets[slot.name][slot.index]
                     if tuple(t.shape) != tuple(dst.shape):
-                        raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(t.shape)} but the model of "
-                                              f"config.json needs {tuple(dst.shape)} (for {slot.name}"
-                                              f"{'' if slot.index is None else f'[{slot.index}]'})")
+                        raise CheckpointError(
+                            f"{name}: the checkpoint holds shape {tuple(t.shape)} but the model of "
+                            f"config.json needs {tuple(dst.shape)} (for {slot.name}"
+                            f"{'' if slot.index is None else f'[{slot.index}]'})"
+                        )
                     dst.copy_(t)
                     filled.add(name)
                     del t
@@ -376,9 +413,11 @@ def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, w
         scale = _read_tensor(None, folder, file, weight_map[name + SCALE_SUFFIX], name + SCALE_SUFFIX)
         t = dequantize_blocks(t, scale, dtype=torch.float32)
     if tuple(t.shape) != tuple(shared.shape) or not torch.equal(t.to(shared.dtype), shared):
-        raise CheckpointError(f"{name} differs from the shared tensor it should duplicate; dsv3lab shares one "
-                              "embedding and one output head between the main model and MTP (§2.2). Load with "
-                              "mtp=False to drop the MTP module(s)")
+        raise CheckpointError(
+            f"{name} differs from the shared tensor it should duplicate; dsv3lab shares one "
+            "embedding and one output head between the main model and MTP (§2.2). Load with "
+            "mtp=False to drop the MTP module(s)"
+        )
 
 
 # ---------------------------------------------------------------------- saving
@@ -402,8 +441,12 @@ def _publish(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _hf_tensors(model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave: bool, dtype: torch.dtype,
-                ) -> Iterator[tuple[str, Callable[[], list[tuple[str, torch.Tensor]]], int]]:  # fmt: skip
+def _hf_tensors(
+    model: DeepSeekV3,
+    fp8: tuple[int, int] | None,
+    rope_interleave: bool,
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, Callable[[], list[tuple[str, torch.Tensor]]], int]]:
     """(HF name, a function producing the tensor(s) to write under it and its scale, bytes) in layout order."""
     cfg = model.cfg
     sd = model.state_dict()
@@ -447,10 +490,18 @@ def _hf_tensors(model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave:
         yield name, produce, nbytes
 
 
-def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, *, fp8: bool = False,
-                    block: tuple[int, int] = DEFAULT_BLOCK, dtype: torch.dtype | None = None,
-                    rope_interleave: bool = True, max_shard_size: int | str = "5GB", tokenizer: Any = None,
-                    overwrite: bool = False) -> Path:  # fmt: skip
+def save_pretrained(
+    model: DeepSeekV3,
+    path: str | os.PathLike,
+    *,
+    fp8: bool = False,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    dtype: torch.dtype | None = None,
+    rope_interleave: bool = True,
+    max_shard_size: int | str = "5GB",
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``model`` in the official layout: config.json, sharded safetensors and the index (atomically).
 
     ``fp8`` stores every attention/FFN projection as E4M3 with a ``weight_scale_inv`` per ``block`` (and writes
@@ -542,8 +593,12 @@ def save_state_dict(model: DeepSeekV3, path: str | os.PathLike, overwrite: bool 
     return path
 
 
-def load_state_dict_folder(path: str | os.PathLike, device: torch.device | str | None = None,
-                           dtype: torch.dtype | None = None, **overrides: Any) -> DeepSeekV3:  # fmt: skip
+def load_state_dict_folder(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> DeepSeekV3:
     """Load a folder written by :func:`save_state_dict` (strict: missing, unexpected and mis-shaped tensors are one
     error)."""
     from safetensors.torch import load_file
@@ -570,8 +625,11 @@ def load_state_dict_strict(model: DeepSeekV3, sd: dict[str, torch.Tensor], where
     targets = model.state_dict()
     missing = sorted(set(targets) - set(sd))
     unexpected = sorted(set(sd) - set(targets))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(targets[k].shape)}"
-              for k in targets if k in sd and sd[k].shape != targets[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(targets[k].shape)}"
+        for k in targets
+        if k in sd and sd[k].shape != targets[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = [f"{len(missing)} missing: {_names_list(missing)}"] if missing else []
         parts += [f"{len(unexpected)} unexpected: {_names_list(unexpected)}"] if unexpected else []

@@ -62,23 +62,34 @@ def detect(path: str | os.PathLike) -> str:
         return "dsv3lab"
     if _is_run(folder):
         return "run"
-    raise FileNotFoundError(f"{path} is not a checkpoint: expected config.json (official layout), {NATIVE_CONFIG} "
-                            "(dsv3lab state_dict) or a dsv3lab training run")  # fmt: skip
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint: expected config.json (official layout), {NATIVE_CONFIG} "
+        "(dsv3lab state_dict) or a dsv3lab training run"
+    )
 
 
 def _is_run(folder: Path) -> bool:
     return (folder / "run.json").exists()  # written by dsv3lab.train (the run's configs; checkpoints in ckpt-*/)
 
 
-def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = None, *, keep_fp8: bool = False,
-             fp8_gemm: str = "dequant", **overrides: Any) -> DeepSeekV3:  # fmt: skip
+def load_any(
+    path: str | os.PathLike,
+    device=None,
+    dtype: torch.dtype | None = None,
+    *,
+    keep_fp8: bool = False,
+    fp8_gemm: str = "dequant",
+    **overrides: Any,
+) -> DeepSeekV3:
     """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``: see :func:`from_pretrained`)."""
     kind = detect(path)
     if kind == "hf":
         return from_pretrained(path, device=device, dtype=dtype, keep_fp8=keep_fp8, fp8_gemm=fp8_gemm, **overrides)
     if keep_fp8:
-        raise ValueError(f"keep_fp8 needs an FP8 checkpoint in the official layout; {path} is a {kind} folder "
-                         "(dsv3lab convert --fp8 writes one)")  # fmt: skip
+        raise ValueError(
+            f"keep_fp8 needs an FP8 checkpoint in the official layout; {path} is a {kind} folder "
+            "(dsv3lab convert --fp8 writes one)"
+        )
     if kind == "dsv3lab":
         return load_state_dict_folder(path, device=device, dtype=dtype, **overrides)
     try:
@@ -91,9 +102,17 @@ def load_any(path: str | os.PathLike, device=None, dtype: torch.dtype | None = N
     return model.to(device=device or "cpu", dtype=dtype).eval() if dtype else model.to(device or "cpu").eval()
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "hf", fp8: bool | None = None,
-            dtype: torch.dtype | None = None, rope_interleave: bool | None = None, max_shard_size: int | str = "5GB",
-            overwrite: bool = False) -> Path:  # fmt: skip
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str = "hf",
+    fp8: bool | None = None,
+    dtype: torch.dtype | None = None,
+    rope_interleave: bool | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
     """Convert a checkpoint. ``fp8``: True writes block-FP8 projections, False dequantises, None keeps the source's;
     ``dtype``: the other tensors' dtype (default: kept); ``rope_interleave``: the RoPE layout (default: kept, and
     interleaved for non-HF sources). Returns the written folder."""
@@ -110,13 +129,21 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "hf", f
     if to == "dsv3lab":
         return save_state_dict(model, dst, overwrite=overwrite)
     tokenizers = [p for p in (Path(src) / "tokenizer.json", Path(src) / "tokenizer" / "tokenizer.json") if p.exists()]
-    return save_pretrained(model, dst, fp8=bool(fp8), dtype=dtype, max_shard_size=max_shard_size,
-                           rope_interleave=True if rope_interleave is None else rope_interleave,
-                           tokenizer=tokenizers[0] if tokenizers else None, overwrite=overwrite)  # fmt: skip
+    return save_pretrained(
+        model,
+        dst,
+        fp8=bool(fp8),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        rope_interleave=True if rope_interleave is None else rope_interleave,
+        tokenizer=tokenizers[0] if tokenizers else None,
+        overwrite=overwrite,
+    )
 
 
-def _convert_hf_streaming(src: Path, dst: Path, fp8: bool | None, dtype: torch.dtype | None,
-                          rope_interleave: bool | None, overwrite: bool) -> Path:  # fmt: skip
+def _convert_hf_streaming(
+    src: Path, dst: Path, fp8: bool | None, dtype: torch.dtype | None, rope_interleave: bool | None, overwrite: bool
+) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -146,8 +173,9 @@ def _convert_hf_streaming(src: Path, dst: Path, fp8: bool | None, dtype: torch.d
                     if is_fp8(t):
                         scale_name = name + SCALE_SUFFIX
                         if scale_name not in weight_map:
-                            raise CheckpointError(f"{name} is stored in {t.dtype} but its scale {scale_name} is "
-                                                  "missing")
+                            raise CheckpointError(
+                                f"{name} is stored in {t.dtype} but its scale {scale_name} is missing"
+                            )
                         with safe_open(src / weight_map[scale_name], framework="pt", device="cpu") as g:
                             scale = g.get_tensor(scale_name)
                         t = dequantize_blocks(t, scale, block_in or DEFAULT_BLOCK, dtype=torch.float32)
@@ -173,8 +201,12 @@ def _convert_hf_streaming(src: Path, dst: Path, fp8: bool | None, dtype: torch.d
         new_cfg.pop("dtype", None)
         new_cfg["rope_interleave"] = dst_interleave
         if block_out is not None:
-            new_cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                              "weight_block_size": list(block_out)}  # fmt: skip
+            new_cfg["quantization_config"] = {
+                "activation_scheme": "dynamic",
+                "fmt": "e4m3",
+                "quant_method": "fp8",
+                "weight_block_size": list(block_out),
+            }
         (tmp / CONFIG_FILE).write_text(json.dumps(new_cfg, indent=2) + "\n")
         for extra in EXTRA_FILES:
             if (src / extra).exists():

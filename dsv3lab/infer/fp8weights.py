@@ -36,8 +36,13 @@ def _scale_shape(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int
     return -(-rows // block[0]), -(-cols // block[1])
 
 
-def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], gemm: str,
-               ) -> torch.Tensor:  # fmt: skip
+def fp8_matmul(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    gemm: str,
+) -> torch.Tensor:
     """y = x · Wᵀ for W given as E4M3 ``q`` [out, in] and its per-block ``scale_inv``; x: [..., in] -> [..., out]."""
     if gemm == "dequant":
         return F.linear(x, dequantize_blocks(q, scale_inv, block, dtype=x.dtype))
@@ -45,8 +50,10 @@ def fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block:
     from ..fp8.quant import BLOCK2D, TILE, QuantizedTensor, quantize
 
     if tuple(block) != BLOCK2D:
-        raise ValueError(f"gemm='fp8' needs weights in {BLOCK2D} blocks (the scales run along K in 128s); this "
-                         f"checkpoint has {tuple(block)} blocks: use gemm='dequant'")  # fmt: skip
+        raise ValueError(
+            f"gemm='fp8' needs weights in {BLOCK2D} blocks (the scales run along K in 128s); this "
+            f"checkpoint has {tuple(block)} blocks: use gemm='dequant'"
+        )
     a = quantize(x.reshape(-1, x.shape[-1]).float(), TILE)  # [tokens, in] in 1×128 tiles
     w = QuantizedTensor.from_fp8(q, scale_inv, BLOCK2D)
     return scaled_mm(a, w, x.dtype, gemm="auto").view(*x.shape[:-1], q.shape[0])
@@ -57,30 +64,41 @@ class FP8WeightLinear(nn.Module):
 
     ``weight`` (read by the absorbed MLA path) dequantises on access, to ``dtype``."""
 
-    def __init__(self, in_features: int, out_features: int, block: tuple[int, int], gemm: str = "dequant",
-                 dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block: tuple[int, int],
+        gemm: str = "dequant",
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         if gemm not in GEMM_IMPLS:
             raise ValueError(f"gemm must be one of {GEMM_IMPLS}, got {gemm!r}")
         self.in_features, self.out_features = in_features, out_features
         self.block, self.gemm, self.dtype = tuple(block), gemm, dtype
         self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=torch.uint8))  # E4M3 bits
-        self.register_buffer("weight_scale_inv", torch.empty(_scale_shape(out_features, in_features, block),
-                                                             dtype=torch.int32))  # fp32 bits  # fmt: skip
+        self.register_buffer(
+            "weight_scale_inv", torch.empty(_scale_shape(out_features, in_features, block), dtype=torch.int32)
+        )  # fp32 bits
 
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_blocks(self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block,
-                                 dtype=self.dtype)  # fmt: skip
+        return dequantize_blocks(
+            self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block, dtype=self.dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
-        return fp8_matmul(x, self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block,
-                          self.gemm)  # fmt: skip
+        return fp8_matmul(
+            x, self.weight_fp8.view(E4M3), self.weight_scale_inv.view(torch.float32), self.block, self.gemm
+        )
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, E4M3, block={self.block}, " \
-               f"gemm={self.gemm}"  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, E4M3, block={self.block}, "
+            f"gemm={self.gemm}"
+        )
 
 
 class FP8Experts(Experts):
@@ -98,8 +116,9 @@ class FP8Experts(Experts):
         e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         for name, (rows, cols) in (("w1", (i, d)), ("w2", (d, i)), ("w3", (i, d))):
             self.register_buffer(f"{name}_fp8", torch.empty(e, rows, cols, dtype=torch.uint8))  # E4M3 bits
-            self.register_buffer(f"{name}_scale_inv", torch.empty(e, *_scale_shape(rows, cols, block),
-                                                                  dtype=torch.int32))  # fp32 bits  # fmt: skip
+            self.register_buffer(
+                f"{name}_scale_inv", torch.empty(e, *_scale_shape(rows, cols, block), dtype=torch.int32)
+            )  # fp32 bits
 
     def init_weights(self, std: float) -> None:
         raise TypeError("FP8Experts holds weights loaded from an FP8 checkpoint; it is not initialised or trained")
@@ -121,8 +140,9 @@ class FP8Experts(Experts):
         return F.linear(x, w.to(x.dtype))
 
 
-def keep_fp8_modules(model: nn.Module, slot_names: list[str], block: tuple[int, int], gemm: str,
-                     dtype: torch.dtype) -> None:  # fmt: skip
+def keep_fp8_modules(
+    model: nn.Module, slot_names: list[str], block: tuple[int, int], gemm: str, dtype: torch.dtype
+) -> None:
     """Replace, in place, every module that owns one of ``slot_names`` (state-dict names of FP8 checkpoint tensors:
     ``….weight`` of a projection or ``….experts.w1`` etc.) by its FP8 form, created on the current default device
     (call it under ``torch.device("meta")`` before ``to_empty``)."""
@@ -135,6 +155,7 @@ def keep_fp8_modules(model: nn.Module, slot_names: list[str], block: tuple[int, 
         elif isinstance(old, nn.Linear) and old.bias is None:
             new = FP8WeightLinear(old.in_features, old.out_features, block, gemm, dtype)
         else:
-            raise TypeError(f"{path} is a {type(old).__name__}; only bias-free Linear projections and Experts hold "
-                            "FP8 weights")  # fmt: skip
+            raise TypeError(
+                f"{path} is a {type(old).__name__}; only bias-free Linear projections and Experts hold FP8 weights"
+            )
         setattr(parent, child, new)

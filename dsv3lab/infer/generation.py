@@ -94,8 +94,9 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: Any = None)
 
 
 # ---------------------------------------------------------------------- sampling
-def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None) -> torch.Tensor:  # fmt: skip
+def next_token_probs(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """softmax(logits / T) [b, V] with everything outside the top-k and the top-p nucleus set to 0, renormalised."""
     if temperature <= 0:
         raise ValueError("next_token_probs needs temperature > 0 (temperature 0 is greedy: use argmax)")
@@ -117,8 +118,13 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     return probs
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token per row of logits [b, V]: argmax when temperature is 0, else a draw from :func:`next_token_probs`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -150,10 +156,22 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 @torch.inference_mode()
-def generate(model: DeepSeekV3, prompts: Prompt | Sequence[Prompt], *, tokenizer: Any = None,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, stop_at_eos: bool = True, add_bos: bool = False, seed: int | None = None,
-             attn_impl: str = "absorb", on_token: TokenCallback | None = None) -> Generation:  # fmt: skip
+def generate(
+    model: DeepSeekV3,
+    prompts: Prompt | Sequence[Prompt],
+    *,
+    tokenizer: Any = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    stop_at_eos: bool = True,
+    add_bos: bool = False,
+    seed: int | None = None,
+    attn_impl: str = "absorb",
+    on_token: TokenCallback | None = None,
+) -> Generation:
     """Generate up to ``max_new_tokens`` for each prompt with the KV cache (``attn_impl="absorb"``: the latent one).
 
     ``prompts``: text (needs ``tokenizer``), token ids, a list of either, or a [b, s] tensor. ``eos_id`` defaults to
@@ -171,8 +189,10 @@ def generate(model: DeepSeekV3, prompts: Prompt | Sequence[Prompt], *, tokenizer
     lens = [len(p) for p in prompt_ids]
     b, total = len(prompt_ids), max(lens) + max_new_tokens
     if total > cfg.max_seq_len:
-        raise ValueError(f"the longest prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds max_seq_len={cfg.max_seq_len}")
+        raise ValueError(
+            f"the longest prompt ({max(lens)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds max_seq_len={cfg.max_seq_len}"
+        )
     tokens = torch.zeros(b, total, dtype=torch.long, device=device)
     for i, p in enumerate(prompt_ids):
         tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -216,8 +236,13 @@ def generate(model: DeepSeekV3, prompts: Prompt | Sequence[Prompt], *, tokenizer
     new = sum(len(x) for x in ids)
     decode_s = elapsed - (t_prefill or 0.0)
     decoded = (forwards - 1) * b  # positions processed one per forward after the prefill, over the batch
-    stats = {"prefill_s": t_prefill or 0.0, "decode_s": decode_s, "forwards": forwards, "new_tokens": new,
-             "decode_tokens_per_s": decoded / decode_s if decoded and decode_s > 0 else 0.0}
+    stats = {
+        "prefill_s": t_prefill or 0.0,
+        "decode_s": decode_s,
+        "forwards": forwards,
+        "new_tokens": new,
+        "decode_tokens_per_s": decoded / decode_s if decoded and decode_s > 0 else 0.0,
+    }
     texts = [decode(tokenizer, x) for x in ids] if tokenizer is not None else None
     return Generation(prompt_ids, ids, finish, texts, stats)
 

@@ -80,13 +80,20 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(acceptance_rate=self.acceptance_rate, acceptance_per_depth=self.acceptance_per_depth,
-                 tokens_per_forward=self.tokens_per_forward)  # fmt: skip
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            acceptance_per_depth=self.acceptance_per_depth,
+            tokens_per_forward=self.tokens_per_forward,
+        )
         return d
 
 
-def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None,
-                       ) -> tuple[bool, int]:  # fmt: skip
+def accept_or_resample(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    draft: int,
+    generator: torch.Generator | None = None,
+) -> tuple[bool, int]:
     """One step of speculative sampling: target distribution ``p`` [V], draft distribution ``q`` [V], ``draft`` ~ q.
 
     Returns (True, draft) with probability min(1, p(draft) / q(draft)), else (False, a token drawn from
@@ -101,11 +108,21 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: int, generator: 
 
 
 @torch.inference_mode()
-def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, *,
-                         depth: int | None = None, eos_id: int | None = None, stop_at_eos: bool = True,
-                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                         seed: int | None = None, attn_impl: str = "absorb", on_token: TokenCallback | None = None,
-                         ) -> tuple[list[int], SpeculativeStats]:  # fmt: skip
+def speculative_generate(
+    model: DeepSeekV3,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    depth: int | None = None,
+    eos_id: int | None = None,
+    stop_at_eos: bool = True,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    attn_impl: str = "absorb",
+    on_token: TokenCallback | None = None,
+) -> tuple[list[int], SpeculativeStats]:
     """Decoding of one prompt with MTP drafts of ``depth`` tokens (default: all ``cfg.n_mtp`` modules).
 
     Greedy (``temperature=0``, the default): the tokens equal plain greedy decoding. Sampling (``temperature > 0``,
@@ -117,8 +134,10 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
     cfg = model.cfg
     D = len(model.mtp) if depth is None else depth
     if not 1 <= D <= len(model.mtp):
-        raise ValueError(f"speculative decoding drafts with the MTP modules: depth must be in [1, {len(model.mtp)}] "
-                         f"(the model has n_mtp={len(model.mtp)}), got {D}")  # fmt: skip
+        raise ValueError(
+            f"speculative decoding drafts with the MTP modules: depth must be in [1, {len(model.mtp)}] "
+            f"(the model has n_mtp={len(model.mtp)}), got {D}"
+        )
     seq = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else [int(t) for t in prompt_ids]
     if not seq:
         raise ValueError("the prompt needs at least one token")
@@ -126,8 +145,10 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     max_len = len(seq) + max_new_tokens + D
     if max_len > cfg.max_seq_len:
-        raise ValueError(f"prompt ({len(seq)}) + max_new_tokens ({max_new_tokens}) + depth ({D}) = {max_len} exceeds "
-                         f"max_seq_len={cfg.max_seq_len}")  # fmt: skip
+        raise ValueError(
+            f"prompt ({len(seq)}) + max_new_tokens ({max_new_tokens}) + depth ({D}) = {max_len} exceeds "
+            f"max_seq_len={cfg.max_seq_len}"
+        )
     eos = cfg.eos_token_id if eos_id is None else eos_id
     device = model.embed.weight.device
     generator = _generator(seed, device)
@@ -140,6 +161,7 @@ def speculative_generate(model: DeepSeekV3, prompt_ids: Sequence[int] | torch.Te
         if temperature == 0:
             return int(logits.argmax(-1))
         return int(torch.multinomial(probs(logits)[0], 1, generator=generator))
+
     new: list[int] = []
 
     def ids(xs: list[int]) -> torch.Tensor:

@@ -6,5 +6,18 @@ from .mtp import MTPModule
 from .norm import MLP, RMSNorm
 from .transformer import IGNORE_INDEX, Block, DeepSeekV3, ModelCache, build_model
 
-__all__ = ["MLA", "MLACache", "MoE", "Experts", "Gate", "MTPModule", "MLP", "RMSNorm", "IGNORE_INDEX", "Block",
-           "DeepSeekV3", "ModelCache", "build_model"]
+__all__ = [
+    "MLA",
+    "MLACache",
+    "MoE",
+    "Experts",
+    "Gate",
+    "MTPModule",
+    "MLP",
+    "RMSNorm",
+    "IGNORE_INDEX",
+    "Block",
+    "DeepSeekV3",
+    "ModelCache",
+    "build_model",
+]

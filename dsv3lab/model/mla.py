@@ -47,8 +47,15 @@ class MLACache:
     ``naive`` keeps per-head ``k`` [b, t, h, d_h + d_h^R] and ``v`` [b, t, h, d_h].
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, attn_impl: str,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        attn_impl: str,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.attn_impl = attn_impl
         self.batch_size = batch_size
         self.max_len = max_len
@@ -72,8 +79,10 @@ class MLACache:
         if batch_size > self.batch_size:
             raise ValueError(f"batch of {batch_size} sequences does not fit a cache made for {self.batch_size}")
         if start_pos < 0 or start_pos + seqlen > self.max_len:
-            raise ValueError(f"cache positions [{start_pos}, {start_pos + seqlen}) are past the cache size "
-                             f"{self.max_len}; allowed: 0 <= start_pos and start_pos + seqlen <= {self.max_len}")
+            raise ValueError(
+                f"cache positions [{start_pos}, {start_pos + seqlen}) are past the cache size "
+                f"{self.max_len}; allowed: 0 <= start_pos and start_pos + seqlen <= {self.max_len}"
+            )
 
 
 def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> torch.Tensor:
@@ -116,8 +125,9 @@ class MLA(nn.Module):
             elif isinstance(mod, RMSNorm):
                 mod.init_weights()
 
-    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32,
-                  attn_impl: str | None = None) -> MLACache:  # fmt: skip
+    def new_cache(
+        self, batch_size: int, max_len: int, device=None, dtype=torch.float32, attn_impl: str | None = None
+    ) -> MLACache:
         """A cache for this layer; its kind (``attn_impl``, default the config's) also selects the forward path."""
         return MLACache(self.cfg, batch_size, max_len, attn_impl or self.attn_impl, device=device, dtype=dtype)
 
@@ -129,8 +139,9 @@ class MLA(nn.Module):
         ``wkv_b`` GEMM that only the naive path runs)."""
         return self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: MLACache | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None
+    ) -> torch.Tensor:
         """x: [b, s, dim] at absolute positions start_pos..start_pos+s-1; cos/sin: [s, d_h^R/2]. Returns [b, s, dim]."""
         b, s, _ = x.shape
         # 1) queries: [b, s, h, d_h + d_h^R], split into the non-positional and the rotary part
@@ -179,9 +190,13 @@ class MLA(nn.Module):
         # SDPA wants [b, h, s, d]; the softmax runs in fp32 inside it for fp32 inputs
         causal = mask is not None and start_pos == 0  # square causal mask: let SDPA use its fused causal kernel
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
-            attn_mask=None if causal else mask, is_causal=causal, scale=self.softmax_scale,
-        )  # fmt: skip
+            q.transpose(1, 2),
+            k.transpose(1, 2).to(q.dtype),
+            v.transpose(1, 2).to(q.dtype),
+            attn_mask=None if causal else mask,
+            is_causal=causal,
+            scale=self.softmax_scale,
+        )
         return out.transpose(1, 2)  # [b, s, h, d_v]
 
     def _absorb(self, q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache):

@@ -148,8 +148,10 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x, weights, indices):
         if self.fp8 is None and not grouped_mm_supported(x.device, x.dtype):
-            raise ValueError(f"moe_impl='grouped' needs F.grouped_mm, which does not run on {x.device.type} in "
-                             f"{x.dtype}; use moe_impl='loop' (or bf16 on a GPU with compute capability >= 9.0)")
+            raise ValueError(
+                f"moe_impl='grouped' needs F.grouped_mm, which does not run on {x.device.type} in "
+                f"{x.dtype}; use moe_impl='loop' (or bf16 on a GPU with compute capability >= 9.0)"
+            )
         k = indices.shape[1]
         flat = indices.flatten()  # [T*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs sorted by expert
@@ -189,8 +191,9 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts
         self.shared_experts = MLP(cfg.dim, n_shared * cfg.moe_inter_dim, cfg) if n_shared else None
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
-                             persistent=False)  # fmt: skip
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False
+        )
         self.last_counts: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None

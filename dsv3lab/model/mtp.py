@@ -45,8 +45,15 @@ class MTPModule(nn.Module):
         nn.init.normal_(self.eh_proj.weight, std=std)
         self.block.init_weights(std)
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, start_pos: int, cos: torch.Tensor,
-                sin: torch.Tensor, cache=None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        h_prev: torch.Tensor,
+        emb_next: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+    ) -> torch.Tensor:
         """h_prev: [b, s, d] (depth k-1 at positions i), emb_next: [b, s, d] (Emb(t_{i+k})). Returns h^k [b, s, d]."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [b, s, 2d] -> [b, s, d]
         return self.block(h, start_pos, cos, sin, cache)

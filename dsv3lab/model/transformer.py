@@ -43,8 +43,9 @@ class Block(nn.Module):
         self.attn.init_weights(std)
         self.ffn.init_weights(std)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                cache: MLACache | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None
+    ) -> torch.Tensor:
         # x: [b, s, dim]
         x = x + self.attn(self.attn_norm(x), start_pos, cos, sin, cache)
         x = x + self.ffn(self.ffn_norm(x))
@@ -139,9 +140,16 @@ class DeepSeekV3(nn.Module):
             n -= sum(p.numel() for p in self.mtp.parameters())
         return n
 
-    def new_cache(self, batch_size: int | None = None, max_len: int | None = None, *, mtp: bool = False,
-                  device=None, dtype: torch.dtype | None = None,
-                  attn_impl: str | None = None) -> ModelCache:  # fmt: skip
+    def new_cache(
+        self,
+        batch_size: int | None = None,
+        max_len: int | None = None,
+        *,
+        mtp: bool = False,
+        device=None,
+        dtype: torch.dtype | None = None,
+        attn_impl: str | None = None,
+    ) -> ModelCache:
         """Preallocate KV caches for every layer (and MTP module when ``mtp``).
 
         ``attn_impl`` (default: the config's) picks the cache kind and with it the decode path: ``"absorb"`` keeps
@@ -165,14 +173,17 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"tokens must be integer ids (int64), got {tokens.dtype}")
         end = start_pos + tokens.shape[1]
         if end > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}; "
-                             f"allowed: start_pos + seqlen <= {self.cfg.max_seq_len}")
+            raise ValueError(
+                f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}; "
+                f"allowed: start_pos + seqlen <= {self.cfg.max_seq_len}"
+            )
         if tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is outside the vocabulary; allowed: 0 <= id < "
-                                 f"vocab_size={self.cfg.vocab_size}")
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary; allowed: 0 <= id < vocab_size={self.cfg.vocab_size}"
+                )
 
     def rope(self, start_pos: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[start_pos : start_pos + seqlen], self.rope_sin[start_pos : start_pos + seqlen]
@@ -191,8 +202,14 @@ class DeepSeekV3(nn.Module):
         """The output head on the final norm: [b, s, dim] -> [b, s, vocab] (fp32)."""
         return self.head(self.norm(h)).float()
 
-    def mtp_hidden(self, depth: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0,
-                   cache: ModelCache | None = None) -> torch.Tensor:  # fmt: skip
+    def mtp_hidden(
+        self,
+        depth: int,
+        h_prev: torch.Tensor,
+        next_tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: ModelCache | None = None,
+    ) -> torch.Tensor:
         """Run MTP module ``depth`` (1-based) on h^{depth-1} [b, s, d] and the tokens t_{i+depth} [b, s]."""
         module = self.mtp[depth - 1]
         cos, sin = self.rope(start_pos, next_tokens.shape[1])
@@ -202,9 +219,15 @@ class DeepSeekV3(nn.Module):
     def mtp_logits(self, depth: int, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.mtp[depth - 1].norm(h)).float()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, start_pos: int = 0,
-                cache: ModelCache | None = None, mtp_lambda: float | None = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        start_pos: int = 0,
+        cache: ModelCache | None = None,
+        mtp_lambda: float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """tokens [b, s] (ids), targets [b, s] with targets[:, i] the token after tokens[:, i] (or IGNORE_INDEX).
 
         Returns logits [b, s, vocab] (fp32) and a dict of losses (empty without targets; MTP runs only then).
@@ -248,8 +271,12 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                seed: int | None = None) -> DeepSeekV3:  # fmt: skip
+def build_model(
+    cfg: ModelConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> DeepSeekV3:
     """Construct on the meta device, materialise on ``device`` and initialise (fast at any size that fits)."""
     with torch.device("meta"):
         model = DeepSeekV3(cfg)

@@ -72,8 +72,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def run(out: str | Path = "figures", fast: bool = False, only: list[str] | None = None,
-        device: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
+def run(
+    out: str | Path = "figures",
+    fast: bool = False,
+    only: list[str] | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run the experiments (all, or ``only``), write their files, REPORT.md and summary.json; return the summary."""
     registry = load_registry()
     names = only or list(registry)
@@ -97,9 +102,14 @@ def run(out: str | Path = "figures", fast: bool = False, only: list[str] | None 
         atomic_write_text(out / "sections" / f"{name}.md", result.report.rstrip() + "\n")
         summary.update(result.summary)
         log(f"[reproduce] {name} done in {timings[name]:.0f}s: {', '.join(result.files) or 'no files'}")
-    summary["_meta"].update(fast=fast, seeds=seeds, versions=versions(), machine=machine_description(),
-                            command="dsv3lab reproduce" + (" --fast" if fast else ""),
-                            updated=time.strftime("%Y-%m-%d %H:%M:%S"))  # fmt: skip
+    summary["_meta"].update(
+        fast=fast,
+        seeds=seeds,
+        versions=versions(),
+        machine=machine_description(),
+        command="dsv3lab reproduce" + (" --fast" if fast else ""),
+        updated=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     atomic_write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "REPORT.md", assemble_report(out, registry, summary))
     return summary

@@ -18,8 +18,11 @@ VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
 def variant_runs(ctx: Context, variants=VARIANTS) -> dict[tuple[str, int], RunResult]:
     """E1's runs: every balance variant for every seed (trained once, then loaded from the run cache)."""
     cache = RunCache(log=ctx.log)
-    return {(v, seed): cache.run(suite_config(v, seed, ctx.fast, device=str(ctx.device)))
-            for seed in ctx.seeds for v in variants}  # fmt: skip
+    return {
+        (v, seed): cache.run(suite_config(v, seed, ctx.fast, device=str(ctx.device)))
+        for seed in ctx.seeds
+        for v in variants
+    }
 
 
 def final_val(run: RunResult) -> pd.DataFrame:
@@ -89,14 +92,16 @@ def settings_line(run: RunResult) -> str:
     c = run.train_cfg
     m = run.model_cfg
     tokens = int(run.metrics.tokens_seen.iloc[-1]) if len(run.metrics) else 0
-    return (f"`{c.preset}` preset ({m.n_layers} layers, {m.n_moe_layers} MoE, {m.n_routed_experts} routed experts "
-            f"top-{m.n_activated_experts} in {m.n_expert_groups} groups (M = {m.n_limited_groups}), "
-            f"{m.n_shared_experts} shared, d = {m.dim}, MTP D = {m.n_mtp}); {c.steps} optimizer steps of sequences "
-            f"of {c.seq_len} tokens, batch ramp {c.effective_batch_size_start} → {c.batch_size} sequences "
-            f"({tokens / 1e6:.2f}M tokens per run); AdamW peak lr {c.lr:g} with the paper's schedule shapes; "
-            f"γ = {c.bias_update_speed:g} (0 for the last {1 - c.bias_freeze_frac:.1%} of steps); expert-level α = "
-            f"{DEFAULT_AUX_LOSS_ALPHA:g} for `aux_loss`, sequence-wise α = {DEFAULT_SEQ_AUX_LOSS_ALPHA:g} for "
-            "`aux_free_seq`")
+    return (
+        f"`{c.preset}` preset ({m.n_layers} layers, {m.n_moe_layers} MoE, {m.n_routed_experts} routed experts "
+        f"top-{m.n_activated_experts} in {m.n_expert_groups} groups (M = {m.n_limited_groups}), "
+        f"{m.n_shared_experts} shared, d = {m.dim}, MTP D = {m.n_mtp}); {c.steps} optimizer steps of sequences "
+        f"of {c.seq_len} tokens, batch ramp {c.effective_batch_size_start} → {c.batch_size} sequences "
+        f"({tokens / 1e6:.2f}M tokens per run); AdamW peak lr {c.lr:g} with the paper's schedule shapes; "
+        f"γ = {c.bias_update_speed:g} (0 for the last {1 - c.bias_freeze_frac:.1%} of steps); expert-level α = "
+        f"{DEFAULT_AUX_LOSS_ALPHA:g} for `aux_loss`, sequence-wise α = {DEFAULT_SEQ_AUX_LOSS_ALPHA:g} for "
+        "`aux_free_seq`"
+    )
 
 
 def router_score_stats(run: RunResult, rows) -> dict[str, float]:
@@ -107,8 +112,10 @@ def router_score_stats(run: RunResult, rows) -> dict[str, float]:
 
     model, k = run.model, run.model_cfg.n_activated_experts
     scores = []
-    hooks = [m.gate.register_forward_hook(lambda mod, inp, out: scores.append(out[2].detach()))
-             for m in model.moe_layers(include_mtp=False)]  # fmt: skip
+    hooks = [
+        m.gate.register_forward_hook(lambda mod, inp, out: scores.append(out[2].detach()))
+        for m in model.moe_layers(include_mtp=False)
+    ]
     try:
         with torch.no_grad():
             model.eval()
@@ -117,6 +124,7 @@ def router_score_stats(run: RunResult, rows) -> dict[str, float]:
         for h in hooks:
             h.remove()
     spread = float(np.mean([float(s.mean(0).std()) for s in scores]))
-    gap = float(np.mean([float((s.topk(k + 1, -1).values[:, k - 1] - s.topk(k + 1, -1).values[:, k]).mean())
-                         for s in scores]))  # fmt: skip
+    gap = float(
+        np.mean([float((s.topk(k + 1, -1).values[:, k - 1] - s.topk(k + 1, -1).values[:, k]).mean()) for s in scores])
+    )
     return {"expert_mean_spread": spread, "topk_gap": gap}

@@ -10,16 +10,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
 
-from ..train.experiments import RunCache  # noqa: E402
-from ..train.metrics import moe_layer_ids  # noqa: E402
-from ..viz.training import plot_bias_trajectories, plot_curves, plot_load_heatmaps  # noqa: E402
-from . import Context, Result, experiment  # noqa: E402
-from ._common import (  # noqa: E402
+from ..train.experiments import RunCache
+from ..train.metrics import moe_layer_ids
+from ..viz.training import plot_bias_trajectories, plot_curves, plot_load_heatmaps
+from . import Context, Result, experiment
+from ._common import (
     VARIANTS,
     compare,
     fmt,
@@ -37,10 +37,19 @@ def run_table(runs) -> pd.DataFrame:
     rows = []
     for (variant, seed), run in runs.items():
         final = run.final_val()
-        rows.append({"variant": variant, "seed": seed, "val_loss": val_loss(run), "val_acc": val_acc(run),
-                     "maxvio_batch": tail_mean(run, "maxvio_batch"), "maxvio_seq": tail_mean(run, "maxvio_seq"),
-                     "val_maxvio_batch": float(final.maxvio_batch.mean()),
-                     "steps": len(run.metrics), "tokens": int(run.metrics.tokens_seen.iloc[-1])})  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                "seed": seed,
+                "val_loss": val_loss(run),
+                "val_acc": val_acc(run),
+                "maxvio_batch": tail_mean(run, "maxvio_batch"),
+                "maxvio_seq": tail_mean(run, "maxvio_seq"),
+                "val_maxvio_batch": float(final.maxvio_batch.mean()),
+                "steps": len(run.metrics),
+                "tokens": int(run.metrics.tokens_seen.iloc[-1]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -49,20 +58,37 @@ def run(ctx: Context) -> Result:
     runs = variant_runs(ctx)
     table = run_table(runs)
     table.to_csv(ctx.out / "load_balance.csv", index=False)
-    curves = pd.concat([r.metrics[["step", "loss_main", "maxvio_batch", "maxvio_seq"]].assign(variant=v, seed=s)
-                        for (v, s), r in runs.items()])  # fmt: skip
+    curves = pd.concat(
+        [
+            r.metrics[["step", "loss_main", "maxvio_batch", "maxvio_seq"]].assign(variant=v, seed=s)
+            for (v, s), r in runs.items()
+        ]
+    )
     curves.to_csv(ctx.out / "load_balance_curves.csv", index=False)
     val = pd.concat([r.val.assign(variant=v, seed=s) for (v, s), r in runs.items()])
     val_mean = val.groupby(["variant", "seed", "step"], sort=False).loss.mean().reset_index()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    plot_curves(val_mean, "loss", ax=axes[0], ylabel="validation loss (mean over domains)",
-                title="main-model validation loss")  # fmt: skip
+    plot_curves(
+        val_mean, "loss", ax=axes[0], ylabel="validation loss (mean over domains)", title="main-model validation loss"
+    )
     smooth = max(1, len(next(iter(runs.values())).metrics) // 15)
-    plot_curves(curves, "maxvio_batch", ax=axes[1], smooth=smooth, ylabel="MaxVio (global batch)",
-                title=f"MaxVio of each step's batch (moving mean of {smooth})")  # fmt: skip
-    plot_curves(curves, "maxvio_seq", ax=axes[2], smooth=smooth, ylabel="MaxVio (per sequence, mean)",
-                title="MaxVio within each sequence")  # fmt: skip
+    plot_curves(
+        curves,
+        "maxvio_batch",
+        ax=axes[1],
+        smooth=smooth,
+        ylabel="MaxVio (global batch)",
+        title=f"MaxVio of each step's batch (moving mean of {smooth})",
+    )
+    plot_curves(
+        curves,
+        "maxvio_seq",
+        ax=axes[2],
+        smooth=smooth,
+        ylabel="MaxVio (per sequence, mean)",
+        title="MaxVio within each sequence",
+    )
     fig.tight_layout()
     fig.savefig(ctx.out / "load_balance_curves.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -73,8 +99,9 @@ def run(ctx: Context) -> Result:
     layers = moe_layer_ids(any_run.model)
     counts = {v: runs[(v, seed0)].loads["counts"][:, :n_main] for v in VARIANTS}
     fig = plot_load_heatmaps(counts, points=[0.1, 0.5, 1.0], layers=layers)
-    fig.suptitle(f"relative expert load per MoE layer (seed {seed0}; each panel sums a window of 5% of the steps)",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"relative expert load per MoE layer (seed {seed0}; each panel sums a window of 5% of the steps)", fontsize=10
+    )
     fig.savefig(ctx.out / "load_heatmaps.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -82,34 +109,46 @@ def run(ctx: Context) -> Result:
     fig, axes = plt.subplots(len(biased), n_main, figsize=(4.5 * n_main, 3 * len(biased)), squeeze=False)
     for r, v in enumerate(biased):
         for j in range(n_main):
-            plot_bias_trajectories(runs[(v, seed0)].loads["bias"], layer=j, ax=axes[r, j],
-                                   title=f"{v}: layer {layers[j]}")  # fmt: skip
+            plot_bias_trajectories(
+                runs[(v, seed0)].loads["bias"], layer=j, ax=axes[r, j], title=f"{v}: layer {layers[j]}"
+            )
     fig.tight_layout()
     fig.savefig(ctx.out / "bias_trajectories.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     by = {v: table[table.variant == v] for v in VARIANTS}
-    rows = "\n".join(f"| `{v}` | {fmt(by[v].val_loss)} | {fmt(by[v].val_acc)} | {fmt(by[v].maxvio_batch)} | "
-                     f"{fmt(by[v].maxvio_seq)} | {fmt(by[v].val_maxvio_batch)} |" for v in VARIANTS)  # fmt: skip
+    rows = "\n".join(
+        f"| `{v}` | {fmt(by[v].val_loss)} | {fmt(by[v].val_acc)} | {fmt(by[v].maxvio_batch)} | "
+        f"{fmt(by[v].maxvio_seq)} | {fmt(by[v].val_maxvio_batch)} |"
+        for v in VARIANTS
+    )
     vio_free, vio_none = by["aux_free"].maxvio_batch, by["none"].maxvio_batch
     balance_cmp = compare(vio_free, vio_none)
     quality_cmp = compare(by["aux_free"].val_loss, by["aux_loss"].val_loss)
     if balance_cmp == "lower":
-        balance_verdict = (f"**reproduced**: the bias update alone lowers the batch MaxVio from "
-                           f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`), beyond seed noise")
+        balance_verdict = (
+            f"**reproduced**: the bias update alone lowers the batch MaxVio from "
+            f"{vio_none.mean():.2f} (`none`) to {vio_free.mean():.2f} (`aux_free`), beyond seed noise"
+        )
     elif balance_cmp == "one seed":
-        balance_verdict = (f"one seed (`--fast`), no verdict: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
-                           f"`none` {vio_none.mean():.2f}")
+        balance_verdict = (
+            f"one seed (`--fast`), no verdict: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
+            f"`none` {vio_none.mean():.2f}"
+        )
     else:
-        balance_verdict = (f"**not reproduced at toy scale**: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
-                           f"`none` {vio_none.mean():.2f} ({balance_cmp})")
+        balance_verdict = (
+            f"**not reproduced at toy scale**: batch MaxVio `aux_free` {vio_free.mean():.2f} vs "
+            f"`none` {vio_none.mean():.2f} ({balance_cmp})"
+        )
     quality_verdict = {
         "lower": "**reproduced**: `aux_free` reaches a lower validation loss than `aux_loss` beyond seed noise",
-        "within noise": ("**not resolved at toy scale**: the validation losses of `aux_free` and `aux_loss` differ by "
-                         "less than two standard errors over seeds"),
+        "within noise": (
+            "**not resolved at toy scale**: the validation losses of `aux_free` and `aux_loss` differ by "
+            "less than two standard errors over seeds"
+        ),
         "one seed": "no verdict from one seed (`--fast`); the default run uses three",
         "higher": "**not reproduced at toy scale**: `aux_loss` reaches a lower validation loss than `aux_free`",
-    }[quality_cmp]  # fmt: skip
+    }[quality_cmp]
     gamma, steps = any_run.train_cfg.bias_update_speed, any_run.train_cfg.steps
     train_s = float(sum(r.metrics.time_s.sum() for r in runs.values()))
     tok_s = float(pd.concat([r.metrics.tokens_per_s for r in runs.values()]).median())
@@ -134,7 +173,7 @@ last 10% of steps. **γ = {gamma:g}** ({gamma / 1e-3:g}× the paper's 1e-3; a ru
 chosen from the router statistics of a short `none` probe run, before any variant was compared: the bias must be able
 to cross the spread of the experts' mean affinities within a few dozen steps, while one step's ±γ stays well below
 the typical gap between a token's K-th and (K+1)-th score. In this experiment's final `none` models (validation
-rows, main-model routers) the spread is {stats['expert_mean_spread']:.3f} and the gap {stats['topk_gap']:.3f}.
+rows, main-model routers) the spread is {stats["expert_mean_spread"]:.3f} and the gap {stats["topk_gap"]:.3f}.
 The {len(runs)} runs took {train_s / 60:.1f} min of optimizer steps (median {tok_s:,.0f} tokens/s; runs are shared
 through the run cache, so a rerun that finds them reports only the evaluation time below).
 
@@ -154,10 +193,23 @@ is less even than over the whole batch — the freedom that batch-wise balancing
 
 ![bias trajectories](bias_trajectories.png)
 """
-    summary = {"load_balance_router_stats": stats, "load_balance": {v: {"val_loss": mean_std(by[v].val_loss)[0],
-                                    "val_loss_std": mean_std(by[v].val_loss)[1],
-                                    "maxvio_batch": mean_std(by[v].maxvio_batch)[0],
-                                    "maxvio_seq": mean_std(by[v].maxvio_seq)[0]} for v in VARIANTS}}  # fmt: skip
-    files = ["load_balance.csv", "load_balance_curves.csv", "load_balance_curves.png", "load_heatmaps.png",
-             "bias_trajectories.png"]  # fmt: skip
+    summary = {
+        "load_balance_router_stats": stats,
+        "load_balance": {
+            v: {
+                "val_loss": mean_std(by[v].val_loss)[0],
+                "val_loss_std": mean_std(by[v].val_loss)[1],
+                "maxvio_batch": mean_std(by[v].maxvio_batch)[0],
+                "maxvio_seq": mean_std(by[v].maxvio_seq)[0],
+            }
+            for v in VARIANTS
+        },
+    }
+    files = [
+        "load_balance.csv",
+        "load_balance_curves.csv",
+        "load_balance_curves.png",
+        "load_heatmaps.png",
+        "bias_trajectories.png",
+    ]
     return Result(report, summary, files)

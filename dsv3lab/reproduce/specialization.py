@@ -9,12 +9,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from ..viz.training import plot_domain_load  # noqa: E402
-from . import Context, Result, experiment  # noqa: E402
-from ._common import VARIANTS, compare, fmt, mean_std, variant_runs  # noqa: E402
+from ..viz.training import plot_domain_load
+from . import Context, Result, experiment
+from ._common import VARIANTS, compare, fmt, mean_std, variant_runs
 
 
 def specialization_score(expert_load: pd.DataFrame) -> float:
@@ -39,7 +39,8 @@ def run(ctx: Context) -> Result:
     table = pd.DataFrame(rows)
     table.to_csv(ctx.out / "specialization.csv", index=False)
     pd.concat([f.assign(variant=v, seed=s) for (v, s), f in finals.items()]).to_csv(
-        ctx.out / "specialization_loads.csv", index=False)
+        ctx.out / "specialization_loads.csv", index=False
+    )
 
     seed0 = ctx.seeds[0]
     layers = sorted(finals[("aux_free", seed0)].layer.unique())
@@ -57,12 +58,13 @@ def run(ctx: Context) -> Result:
     cmp = compare(by["aux_loss"], by["aux_free"])
     above = "above" if by["aux_free"].mean() > by["aux_loss"].mean() else "not above"
     verdict = {
-        "lower": ("**reproduced**: the aux-loss-free model's experts specialise more by domain than the aux-loss "
-                  "model's"),
+        "lower": (
+            "**reproduced**: the aux-loss-free model's experts specialise more by domain than the aux-loss model's"
+        ),
         "within noise": "**not resolved at toy scale**: the scores differ by less than two standard errors over seeds",
         "one seed": f"one seed (`--fast`): aux-loss-free {above} aux-loss; no verdict",
         "higher": "**not reproduced at toy scale**: the aux-loss model specialises more",
-    }[cmp]  # fmt: skip
+    }[cmp]
     table_rows = "\n".join(f"| `{v}` | {fmt(by[v])} |" for v in VARIANTS)
     report = f"""## E2 — Expert specialization by domain (Fig. 9 analog)
 
@@ -80,10 +82,9 @@ Figure: layers {shown[0]} and {shown[1]} (first and last MoE layer), seed {seed0
 |---|---:|
 {table_rows}
 
-**Verdict:** {verdict} (aux_free {fmt(by['aux_free'])} vs aux_loss {fmt(by['aux_loss'])}).
+**Verdict:** {verdict} (aux_free {fmt(by["aux_free"])} vs aux_loss {fmt(by["aux_loss"])}).
 
 ![relative expert load per domain](specialization.png)
 """
-    summary = {"specialization": {v: {"score": mean_std(by[v])[0], "score_std": mean_std(by[v])[1]}
-                                  for v in VARIANTS}}  # fmt: skip
+    summary = {"specialization": {v: {"score": mean_std(by[v])[0], "score_std": mean_std(by[v])[1]} for v in VARIANTS}}
     return Result(report, summary, ["specialization.csv", "specialization_loads.csv", "specialization.png"])

@@ -10,14 +10,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import pandas as pd
+import torch
 
-from ..accounting import kv_cache_comparison, model_stats  # noqa: E402
-from ..config import PRESETS, ModelConfig  # noqa: E402
-from ..model import DeepSeekV3  # noqa: E402
-from ..viz import plot_kv_cache, plot_params  # noqa: E402
-from . import Context, Result, experiment  # noqa: E402
+from ..accounting import kv_cache_comparison, model_stats
+from ..config import PRESETS, ModelConfig
+from ..model import DeepSeekV3
+from ..viz import plot_kv_cache, plot_params
+from . import Context, Result, experiment
 
 
 def preset_table() -> pd.DataFrame:
@@ -31,19 +31,21 @@ def preset_table() -> pd.DataFrame:
         built = model.num_params()
         if built != stats["total_params"]:
             raise AssertionError(f"{name}: analytic count {stats['total_params']} != built model {built}")
-        rows.append({
-            "preset": name,
-            "total_params": stats["total_params"],
-            "activated_params": stats["activated_params"],
-            "mtp_params": stats["mtp_params"],
-            "kv_latent_bytes_per_token": stats["kv_cache_bytes_per_token"]["latent"],
-            "kv_materialized_bytes_per_token": stats["kv_cache_bytes_per_token"]["materialized"],
-            "flops_per_token": stats["flops_per_token"],
-            "layers": cfg.n_layers,
-            "dim": cfg.dim,
-            "routed_experts": cfg.n_routed_experts,
-            "activated_experts": cfg.n_activated_experts,
-        })  # fmt: skip
+        rows.append(
+            {
+                "preset": name,
+                "total_params": stats["total_params"],
+                "activated_params": stats["activated_params"],
+                "mtp_params": stats["mtp_params"],
+                "kv_latent_bytes_per_token": stats["kv_cache_bytes_per_token"]["latent"],
+                "kv_materialized_bytes_per_token": stats["kv_cache_bytes_per_token"]["materialized"],
+                "flops_per_token": stats["flops_per_token"],
+                "layers": cfg.n_layers,
+                "dim": cfg.dim,
+                "routed_experts": cfg.n_routed_experts,
+                "activated_experts": cfg.n_activated_experts,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -66,7 +68,8 @@ def run(ctx: Context) -> Result:
     v3 = table.set_index("preset").loc["671B"]
     ratio = v3.kv_materialized_bytes_per_token / v3.kv_latent_bytes_per_token
     kv671 = kv[kv.preset == "671B"].set_index("variant").bytes_per_token
-    report = f"""## Tour: the presets, counted
+    report = (
+        f"""## Tour: the presets, counted
 
 **Paper:** DeepSeek-V3 has 671B parameters, 37B activated per token (§1, §4.2); the MTP module adds 11.5B unique
 parameters (README_WEIGHTS). MLA caches only the compressed latent and the decoupled RoPE key (§2.1.1).
@@ -76,8 +79,8 @@ parameters (README_WEIGHTS). MLA caches only the compressed latent and the decou
 head included), **{v3.mtp_params / 1e9:.2f}B** in the MTP module; latent KV cache
 **{int(v3.kv_latent_bytes_per_token):,} bytes/token** (BF16, 61 layers) vs {int(v3.kv_materialized_bytes_per_token):,}
 for materialised per-head K/V (**{ratio:.1f}×** less); against attention variants with the same 128 heads of width 128:
-MHA {kv671['MHA'] / 1e3:,.0f} KB, GQA (8 groups) {kv671['GQA'] / 1e3:,.0f} KB,
-MQA {kv671['MQA'] / 1e3:,.1f} KB, MLA {kv671['MLA (latent)'] / 1e3:,.1f} KB per token.
+MHA {kv671["MHA"] / 1e3:,.0f} KB, GQA (8 groups) {kv671["GQA"] / 1e3:,.0f} KB,
+MQA {kv671["MQA"] / 1e3:,.1f} KB, MLA {kv671["MLA (latent)"] / 1e3:,.1f} KB per token.
 Training FLOPs per token (forward + backward, sequence 4096): {v3.flops_per_token / 1e9:.0f} GFLOP.
 
 **Verdict:** reproduced. The paper rounds to 671B / 37B; README_WEIGHTS quotes 36.7B activated and 11.5B for MTP,
@@ -86,22 +89,27 @@ here (the official breakdown is not published, so the small gaps are not attribu
 
 | preset | total | activated | MTP | latent KV B/token | materialised KV B/token |
 |---|---:|---:|---:|---:|---:|
-""" + "\n".join(
-        f"| {r.preset} | {r.total_params:,} | {r.activated_params:,} | {r.mtp_params:,} | "
-        f"{r.kv_latent_bytes_per_token:,} | {r.kv_materialized_bytes_per_token:,} |"
-        for r in table.itertuples()
-    ) + "\n\n![KV cache per token](kv_cache.png)\n\n![Parameters per preset](params.png)\n"  # fmt: skip
+"""
+        + "\n".join(
+            f"| {r.preset} | {r.total_params:,} | {r.activated_params:,} | {r.mtp_params:,} | "
+            f"{r.kv_latent_bytes_per_token:,} | {r.kv_materialized_bytes_per_token:,} |"
+            for r in table.itertuples()
+        )
+        + "\n\n![KV cache per token](kv_cache.png)\n\n![Parameters per preset](params.png)\n"
+    )
     summary = {
         "tour": {
             "671B": {
                 "total_params": int(v3.total_params),
                 "activated_params": int(v3.activated_params),
                 "mtp_params": int(v3.mtp_params),
-                "kv_cache_bytes_per_token": {"latent": int(v3.kv_latent_bytes_per_token),
-                                             "materialized": int(v3.kv_materialized_bytes_per_token)},
+                "kv_cache_bytes_per_token": {
+                    "latent": int(v3.kv_latent_bytes_per_token),
+                    "materialized": int(v3.kv_materialized_bytes_per_token),
+                },
                 "flops_per_token": float(v3.flops_per_token),
             },
             "presets": table["preset"].tolist(),
         }
-    }  # fmt: skip
+    }
     return Result(report, summary, ["presets.csv", "kv_cache.csv", "kv_cache.png", "params.png"])

@@ -1,8 +1,8 @@
 """Training: config, the paper's schedules, the trainer, checkpoints, metrics, and the run cache for experiments.
 
-    from dsv3lab.train import TrainConfig, train, load_run
-    result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
-    result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
+from dsv3lab.train import TrainConfig, train, load_run
+result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
+result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
 """
 
 from .checkpoint import latest_checkpoint, save_checkpoint
@@ -11,6 +11,21 @@ from .metrics import RunMetrics, evaluate
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at, schedule_table
 from .trainer import RunResult, TrainingDiverged, load_run, make_data, train
 
-__all__ = ["BALANCE_VARIANTS", "TrainConfig", "RunResult", "RunMetrics", "TrainingDiverged", "train", "load_run",
-           "make_data", "evaluate", "lr_at", "batch_size_at", "mtp_lambda_at", "bias_speed_at", "schedule_table",
-           "save_checkpoint", "latest_checkpoint"]
+__all__ = [
+    "BALANCE_VARIANTS",
+    "TrainConfig",
+    "RunResult",
+    "RunMetrics",
+    "TrainingDiverged",
+    "train",
+    "load_run",
+    "make_data",
+    "evaluate",
+    "lr_at",
+    "batch_size_at",
+    "mtp_lambda_at",
+    "bias_speed_at",
+    "schedule_table",
+    "save_checkpoint",
+    "latest_checkpoint",
+]

@@ -72,8 +72,14 @@ def _tupled(x):
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 1) -> Path:  # fmt: skip
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int = 1,
+) -> Path:
     """Write checkpoint ``step`` (completed optimizer steps) atomically and point ``latest`` at it."""
     run_dir = Path(run_dir)
     name = f"{PREFIX}{step:07d}"
@@ -131,16 +137,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")), state
 
 
-def check_config(state: dict[str, Any], train_identity: dict[str, Any], model_cfg: dict[str, Any],
-                 where: str) -> None:  # fmt: skip
+def check_config(state: dict[str, Any], train_identity: dict[str, Any], model_cfg: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint written by another configuration, naming every mismatched field."""
     diffs = [f"train.{d}" for d in config_differences(state.get("train_config", {}), train_identity)]
     saved_model = {k: v for k, v in state.get("model_config", {}).items() if k != "name"}
-    diffs += [f"model.{d}" for d in config_differences(saved_model, {k: v for k, v in model_cfg.items()
-                                                                       if k != "name"})]  # fmt: skip
+    diffs += [
+        f"model.{d}" for d in config_differences(saved_model, {k: v for k, v in model_cfg.items() if k != "name"})
+    ]
     if diffs:
-        raise ValueError(f"{where} was written by another configuration; mismatched fields (saved -> now): "
-                         + "; ".join(diffs))
+        raise ValueError(
+            f"{where} was written by another configuration; mismatched fields (saved -> now): " + "; ".join(diffs)
+        )
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -148,8 +155,11 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in weights and weights[k].shape != own[k].shape]  # fmt: skip
+    shapes = [
+        f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -162,8 +172,9 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
     model.load_state_dict(weights, strict=True)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                         state: dict[str, Any]) -> None:  # fmt: skip
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], state: dict[str, Any]
+) -> None:
     opt_state: dict[int, dict[str, Any]] = {int(i): dict(v) for i, v in state["optimizer_scalars"].items()}
     for key, value in tensors.items():
         if not key.startswith("state."):

@@ -113,24 +113,48 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("batch_size_start", "eval_every", "checkpoint_every", "max_chars_per_domain",
-                     "val_seqs_per_domain"):  # fmt: skip
+        for name in (
+            "batch_size_start",
+            "eval_every",
+            "checkpoint_every",
+            "max_chars_per_domain",
+            "val_seqs_per_domain",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.batch_size_start > self.batch_size:
             raise ValueError(f"batch_size_start ({self.batch_size_start}) must be <= batch_size ({self.batch_size})")
-        fracs = ("warmup_frac", "lr_decay_start_frac", "lr_decay_end_frac", "lr_final_frac", "batch_ramp_frac",
-                 "mtp_lambda_switch_frac", "bias_freeze_frac", "fim_rate")  # fmt: skip
+        fracs = (
+            "warmup_frac",
+            "lr_decay_start_frac",
+            "lr_decay_end_frac",
+            "lr_final_frac",
+            "batch_ramp_frac",
+            "mtp_lambda_switch_frac",
+            "bias_freeze_frac",
+            "fim_rate",
+        )
         for name in fracs:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.warmup_frac <= self.lr_decay_start_frac <= self.lr_decay_end_frac <= self.lr_final_frac:
-            raise ValueError("the learning-rate phases must be ordered: warmup_frac <= lr_decay_start_frac <= "
-                             f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
-                             f"{self.lr_decay_end_frac}, {self.lr_final_frac}")
-        for name in ("lr", "bias_update_speed", "weight_decay", "grad_clip", "mtp_lambda", "mtp_lambda_final",
-                     "lr_min_ratio", "lr_final_ratio", "adam_eps"):  # fmt: skip
+            raise ValueError(
+                "the learning-rate phases must be ordered: warmup_frac <= lr_decay_start_frac <= "
+                f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
+                f"{self.lr_decay_end_frac}, {self.lr_final_frac}"
+            )
+        for name in (
+            "lr",
+            "bias_update_speed",
+            "weight_decay",
+            "grad_clip",
+            "mtp_lambda",
+            "mtp_lambda_final",
+            "lr_min_ratio",
+            "lr_final_ratio",
+            "adam_eps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -157,8 +181,10 @@ class TrainConfig:
         seq = over.pop("seq_aux_loss_alpha", None)
         if self.balance == "aux_loss":
             if seq:
-                raise ValueError("balance='aux_loss' uses only the expert-level loss; seq_aux_loss_alpha must be 0 "
-                                 "(use balance='aux_free_seq' for the sequence-wise loss)")
+                raise ValueError(
+                    "balance='aux_loss' uses only the expert-level loss; seq_aux_loss_alpha must be 0 "
+                    "(use balance='aux_free_seq' for the sequence-wise loss)"
+                )
             aux, seq = DEFAULT_AUX_LOSS_ALPHA if aux is None else aux, 0.0
             if aux <= 0:
                 raise ValueError(f"balance='aux_loss' needs aux_loss_alpha > 0, got {aux}")
@@ -170,8 +196,10 @@ class TrainConfig:
                 raise ValueError(f"balance='aux_free_seq' needs seq_aux_loss_alpha > 0, got {seq}")
         else:
             if aux or seq:
-                raise ValueError(f"balance={self.balance!r} has no balance loss; aux_loss_alpha and "
-                                 "seq_aux_loss_alpha must be 0 (use balance='aux_loss' or 'aux_free_seq')")
+                raise ValueError(
+                    f"balance={self.balance!r} has no balance loss; aux_loss_alpha and "
+                    "seq_aux_loss_alpha must be 0 (use balance='aux_loss' or 'aux_free_seq')"
+                )
             aux, seq = 0.0, 0.0
         cfg = ModelConfig.preset(self.preset, aux_loss_alpha=aux, seq_aux_loss_alpha=seq, gate_bias=True)
         cfg = cfg.replace(**over) if over else cfg
@@ -240,13 +268,17 @@ class TrainConfig:
         """The fields that define what the run computes (``ENVIRONMENT_FIELDS`` left out, ``LATER_FIELDS`` at their
         defaults left out)."""
         defaults = {f.name: f.default for f in fields(self) if f.name in LATER_FIELDS}
-        return {k: v for k, v in self.to_dict().items()
-                if k not in ENVIRONMENT_FIELDS and not (k in defaults and v == defaults[k])}  # fmt: skip
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ENVIRONMENT_FIELDS and not (k in defaults and v == defaults[k])
+        }
 
     def hash(self) -> str:
         """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""
-        blob = json.dumps({"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True,
-                          default=str)  # fmt: skip
+        blob = json.dumps(
+            {"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

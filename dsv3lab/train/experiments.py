@@ -30,11 +30,26 @@ def suite_config(balance: str, seed: int, fast: bool, **changes) -> TrainConfig:
     sequences of 128 tokens from the small corpus (``DataConfig.small``), 8 validation sequences per domain,
     evaluated at the end only.
     """
-    base = dict(preset="toy", model={"moe_impl": "grouped"}, balance=balance, seed=seed, seq_len=256,
-                bias_update_speed=5e-3, lr=2e-3, progress=False)  # fmt: skip
+    base = dict(
+        preset="toy",
+        model={"moe_impl": "grouped"},
+        balance=balance,
+        seed=seed,
+        seq_len=256,
+        bias_update_speed=5e-3,
+        lr=2e-3,
+        progress=False,
+    )
     if fast:
-        base.update(steps=40, batch_size=4, micro_batch_size=4, eval_every=0, seq_len=128,
-                    max_chars_per_domain=200_000, val_seqs_per_domain=8)
+        base.update(
+            steps=40,
+            batch_size=4,
+            micro_batch_size=4,
+            eval_every=0,
+            seq_len=128,
+            max_chars_per_domain=200_000,
+            val_seqs_per_domain=8,
+        )
     else:
         base.update(steps=120, batch_size=8, micro_batch_size=8, eval_every=40, val_seqs_per_domain=16)
     model = {**base.pop("model"), **changes.pop("model", {})}
@@ -56,8 +71,15 @@ class RunCache:
         self._data: dict[tuple, object] = {}
 
     def data(self, cfg: TrainConfig):
-        key = (cfg.corpus, cfg.seq_len, cfg.fim_rate, cfg.data_seed, cfg.max_chars_per_domain,
-               cfg.val_seqs_per_domain, cfg.model_config().vocab_size)  # fmt: skip
+        key = (
+            cfg.corpus,
+            cfg.seq_len,
+            cfg.fim_rate,
+            cfg.data_seed,
+            cfg.max_chars_per_domain,
+            cfg.val_seqs_per_domain,
+            cfg.model_config().vocab_size,
+        )
         if key not in self._data:
             self._data[key] = make_data(cfg, cfg.model_config())
         return self._data[key]

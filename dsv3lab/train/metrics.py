@@ -115,8 +115,9 @@ def step_load_metrics(counts: torch.Tensor, n_main: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int = 0,
-             autocast_dtype: torch.dtype | None = None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+def evaluate(
+    model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int = 0, autocast_dtype: torch.dtype | None = None
+) -> tuple[list[dict], list[dict]]:
     """Validation per domain in eval mode (the selection bias and the training counters are not touched).
 
     ``val`` maps domain -> LongTensor [n, T+1] (tokens = row[:, :-1], targets = row[:, 1:]). Returns the rows of
@@ -144,14 +145,18 @@ def evaluate(model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int
                 chunk = chunk.to(device)
                 tokens, targets = chunk[:, :-1], chunk[:, 1:]
                 s = tokens.shape[1]
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):  # fmt: skip
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+                ):
                     h = model.hidden(tokens)
                     heads = [(model.logits(h), targets)]
                     if moes:
                         counts += torch.stack([m.last_counts.cpu() for m in moes])
-                        seq_vio += sum(float(max_violation_per_sequence(m.last_indices, n_experts)) for m in moes) \
-                            / len(moes) * tokens.shape[0]
+                        seq_vio += (
+                            sum(float(max_violation_per_sequence(m.last_indices, n_experts)) for m in moes)
+                            / len(moes)
+                            * tokens.shape[0]
+                        )
                         n_seq += tokens.shape[0]
                     h_prev = h
                     for k in range(1, depth + 1):
@@ -161,12 +166,22 @@ def evaluate(model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int
                         heads.append((model.mtp_logits(k, h_prev), targets[:, k:]))
                 for d, (logits, tgt) in enumerate(heads):
                     mask = tgt != IGNORE_INDEX
-                    loss_sum[d] += F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(),
-                                                   ignore_index=IGNORE_INDEX, reduction="sum").double().cpu()
+                    loss_sum[d] += (
+                        F.cross_entropy(
+                            logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                        )
+                        .double()
+                        .cpu()
+                    )
                     correct[d] += ((logits.argmax(-1) == tgt) & mask).sum().double().cpu()
                     n_tok[d] += mask.sum().double().cpu()
-            row = {"step": step, "domain": domain, "loss": float(loss_sum[0] / n_tok[0]),
-                   "acc": float(correct[0] / n_tok[0]), "tokens": int(n_tok[0])}  # fmt: skip
+            row = {
+                "step": step,
+                "domain": domain,
+                "loss": float(loss_sum[0] / n_tok[0]),
+                "acc": float(correct[0] / n_tok[0]),
+                "tokens": int(n_tok[0]),
+            }
             for d in range(1, depth + 1):
                 if n_tok[d] > 0:
                     row[f"mtp_{d}_loss"] = float(loss_sum[d] / n_tok[d])
@@ -177,9 +192,16 @@ def evaluate(model, val: dict[str, torch.Tensor], batch_size: int = 8, step: int
                 rel = relative_load(counts, k_act)
                 for j, layer in enumerate(layer_ids):
                     for e in range(n_experts):
-                        load_rows.append({"step": step, "domain": domain, "layer": layer,
-                                          "expert": e, "tokens": int(counts[j, e]),
-                                          "relative_load": float(rel[j, e])})  # fmt: skip
+                        load_rows.append(
+                            {
+                                "step": step,
+                                "domain": domain,
+                                "layer": layer,
+                                "expert": e,
+                                "tokens": int(counts[j, e]),
+                                "relative_load": float(rel[j, e]),
+                            }
+                        )
             val_rows.append(row)
     finally:
         model.train(was_training)

@@ -75,7 +75,15 @@ def schedule_table(cfg: TrainConfig, total: int | None = None) -> pd.DataFrame:
     for step in range(total):
         bs = batch_size_at(step, total, cfg)
         tokens += bs * cfg.seq_len
-        rows.append({"step": step, "frac": step / total, "lr": lr_at(step, total, cfg), "batch_size": bs,
-                     "tokens": tokens, "mtp_lambda": mtp_lambda_at(step, total, cfg),
-                     "gamma": bias_speed_at(step, total, cfg)})  # fmt: skip
+        rows.append(
+            {
+                "step": step,
+                "frac": step / total,
+                "lr": lr_at(step, total, cfg),
+                "batch_size": bs,
+                "tokens": tokens,
+                "mtp_lambda": mtp_lambda_at(step, total, cfg),
+                "gamma": bias_speed_at(step, total, cfg),
+            }
+        )
     return pd.DataFrame(rows)

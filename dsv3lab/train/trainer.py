@@ -85,9 +85,14 @@ def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
     """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
     from ..data import DataConfig, make_datasets
 
-    kwargs: dict[str, Any] = dict(corpus=cfg.corpus, vocab_size=model_cfg.vocab_size, seq_len=cfg.seq_len,
-                                  fim_rate=cfg.fim_rate, seed=cfg.data_seed,
-                                  val_seqs_per_domain=cfg.val_seqs_per_domain)  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        corpus=cfg.corpus,
+        vocab_size=model_cfg.vocab_size,
+        seq_len=cfg.seq_len,
+        fim_rate=cfg.fim_rate,
+        seed=cfg.data_seed,
+        val_seqs_per_domain=cfg.val_seqs_per_domain,
+    )
     if cfg.max_chars_per_domain:
         kwargs["max_chars_per_domain"] = cfg.max_chars_per_domain
     return make_datasets(DataConfig(**kwargs))
@@ -96,8 +101,10 @@ def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
 def _check_data(data, cfg: TrainConfig, model_cfg: ModelConfig) -> None:
     vocab = data.tokenizer.vocab_size
     if vocab > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
-                         "set vocab_size >= the tokenizer's")
+        raise ValueError(
+            f"the tokenizer has {vocab} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
+            "set vocab_size >= the tokenizer's"
+        )
     tokens, targets = data.batch(0, 1)
     if tokens.shape[1] != cfg.seq_len:
         raise ValueError(f"the data yields sequences of {tokens.shape[1]} tokens but seq_len={cfg.seq_len}")
@@ -131,8 +138,9 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
     run_file = out / RUN_FILE
     if out.exists() and any(out.iterdir()):
         if not run_file.exists():
-            raise FileExistsError(f"{out} is not empty and holds no dsv3lab run ({RUN_FILE} is missing); "
-                                  "choose another --out folder")
+            raise FileExistsError(
+                f"{out} is not empty and holds no dsv3lab run ({RUN_FILE} is missing); choose another --out folder"
+            )
         saved = json.loads(run_file.read_text())
         if overwrite:
             shutil.rmtree(out)
@@ -143,16 +151,23 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             diffs += [f"model.{d}" for d in config_differences(saved_model, now_model)]
             if not resume:
                 what = ("a different run (" + "; ".join(diffs) + ")") if diffs else "this run already"
-                raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to "
-                                      "replace it")
+                raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to replace it")
             if diffs:
-                raise ValueError(f"cannot resume {out}: it was started with another configuration; mismatched "
-                                 "fields (saved -> now): " + "; ".join(diffs))
+                raise ValueError(
+                    f"cannot resume {out}: it was started with another configuration; mismatched "
+                    "fields (saved -> now): " + "; ".join(diffs)
+                )
             return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_FILE, {"train_config": cfg.identity(), "model_config": model_cfg.to_dict(),
-                                       "environment": {k: getattr(cfg, k) for k in ("out", "device")},
-                                       "versions": versions()})  # fmt: skip
+    atomic_write_json(
+        out / RUN_FILE,
+        {
+            "train_config": cfg.identity(),
+            "model_config": model_cfg.to_dict(),
+            "environment": {k: getattr(cfg, k) for k in ("out", "device")},
+            "versions": versions(),
+        },
+    )
 
 
 # ---------------------------------------------------------------------- one step
@@ -161,8 +176,14 @@ def _micro_batches(tokens: torch.Tensor, targets: torch.Tensor, micro: int):
         yield tokens[start : start + micro], targets[start : start + micro]
 
 
-def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool = False,
-          on_step: Callable[[dict, DeepSeekV3], None] | None = None) -> RunResult:  # fmt: skip
+def train(
+    cfg: TrainConfig,
+    data=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[dict, DeepSeekV3], None] | None = None,
+) -> RunResult:
     """Run ``cfg`` and return the :class:`RunResult`.
 
     ``data``: an object with ``batch(step, batch_size) -> (tokens, targets)``, ``val`` (domain -> [n, T+1]) and
@@ -214,19 +235,24 @@ def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool 
         if out is None:
             return
         metrics.save(out)
-        state = {"train_config": cfg.identity(), "model_config": model_cfg.to_dict(),
-                 "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
-                 "schedules": _schedule_state(steps_done, cfg)}  # fmt: skip
+        state = {
+            "train_config": cfg.identity(),
+            "model_config": model_cfg.to_dict(),
+            "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
+            "schedules": _schedule_state(steps_done, cfg),
+        }
         save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
 
     def run_eval(steps_done: int) -> None:
-        val_rows, load_rows = evaluate(model, data.val, batch_size=cfg.micro_batch_size, step=steps_done,
-                                       autocast_dtype=autocast)  # fmt: skip
+        val_rows, load_rows = evaluate(
+            model, data.val, batch_size=cfg.micro_batch_size, step=steps_done, autocast_dtype=autocast
+        )
         metrics.val_rows += val_rows
         metrics.load_rows += load_rows
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"train {cfg.balance}",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"train {cfg.balance}", dynamic_ncols=True
+    )
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -254,8 +280,11 @@ def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool 
                     correct += int(((logits.argmax(-1) == tgt) & mask).sum())
                     n_tok += int(mask.sum())
                     if n_main:
-                        seq_vio += sum(float(max_violation_per_sequence(m.last_indices, n_experts))
-                                       for m in moes_all[:n_main]) / n_main * tok.shape[0]  # fmt: skip
+                        seq_vio += (
+                            sum(float(max_violation_per_sequence(m.last_indices, n_experts)) for m in moes_all[:n_main])
+                            / n_main
+                            * tok.shape[0]
+                        )
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
             if not math.isfinite(grad_norm):
                 raise TrainingDiverged(_diverged_message(step, "gradient norm", grad_norm, out))
@@ -264,25 +293,45 @@ def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool 
             counts = update_selection_bias(moes_all, gamma, cfg.bias_update_rule)  # once per optimizer step
             tokens_seen += int(tokens.numel())
             elapsed = time.perf_counter() - t0
-            row = {"step": step, "lr": lr, "batch_size": bs, "tokens": int(tokens.numel()),
-                   "tokens_seen": tokens_seen, "loss_main": sums["main"]}  # fmt: skip
+            row = {
+                "step": step,
+                "lr": lr,
+                "batch_size": bs,
+                "tokens": int(tokens.numel()),
+                "tokens_seen": tokens_seen,
+                "loss_main": sums["main"],
+            }
             for k in range(1, depth + 1):
                 if f"mtp_{k}" in sums:
                     row[f"loss_mtp_{k}"] = sums[f"mtp_{k}"]
-            row.update({"loss_aux": sums["aux"], "loss_total": sums["total"], "acc_main": correct / max(n_tok, 1),
-                        "grad_norm": grad_norm, "tokens_per_s": tokens.numel() / elapsed,
-                        "maxvio_batch": step_load_metrics(counts, n_main),
-                        "maxvio_seq": seq_vio / bs if n_main else float("nan"),
-                        "mtp_lambda": lam, "gamma": gamma,
-                        "bias_abs_mean": float(np.mean([m.gate.bias.abs().mean().item() for m in moes_all
-                                                        if m.gate.bias is not None] or [0.0])),
-                        "time_s": elapsed})  # fmt: skip
+            row.update(
+                {
+                    "loss_aux": sums["aux"],
+                    "loss_total": sums["total"],
+                    "acc_main": correct / max(n_tok, 1),
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens.numel() / elapsed,
+                    "maxvio_batch": step_load_metrics(counts, n_main),
+                    "maxvio_seq": seq_vio / bs if n_main else float("nan"),
+                    "mtp_lambda": lam,
+                    "gamma": gamma,
+                    "bias_abs_mean": float(
+                        np.mean([m.gate.bias.abs().mean().item() for m in moes_all if m.gate.bias is not None] or [0.0])
+                    ),
+                    "time_s": elapsed,
+                }
+            )
             metrics.rows.append(row)
             if cfg.log_loads and moes_all:
                 metrics.counts.append(counts.numpy().astype(np.int32))
-                metrics.bias.append(np.stack([(m.gate.bias if m.gate.bias is not None
-                                               else torch.zeros(n_experts)).float().cpu().numpy()
-                                              for m in moes_all]))  # fmt: skip
+                metrics.bias.append(
+                    np.stack(
+                        [
+                            (m.gate.bias if m.gate.bias is not None else torch.zeros(n_experts)).float().cpu().numpy()
+                            for m in moes_all
+                        ]
+                    )
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1
@@ -300,8 +349,9 @@ def train(cfg: TrainConfig, data=None, *, resume: bool = False, overwrite: bool 
         bar.close()
     model.eval()
     tokenizer = getattr(data, "tokenizer", None)
-    return RunResult(model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(),
-                     tokenizer, out)  # fmt: skip
+    return RunResult(
+        model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(), tokenizer, out
+    )
 
 
 def _diverged_message(step: int, what: str, value: float, out: Path | None) -> str:
@@ -312,8 +362,12 @@ def _diverged_message(step: int, what: str, value: float, out: Path | None) -> s
 
 def _schedule_state(steps_done: int, cfg: TrainConfig) -> dict[str, float]:
     step = min(steps_done, cfg.steps - 1)
-    return {"lr": lr_at(step, cfg.steps, cfg), "batch_size": batch_size_at(step, cfg.steps, cfg),
-            "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg), "gamma": bias_speed_at(step, cfg.steps, cfg)}
+    return {
+        "lr": lr_at(step, cfg.steps, cfg),
+        "batch_size": batch_size_at(step, cfg.steps, cfg),
+        "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg),
+        "gamma": bias_speed_at(step, cfg.steps, cfg),
+    }
 
 
 # ---------------------------------------------------------------------- loading a finished run
@@ -342,5 +396,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
         from ..data import Tokenizer
 
         tokenizer = Tokenizer.load(run_dir / "tokenizer")
-    return RunResult(model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(),
-                     tokenizer, run_dir)  # fmt: skip
+    return RunResult(
+        model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(), tokenizer, run_dir
+    )

@@ -20,7 +20,23 @@ from .data import plot_doc_lengths, plot_fim_example, plot_packing, plot_tokens_
 from .inference import plot_acceptance, plot_acceptance_over_training, plot_attention_cost, plot_max_context
 from .measurements import plot_bars, plot_step_losses
 
-__all__ = ["plot_bars", "plot_expert_counts", "plot_gate_scores", "plot_group_routing", "plot_kv_cache",
-           "plot_kv_vs_rank", "plot_params", "plot_rope_frequencies", "plot_step_losses", "plot_yarn_ramp",
-           "plot_doc_lengths", "plot_fim_example", "plot_packing", "plot_tokens_per_domain", "plot_acceptance",
-           "plot_acceptance_over_training", "plot_attention_cost", "plot_max_context"]
+__all__ = [
+    "plot_bars",
+    "plot_expert_counts",
+    "plot_gate_scores",
+    "plot_group_routing",
+    "plot_kv_cache",
+    "plot_kv_vs_rank",
+    "plot_params",
+    "plot_rope_frequencies",
+    "plot_step_losses",
+    "plot_yarn_ramp",
+    "plot_doc_lengths",
+    "plot_fim_example",
+    "plot_packing",
+    "plot_tokens_per_domain",
+    "plot_acceptance",
+    "plot_acceptance_over_training",
+    "plot_attention_cost",
+    "plot_max_context",
+]

@@ -52,8 +52,9 @@ def plot_params(table: pd.DataFrame, ax=None) -> Figure:
     mtp_params."""
     fig, ax = fig_ax(ax, (8, 4))
     x = np.arange(len(table))
-    for j, (col, label) in enumerate([("total_params", "total"), ("activated_params", "activated per token"),
-                                      ("mtp_params", "MTP modules")]):  # fmt: skip
+    for j, (col, label) in enumerate(
+        [("total_params", "total"), ("activated_params", "activated per token"), ("mtp_params", "MTP modules")]
+    ):
         ax.bar(x + (j - 1) * 0.27, table[col].clip(lower=1), 0.27, label=label)
     ax.set_yscale("log")
     ax.set_xticks(x, table["preset"])
@@ -120,8 +121,14 @@ def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     return fig
 
 
-def plot_group_routing(indices: torch.Tensor, n_experts: int, n_groups: int, kept_groups: torch.Tensor | None = None,
-                       ax=None, max_tokens: int = 32) -> Figure:  # fmt: skip
+def plot_group_routing(
+    indices: torch.Tensor,
+    n_experts: int,
+    n_groups: int,
+    kept_groups: torch.Tensor | None = None,
+    ax=None,
+    max_tokens: int = 32,
+) -> Figure:
     """Tokens × experts: chosen experts as dots, kept groups shaded, group boundaries as lines.
 
     indices: [T, K] chosen experts; kept_groups: [T, M] group ids that survived group-limited routing (optional).

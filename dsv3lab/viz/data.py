@@ -34,8 +34,13 @@ def plot_tokens_per_domain(num_tokens: dict, ax=None) -> Figure:
     bars = ax.bar(x - 0.2, train, 0.4, label="train")
     ax.bar(x + 0.2, val, 0.4, label="val")
     for b, v in zip(bars, train):
-        ax.annotate(f"{v / 1e3:,.0f}K ({v / train.sum():.0%})", (b.get_x() + b.get_width() / 2, v), ha="center",
-                    va="bottom", fontsize=8)  # fmt: skip
+        ax.annotate(
+            f"{v / 1e3:,.0f}K ({v / train.sum():.0%})",
+            (b.get_x() + b.get_width() / 2, v),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     ax.set_xticks(x, domains)
     ax.set_ylabel("tokens")
     ax.set_title(f"Tokens per domain ({train.sum() / 1e6:.2f}M train, {val.sum() / 1e3:,.0f}K val)")
@@ -84,16 +89,28 @@ def plot_fim_example(ids: Sequence[int], tokenizer, max_chars: int = 200, ax=Non
     fig, ax = fig_ax(ax, (10, 4.2))
     parts = fim_parts(ids, tokenizer)
     total = sum(len(p) for _, p in parts)
-    short = {tokenizer.bos_id: "bos", tokenizer.eos_id: "eos", tokenizer.pad_id: "pad",
-             tokenizer.fim_prefix_id: "fim_begin", tokenizer.fim_suffix_id: "fim_hole",
-             tokenizer.fim_middle_id: "fim_end"}  # fmt: skip
+    short = {
+        tokenizer.bos_id: "bos",
+        tokenizer.eos_id: "eos",
+        tokenizer.pad_id: "pad",
+        tokenizer.fim_prefix_id: "fim_begin",
+        tokenizer.fim_suffix_id: "fim_hole",
+        tokenizer.fim_middle_id: "fim_end",
+    }
     pos, n_special = 0, 0
     for label, part in parts:
         color = _PART_COLORS.get(label, "C7")
         ax.barh(1.0, len(part), left=pos, height=0.35, color=color, edgecolor="white", linewidth=0.5)
         if label == "special":
-            ax.annotate(short.get(part[0], "?"), (pos + 0.5, 1.18), xytext=(0, 6 + 9 * (n_special % 2)),
-                        textcoords="offset points", ha="center", fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})
+            ax.annotate(
+                short.get(part[0], "?"),
+                (pos + 0.5, 1.18),
+                xytext=(0, 6 + 9 * (n_special % 2)),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                arrowprops={"arrowstyle": "-", "lw": 0.5},
+            )
             n_special += 1
         elif len(part) > 0.08 * total:
             ax.text(pos + len(part) / 2, 1.0, f"{label} ({len(part)})", ha="center", va="center", fontsize=8)
@@ -107,8 +124,16 @@ def plot_fim_example(ids: Sequence[int], tokenizer, max_chars: int = 200, ax=Non
             text = text[: max_chars // 2] + " … " + text[-max_chars // 2 :]
         text = text.replace("\n", "⏎").replace("$", r"\$")
         lines = textwrap.wrap(f"{label}: {text}", width=110, max_lines=2, placeholder=" …", drop_whitespace=False)
-        ax.text(0, y, "\n".join(lines), fontsize=7.5, family="monospace", color=_PART_COLORS.get(label, "k"),
-                va="top", transform=ax.get_yaxis_transform())  # fmt: skip
+        ax.text(
+            0,
+            y,
+            "\n".join(lines),
+            fontsize=7.5,
+            family="monospace",
+            color=_PART_COLORS.get(label, "k"),
+            va="top",
+            transform=ax.get_yaxis_transform(),
+        )
         y -= 0.25
     ax.set_xlim(0, max(total, 1))
     ax.set_ylim(y - 0.05, 1.5)
@@ -121,15 +146,15 @@ def plot_fim_example(ids: Sequence[int], tokenizer, max_chars: int = 200, ax=Non
     return fig
 
 
-def plot_packing(tokens: torch.Tensor, domain_ids: torch.Tensor, domains: Sequence[str], bos_id: int,
-                 max_rows: int = 24, ax=None) -> Figure:  # fmt: skip
+def plot_packing(
+    tokens: torch.Tensor, domain_ids: torch.Tensor, domains: Sequence[str], bos_id: int, max_rows: int = 24, ax=None
+) -> Figure:
     """Packed rows ``[R, T+1]`` coloured by the domain of each token, with a tick where a document starts (bos).
     No attention mask separates documents: a row may hold the end of one and the start of the next (§4.1)."""
     fig, ax = fig_ax(ax, (10, 4))
     tokens, domain_ids = tokens[:max_rows], domain_ids[:max_rows].long()
     cmap = ListedColormap([plt.get_cmap("tab10")(i) for i in range(len(domains))])
-    ax.imshow(domain_ids.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(domains) - 0.5,
-              interpolation="nearest")  # fmt: skip
+    ax.imshow(domain_ids.numpy(), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(domains) - 0.5, interpolation="nearest")
     r, c = torch.nonzero(tokens == bos_id, as_tuple=True)
     ax.scatter(c.numpy(), r.numpy(), marker="|", s=60, color="k", label="bos (document start)")
     for i, d in enumerate(domains):

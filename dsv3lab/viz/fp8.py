@@ -25,15 +25,24 @@ def plot_fp8_grid(formats: tuple[str, ...] = ("e4m3", "e5m2"), ax=None) -> Figur
         fmt = fp8_format(name)
         g = fp8_grid(name, positive=True).double().numpy()
         rel = np.diff(g) / g[:-1]
-        ax.loglog(g[:-1], rel, ".", ms=4, color=f"C{i}",
-                  label=f"{name.upper()}: {fmt.mantissa_bits} mantissa bits, max {fmt.max:g}")  # fmt: skip
+        ax.loglog(
+            g[:-1],
+            rel,
+            ".",
+            ms=4,
+            color=f"C{i}",
+            label=f"{name.upper()}: {fmt.mantissa_bits} mantissa bits, max {fmt.max:g}",
+        )
         ax.axvline(fmt.min_normal, color=f"C{i}", ls=":", lw=1)
         ax.axvline(fmt.max, color=f"C{i}", ls="--", lw=1)
         ax.axvline(fmt.min_subnormal, color=f"C{i}", ls="-.", lw=1)
     ax.set_xlabel("value (positive grid points)")
     ax.set_ylabel("gap to next value / value")
-    ax.set_title("FP8 grids: relative spacing between neighbours\n(dash-dot: smallest subnormal, dotted: smallest "
-                 "normal, dashed: max)", fontsize=10)
+    ax.set_title(
+        "FP8 grids: relative spacing between neighbours\n(dash-dot: smallest subnormal, dotted: smallest "
+        "normal, dashed: max)",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return fig
@@ -55,9 +64,12 @@ def plot_fp8_number_line(fmt: str = "e4m3", lo: float = 0.0, hi: float = 16.0, a
 def plot_scaling_granularity(df: pd.DataFrame, metric: str = "rel_error_typical", ax=None) -> Figure:
     """Quantization error vs outlier magnitude, one line per granularity (``outlier_scaling_demo`` output)."""
     fig, ax = fig_ax(ax)
-    labels = {"rel_error_typical": "relative error on the ordinary channels",
-              "flushed_to_zero": "share of non-zero values flushed to 0", "rel_error": "relative error (all values)",
-              "snr_db": "SNR (dB)"}  # fmt: skip
+    labels = {
+        "rel_error_typical": "relative error on the ordinary channels",
+        "flushed_to_zero": "share of non-zero values flushed to 0",
+        "rel_error": "relative error (all values)",
+        "snr_db": "SNR (dB)",
+    }
     for i, (name, part) in enumerate(df.groupby("granularity", sort=False)):
         ax.plot(part["magnitude"], part[metric], "o-", color=f"C{i}", label=name)
     ax.set_xscale("log")
@@ -98,8 +110,9 @@ def _error_axes(ax, xlabel: str, metric: str, title: str, log2_x: bool = True) -
     ax.grid(alpha=0.3, which="both")
 
 
-def plot_accumulation_vs_k(df: pd.DataFrame, metric: str = "max_rel_error", dist: str = "positive",
-                           paper: float | None = 0.02, ax=None) -> Figure:  # fmt: skip
+def plot_accumulation_vs_k(
+    df: pd.DataFrame, metric: str = "max_rel_error", dist: str = "positive", paper: float | None = 0.02, ax=None
+) -> Figure:
     """GEMM error vs K for the limited accumulator, with and without promotion (``accumulation_sweep`` output)."""
     fig, ax = fig_ax(ax)
     d = df[df["dist"] == dist]
@@ -121,13 +134,18 @@ def plot_accumulation_vs_nc(df: pd.DataFrame, metric: str = "max_rel_error", ax=
     for i, (dist, part) in enumerate(df.groupby("dist", sort=False)):
         ax.plot(part["N_C"], part[metric], "o-", color=f"C{i}", label=f"{dist} inputs")
     ax.axvline(128, color="gray", ls="--", lw=1, label="N_C = 128 (paper)")
-    _error_axes(ax, "promotion interval N_C (K elements per FP32 promotion)", metric,
-                f"K = {int(df['K'].iloc[0])}: promoting more often bounds the error")  # fmt: skip
+    _error_axes(
+        ax,
+        "promotion interval N_C (K elements per FP32 promotion)",
+        metric,
+        f"K = {int(df['K'].iloc[0])}: promoting more often bounds the error",
+    )
     return fig
 
 
-def plot_accumulation_vs_bits(df: pd.DataFrame, metric: str = "max_rel_error", paper: float | None = 0.02,
-                              ax=None) -> Figure:  # fmt: skip
+def plot_accumulation_vs_bits(
+    df: pd.DataFrame, metric: str = "max_rel_error", paper: float | None = 0.02, ax=None
+) -> Figure:
     """GEMM error at fixed K vs the accumulator's bits, with and without promotion (``accumulator_bits_sweep``)."""
     fig, ax = fig_ax(ax, (6, 4))
     for i, (label, part) in enumerate(df.groupby("promotion", sort=False)):
@@ -135,8 +153,13 @@ def plot_accumulation_vs_bits(df: pd.DataFrame, metric: str = "max_rel_error", p
     if paper is not None:
         ax.axhline(paper, color="r", ls="--", lw=1, label="paper: ~2% (K = 4096, 14 bits, no promotion)")
     ax.axvline(14, color="gray", ls=":", lw=1)
-    _error_axes(ax, "accumulator bits kept when adding", metric,
-                f"K = {int(df['K'].iloc[0])}: error vs accumulator precision", log2_x=False)  # fmt: skip
+    _error_axes(
+        ax,
+        "accumulator bits kept when adding",
+        metric,
+        f"K = {int(df['K'].iloc[0])}: error vs accumulator precision",
+        log2_x=False,
+    )
     return fig
 
 

@@ -27,8 +27,17 @@ def plot_step_losses(df: pd.DataFrame, x: str = "step", ax=None, title: str = "T
     return fig
 
 
-def plot_bars(df: pd.DataFrame, x: str, hue: str, y: str, ax=None, log: bool = False, ylabel: str | None = None,
-              title: str | None = None, annotate: bool = True) -> Figure:  # fmt: skip
+def plot_bars(
+    df: pd.DataFrame,
+    x: str,
+    hue: str,
+    y: str,
+    ax=None,
+    log: bool = False,
+    ylabel: str | None = None,
+    title: str | None = None,
+    annotate: bool = True,
+) -> Figure:
     """Grouped bars: one group per value of ``x``, one bar per value of ``hue``, height ``y``."""
     fig, ax = fig_ax(ax, (7, 3.5))
     cases = list(dict.fromkeys(df[x]))
@@ -36,8 +45,10 @@ def plot_bars(df: pd.DataFrame, x: str, hue: str, y: str, ax=None, log: bool = F
     width = 0.8 / len(hues)
     pos = np.arange(len(cases))
     for j, h in enumerate(hues):
-        vals = [float(df[(df[x] == c) & (df[hue] == h)][y].iloc[0]) if ((df[x] == c) & (df[hue] == h)).any()
-                else np.nan for c in cases]  # fmt: skip
+        vals = [
+            float(df[(df[x] == c) & (df[hue] == h)][y].iloc[0]) if ((df[x] == c) & (df[hue] == h)).any() else np.nan
+            for c in cases
+        ]
         bars = ax.bar(pos + (j - (len(hues) - 1) / 2) * width, vals, width, label=str(h))
         if annotate:
             for b, v in zip(bars, vals):

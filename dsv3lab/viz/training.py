@@ -14,8 +14,14 @@ from matplotlib.figure import Figure
 
 from ._common import fig_ax
 
-VARIANT_COLORS = {"none": "tab:gray", "aux_loss": "tab:orange", "aux_free": "tab:blue", "aux_free_seq": "tab:green",
-                  "D=0": "tab:gray", "D=1": "tab:purple"}  # fmt: skip
+VARIANT_COLORS = {
+    "none": "tab:gray",
+    "aux_loss": "tab:orange",
+    "aux_free": "tab:blue",
+    "aux_free_seq": "tab:green",
+    "D=0": "tab:gray",
+    "D=1": "tab:purple",
+}
 
 
 def plot_schedules(table: pd.DataFrame, axes=None) -> Figure:
@@ -23,8 +29,12 @@ def plot_schedules(table: pd.DataFrame, axes=None) -> Figure:
     if axes is None:
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     fig = axes[0].figure
-    panels = [("lr", "learning rate"), ("batch_size", "sequences per step"), ("mtp_lambda", "MTP weight λ"),
-              ("gamma", "bias update speed γ")]  # fmt: skip
+    panels = [
+        ("lr", "learning rate"),
+        ("batch_size", "sequences per step"),
+        ("mtp_lambda", "MTP weight λ"),
+        ("gamma", "bias update speed γ"),
+    ]
     for ax, (col, label) in zip(axes, panels):
         ax.plot(table["frac"], table[col], lw=1.8)
         ax.set_title(label)
@@ -43,8 +53,16 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def plot_curves(df: pd.DataFrame, y: str, x: str = "step", by: str = "variant", ax=None, smooth: int = 1,
-                ylabel: str | None = None, title: str | None = None) -> Figure:  # fmt: skip
+def plot_curves(
+    df: pd.DataFrame,
+    y: str,
+    x: str = "step",
+    by: str = "variant",
+    ax=None,
+    smooth: int = 1,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Figure:
     """Mean ± std over seeds of column ``y`` against ``x``, one line per value of ``by`` (long DataFrame with an
     optional ``seed`` column)."""
     fig, ax = fig_ax(ax)
@@ -82,8 +100,9 @@ def plot_live_loss(metrics: pd.DataFrame, val: pd.DataFrame | None = None, ax=No
     return fig
 
 
-def plot_load_heatmap(load: np.ndarray, ax=None, title: str = "", layers: list[int] | None = None,
-                      vmax: float = 4.0) -> Figure:  # fmt: skip
+def plot_load_heatmap(
+    load: np.ndarray, ax=None, title: str = "", layers: list[int] | None = None, vmax: float = 4.0
+) -> Figure:
     """Relative expert load [layers, experts] (1 = balanced; N_r / K_r = all tokens) as a heatmap."""
     fig, ax = fig_ax(ax, (6, 2.5))
     im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
@@ -101,12 +120,18 @@ def relative_load_window(counts: np.ndarray, start: int, stop: int) -> np.ndarra
     return c / np.maximum(c.mean(axis=-1, keepdims=True), 1e-12)
 
 
-def plot_load_heatmaps(counts: dict[str, np.ndarray], points: list[float], window: float = 0.05,
-                       layers: list[int] | None = None, vmax: float = 4.0) -> Figure:  # fmt: skip
+def plot_load_heatmaps(
+    counts: dict[str, np.ndarray],
+    points: list[float],
+    window: float = 0.05,
+    layers: list[int] | None = None,
+    vmax: float = 4.0,
+) -> Figure:
     """A grid: one row per variant, one column per point of training (fractions of the run), each the relative
     load per layer and expert summed over a window of ``window`` of the run around that point."""
-    fig, axes = plt.subplots(len(counts), len(points), figsize=(3.3 * len(points), 1.7 * len(counts) + 0.6),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(counts), len(points), figsize=(3.3 * len(points), 1.7 * len(counts) + 0.6), squeeze=False
+    )
     for r, (variant, c) in enumerate(counts.items()):
         n = c.shape[0]
         w = max(1, int(window * n))
@@ -156,8 +181,9 @@ def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str 
     return fig
 
 
-def plot_domain_bars(table: pd.DataFrame, value: str, by: str = "variant", ax=None, ylabel: str | None = None,
-                     title: str | None = None) -> Figure:  # fmt: skip
+def plot_domain_bars(
+    table: pd.DataFrame, value: str, by: str = "variant", ax=None, ylabel: str | None = None, title: str | None = None
+) -> Figure:
     """Grouped bars of ``value`` per domain, one bar per ``by`` value, with ±std over seeds as error bars."""
     fig, ax = fig_ax(ax, (6, 3.2))
     agg = table.groupby([by, "domain"], sort=False)[value].agg(["mean", "std"]).reset_index()
@@ -167,8 +193,15 @@ def plot_domain_bars(table: pd.DataFrame, value: str, by: str = "variant", ax=No
     x = np.arange(len(domains))
     for j, label in enumerate(labels):
         g = agg[agg[by] == label].set_index("domain").reindex(domains)
-        ax.bar(x + (j - (len(labels) - 1) / 2) * width, g["mean"], width, yerr=g["std"].fillna(0), capsize=3,
-               label=str(label), color=VARIANT_COLORS.get(str(label)))  # fmt: skip
+        ax.bar(
+            x + (j - (len(labels) - 1) / 2) * width,
+            g["mean"],
+            width,
+            yerr=g["std"].fillna(0),
+            capsize=3,
+            label=str(label),
+            color=VARIANT_COLORS.get(str(label)),
+        )
     ax.set_xticks(x, domains)
     ax.set_ylabel(ylabel or value)
     if title:
@@ -192,14 +225,19 @@ def plot_mtp_chain(n_tokens: int = 6, depth: int = 2, ax=None) -> Figure:
                 ax.text(x + 0.6, y - 0.25, f"t{i + 1}", ha="center", va="center", fontsize=8)
             else:
                 ax.annotate("", (x + 0.6, y), (x + 0.6, y - 0.5), arrowprops=dict(arrowstyle="->", lw=0.8))
-                ax.text(x + 1.05, y - 0.25, f"Emb(t{i + k + 1})", ha="left", va="center", fontsize=6.5,
-                        color="tab:green")  # fmt: skip
+                ax.text(
+                    x + 1.05, y - 0.25, f"Emb(t{i + k + 1})", ha="left", va="center", fontsize=6.5, color="tab:green"
+                )
             if i > 0:
-                ax.annotate("", (x, y + 0.35), (x - 0.3, y + 0.35), arrowprops=dict(arrowstyle="->", lw=0.5,
-                                                                                  color="gray"))  # fmt: skip
+                ax.annotate(
+                    "", (x, y + 0.35), (x - 0.3, y + 0.35), arrowprops=dict(arrowstyle="->", lw=0.5, color="gray")
+                )
     ax.set_xlim(-0.3, 1.5 * n_tokens)
     ax.set_ylim(-0.6, 1.2 * (depth + 1))
     ax.axis("off")
-    ax.set_title(f"Multi-token prediction, D = {depth}: depth k at position i predicts t(i+k+1); gray arrows: causal "
-                 "attention within a depth", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"Multi-token prediction, D = {depth}: depth k at position i predicts t(i+k+1); gray arrows: causal "
+        "attention within a depth",
+        fontsize=9,
+    )
     return fig

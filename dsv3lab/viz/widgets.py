@@ -22,9 +22,11 @@ def kv_rank_summary(cfg: ModelConfig, gqa_groups: int = 8) -> str:
     kv = kv_cache_comparison(cfg, gqa_groups)
     mla, mha = kv["MLA (latent)"], kv["MHA"]
     equivalent_groups = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) / (2 * cfg.qk_nope_head_dim)
-    return (f"{cfg.name}: d_c={cfg.kv_lora_rank}, d_h^R={cfg.qk_rope_head_dim} → MLA {mla:,} B/token, "
-            f"MHA {mha:,} ({mha / mla:.1f}× more), GQA-{min(gqa_groups, cfg.n_heads)} {kv['GQA']:,}, "
-            f"MQA {kv['MQA']:,}; MLA's cache equals GQA with {equivalent_groups:.2f} groups")
+    return (
+        f"{cfg.name}: d_c={cfg.kv_lora_rank}, d_h^R={cfg.qk_rope_head_dim} → MLA {mla:,} B/token, "
+        f"MHA {mha:,} ({mha / mla:.1f}× more), GQA-{min(gqa_groups, cfg.n_heads)} {kv['GQA']:,}, "
+        f"MQA {kv['MQA']:,}; MLA's cache equals GQA with {equivalent_groups:.2f} groups"
+    )
 
 
 def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "small", "16B", "236B", "671B")):
@@ -35,10 +37,14 @@ def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "s
 
     base = ModelConfig.preset(preset)
     preset_w = w.Dropdown(options=list(presets), value=preset, description="preset")
-    rank_w = w.SelectionSlider(options=RANKS, value=base.kv_lora_rank if base.kv_lora_rank in RANKS else 512,
-                               description="d_c")  # fmt: skip
-    rope_w = w.SelectionSlider(options=ROPE_DIMS, value=base.qk_rope_head_dim if base.qk_rope_head_dim in ROPE_DIMS
-                               else 64, description="d_h^R")  # fmt: skip
+    rank_w = w.SelectionSlider(
+        options=RANKS, value=base.kv_lora_rank if base.kv_lora_rank in RANKS else 512, description="d_c"
+    )
+    rope_w = w.SelectionSlider(
+        options=ROPE_DIMS,
+        value=base.qk_rope_head_dim if base.qk_rope_head_dim in ROPE_DIMS else 64,
+        description="d_h^R",
+    )
     groups_w = w.IntSlider(value=min(8, base.n_heads), min=1, max=base.n_heads, description="GQA groups")
     summary = w.HTML()
     out = w.Output()
