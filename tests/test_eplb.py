@@ -150,3 +150,49 @@ def test_policy_is_checked():
         rebalance_experts(README_WEIGHT, 16, 4, 2, 8, policy="best")
     with pytest.raises(ValueError, match="hierarchical policy needs"):
         rebalance_experts(torch.ones(1, 12), 24, 4, 3, 6, policy="hierarchical")
+
+
+def test_figures_and_widget():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from dsv3lab.parallel.eplb import balance_report, rebalance_drift, synthetic_loads
+    from dsv3lab.viz.expert_parallel import plot_balance, plot_drift, plot_gpu_loads, plot_placement
+    from dsv3lab.viz.widgets import eplb_explorer
+
+    phy2log = rebalance_experts(README_WEIGHT, 16, 4, 2, 8)[0]
+    fig = plot_placement(README_WEIGHT[0], phy2log[0], 8, 2)
+    assert isinstance(fig, Figure) and "max/mean = 1.208" in fig.axes[0].get_title()
+    fig = plot_gpu_loads(README_WEIGHT[0], {"hierarchical": phy2log[0]}, 8)
+    assert "max/mean 1.208" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    r = balance_report(README_WEIGHT.float(), 16, 4, 2, 8)
+    table = pd.DataFrame([{"config": "readme", "before": r["before"], "hierarchical": r["after"]}])
+    assert isinstance(plot_balance(table), Figure)
+    counts = synthetic_loads(2, 16, 1.0, seed=0, steps=12, drift=0.1, tokens=512)
+    assert counts.shape == (12, 2, 16) and (counts.sum(-1) == 512).all()
+    drift = rebalance_drift(counts, 24, 4, 2, 8, window=3, horizon=4, stride=4)
+    assert set(drift.h) == {0, 1, 2, 3} and (drift.fresh <= drift.after + 1e-9).mean() > 0.9
+    assert isinstance(plot_drift(drift), Figure)
+    box = eplb_explorer(README_WEIGHT, num_groups=4)
+    assert "12 experts" in box.children[2].value
+    box.children[0].children[0].value = 3  # 3 nodes do not divide 4 groups: auto falls back to the global policy
+    assert "3 nodes" in box.children[2].value
+
+
+def test_balance_report_and_drift_by_hand():
+    from dsv3lab.parallel.eplb import balance_report, rebalance_drift
+
+    weight = torch.tensor([[8.0, 1.0, 1.0, 2.0]])  # contiguous on 2 GPUs: 9 vs 3 -> max/mean 1.5
+    assert balance_report(weight, 4, 1, 1, 2)["before"] == pytest.approx(1.5)
+    # 6 slots: expert 0 gets 3 replicas of 8/3; GPUs of 3 slots: {8/3, 8/3, 1} and {8/3, 2, 1} -> 19/3 vs 17/3
+    assert balance_report(weight, 6, 1, 1, 2)["after"] == pytest.approx((19 / 3) / 6)
+    flipped = weight.flip(-1)
+    counts = torch.cat([weight, weight, flipped])[:, None]  # [3 steps, 1 layer, 4]: the load flips at step 2
+    d = rebalance_drift(counts, 6, 1, 1, 2, window=2, horizon=1, stride=1)
+    assert len(d) == 1 and d.start[0] == 2
+    assert d.after[0] == pytest.approx(balance_report(weight, 6, 1, 1, 2, eval_weight=flipped)["after"])
+    assert d.fresh[0] == pytest.approx(balance_report(flipped, 6, 1, 1, 2)["after"])
+    assert d.before[0] == pytest.approx(1.5) and d.after[0] > d.fresh[0]

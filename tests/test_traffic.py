@@ -96,3 +96,18 @@ def test_the_papers_arithmetic():
 def test_bad_topology_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Topology(**kwargs)
+
+
+def test_token_drawing_counts_the_same_copies():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dsv3lab.viz.expert_parallel import plot_nodes_per_token, plot_token_traffic
+
+    topo = Topology(16, 2, 2)
+    fig = plot_token_traffic([0, 5, 9, 13], topo, source_gpu=0)
+    assert "2 nodes, 4 GPUs — 1 IB copies (red), 2 NVLink copies" in fig.axes[0].get_title()
+    import pandas as pd
+
+    table = pd.DataFrame({"routing": ["a", "a", "b"], "nodes": [1, 2, 2], "fraction": [0.5, 0.5, 1.0]})
+    assert len(plot_nodes_per_token(table, limit=2).axes[0].patches) == 3

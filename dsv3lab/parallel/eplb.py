@@ -39,6 +39,7 @@ Notebook: 09_expert_parallel.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..balance import max_violation
@@ -210,3 +211,130 @@ def imbalance(loads: torch.Tensor) -> torch.Tensor:
     """max / mean over the last dim (1 = perfectly balanced): the step time of the busiest GPU relative to a
     balanced step. ``1 + MaxVio`` of :func:`dsv3lab.balance.max_violation`."""
     return 1.0 + max_violation(loads)
+
+
+def resolve_policy(policy: str, num_groups: int, num_nodes: int) -> str:
+    """The policy :func:`rebalance_experts` applies: ``auto`` is hierarchical when num_nodes divides num_groups."""
+    if policy == "auto":
+        return "global" if num_groups % num_nodes else "hierarchical"
+    return policy
+
+
+# ---------------------------------------------------------------------- measured balance (the figure nobody publishes)
+def balance_report(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    policy: str = "auto",
+    eval_weight: torch.Tensor | None = None,
+) -> dict:
+    """Max/mean load per GPU and per node, averaged over layers, before rebalancing (contiguous placement, no
+    redundant experts; NaN when the experts do not split evenly over the GPUs) and after, the plan made from
+    ``weight`` and measured on ``eval_weight`` (default: the same loads). Also returns the plan's ``phy2log``."""
+    eval_weight = weight if eval_weight is None else eval_weight
+    layers, n_log = weight.shape
+    phy2log, _, _ = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus, policy)
+    after = gpu_loads(eval_weight, phy2log, num_gpus)  # [L, num_gpus]
+    out = {
+        "policy": resolve_policy(policy, num_groups, num_nodes),
+        "after": float(imbalance(after).mean()),
+        "after_node": float(imbalance(after.view(layers, num_nodes, -1).sum(-1)).mean()),
+        "before": float("nan"),
+        "before_node": float("nan"),
+        "phy2log": phy2log,
+    }
+    if n_log % num_gpus == 0:
+        before = gpu_loads(eval_weight, contiguous_placement(layers, n_log), num_gpus)
+        out["before"] = float(imbalance(before).mean())
+        out["before_node"] = float(imbalance(before.view(layers, num_nodes, -1).sum(-1)).mean())
+    return out
+
+
+def rebalance_drift(
+    counts: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    window: int = 10,
+    horizon: int = 20,
+    stride: int = 5,
+    policy: str = "auto",
+    fresh: bool = True,
+) -> pd.DataFrame:
+    """How a plan ages as the loads drift. ``counts`` [steps, L, E]: per-step expert loads (``loads.npz``).
+
+    For every start step t (from ``window`` on, every ``stride`` steps, while t + horizon fits): plan on the mean
+    load of steps [t − window, t), then measure max/mean per GPU (mean over layers) on each later step t + h, h = 0 …
+    horizon − 1. One row per (start, h): ``after`` (the aging plan), ``fresh`` (a plan made on step t + h itself —
+    rebalancing every step, the best any plan does on that step) and ``before`` (contiguous, no redundancy; NaN when
+    the experts do not split evenly over the GPUs). ``fresh=False`` skips the per-step plans (NaN).
+    """
+    counts = torch.as_tensor(counts).double()
+    steps, layers, n_log = counts.shape
+    contiguous = contiguous_placement(layers, n_log)
+    rows = []
+    for start in range(window, steps - horizon + 1, stride):
+        plan = rebalance_experts(
+            counts[start - window : start].mean(0), num_replicas, num_groups, num_nodes, num_gpus, policy
+        )
+        for h in range(horizon):
+            step = counts[start + h]
+            row = {
+                "start": start,
+                "h": h,
+                "after": float(imbalance(gpu_loads(step, plan[0], num_gpus)).mean()),
+                "fresh": float("nan"),
+                "before": float("nan"),
+            }
+            if fresh:
+                now = rebalance_experts(step, num_replicas, num_groups, num_nodes, num_gpus, policy)[0]
+                row["fresh"] = float(imbalance(gpu_loads(step, now, num_gpus)).mean())
+            if n_log % num_gpus == 0:
+                row["before"] = float(imbalance(gpu_loads(step, contiguous, num_gpus)).mean())
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def drift_summary(drift: pd.DataFrame, worse: float = 1.1) -> dict:
+    """From :func:`rebalance_drift`, averaged over start steps: max/mean per GPU of the kept plan at h = 0 and at the
+    last h, of a plan made on every step, and without rebalancing (first and last h); ``aged_after``: the first h
+    at which the kept plan is ``worse`` (1.1 = 10 %) above its own value at h = 0 (NaN: not within the horizon)."""
+    mean = drift.groupby("h")[["after", "before", "fresh"]].mean()
+    aged = mean.after >= worse * mean.after.iloc[0]
+    return {
+        "horizon": int(mean.index.max()) + 1,
+        "after_h0": float(mean.after.iloc[0]),
+        "after_last": float(mean.after.iloc[-1]),
+        "fresh": float(mean.fresh.mean()),
+        "before_h0": float(mean.before.iloc[0]),
+        "before_last": float(mean.before.iloc[-1]),
+        "aged_after": float(aged.idxmax()) if aged.any() else float("nan"),
+    }
+
+
+def synthetic_loads(
+    layers: int, n_experts: int, skew: float, seed: int = 0, steps: int = 0, drift: float = 0.0, tokens: int = 0
+) -> torch.Tensor:
+    """Skewed expert loads: each layer's expert popularity is log-normal with σ = ``skew`` (0 = uniform).
+
+    ``steps`` = 0: the expected loads [layers, E] (sum 1 per layer). ``steps`` > 0: per-step counts
+    [steps, layers, E], the log-popularities taking a random walk (σ = ``drift`` per step) and each step's
+    ``tokens`` (token, expert) pairs drawn multinomially from it (``tokens`` = 0: the expected loads themselves).
+    """
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(layers, n_experts, generator=g, dtype=torch.float64) * skew
+    if steps == 0:
+        return logits.softmax(-1)
+    out = []
+    for _ in range(steps):
+        p = logits.softmax(-1)  # [L, E]
+        if tokens:
+            p = torch.stack(
+                [torch.bincount(torch.multinomial(row, tokens, True, generator=g), minlength=n_experts) for row in p]
+            ).double()
+        out.append(p)
+        logits = logits + drift * torch.randn(layers, n_experts, generator=g, dtype=torch.float64)
+    return torch.stack(out)

@@ -3,15 +3,20 @@ that function first, so executed and exported notebooks keep a result even where
 
 * :func:`kv_rank_explorer` — MLA's latent rank d_c and rotary width d_h^R against the KV cache of MHA/GQA/MQA with
   the same heads (wraps :func:`dsv3lab.viz.plot_kv_vs_rank`). Notebook: 02_mla.
+* :func:`eplb_explorer` — nodes × GPUs × redundant slots over the per-GPU loads before and after EPLB (wraps
+  :func:`dsv3lab.viz.expert_parallel.plot_gpu_loads`). Notebook: 09_expert_parallel.
 """
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import torch
 
 from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
+from ..parallel.eplb import contiguous_placement, rebalance_experts, resolve_policy
 from .architecture import plot_kv_vs_rank
+from .expert_parallel import plot_gpu_loads
 
 RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
 ROPE_DIMS = [16, 32, 64, 128]
@@ -64,3 +69,43 @@ def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "s
         widget.observe(update, names="value")
     update()
     return w.VBox([w.HBox([preset_w, groups_w]), w.HBox([rank_w, rope_w]), summary, out])
+
+
+def eplb_explorer(weight, num_groups: int, layer: int = 0):
+    """Sliders for nodes, GPUs per node and redundant slots per GPU (and the policy) over the EPLB balance figure
+    (:func:`dsv3lab.viz.expert_parallel.plot_gpu_loads`) of one layer of ``weight`` [L, E] expert loads.
+    Notebook: 09_expert_parallel."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    weight = torch.as_tensor(weight).double()
+    n_log = weight.shape[1]
+    nodes_w = w.IntSlider(value=2, min=1, max=8, description="nodes")
+    gpus_w = w.IntSlider(value=4, min=1, max=8, description="GPUs/node")
+    extra_w = w.IntSlider(value=1, min=0, max=4, description="extra slots/GPU")
+    policy_w = w.Dropdown(options=["auto", "hierarchical", "global"], value="auto", description="policy")
+    summary = w.HTML()
+    out = w.Output()
+
+    def update(*_):
+        nodes, gpus = nodes_w.value, nodes_w.value * gpus_w.value
+        replicas = gpus * (-(-n_log // gpus) + extra_w.value)  # enough slots for every expert, plus the extras
+        policy = policy_w.value
+        if resolve_policy(policy, num_groups, nodes) == "hierarchical" and num_groups % nodes:
+            summary.value = f"<code>the hierarchical policy needs nodes to divide the {num_groups} groups</code>"
+            return
+        phy2log = rebalance_experts(weight[layer : layer + 1], replicas, num_groups, nodes, gpus, policy)[0][0]
+        plans = {f"{resolve_policy(policy, num_groups, nodes)} ({replicas} slots)": phy2log}
+        if n_log % gpus == 0:
+            plans = {"before (contiguous)": contiguous_placement(1, n_log)[0], **plans}
+        summary.value = f"<code>{n_log} experts, {replicas} slots on {nodes} nodes × {gpus_w.value} GPUs</code>"
+        fig = plot_gpu_loads(weight[layer], plans, gpus)
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    for widget in (nodes_w, gpus_w, extra_w, policy_w):
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([nodes_w, gpus_w]), w.HBox([extra_w, policy_w]), summary, out])
