@@ -6,12 +6,15 @@ dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
 dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
 dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
 dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
+dsv3lab ep [--preset tiny] [--nproc N] [--replicas R] [--json]   (or under torchrun: python -m torch.distributed.run
+    --nproc-per-node N -m dsv3lab ep ...)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .accounting import model_stats
@@ -288,6 +291,25 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ep(args: argparse.Namespace) -> int:
+    from .parallel.expert import format_ep_check, run_ep_check
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    results = run_ep_check(
+        nproc=args.nproc,
+        preset=args.preset,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        replicas=args.replicas,
+        moe_impl=args.moe_impl,
+    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the results: rank 0 prints
+        print(json.dumps(results, indent=2) if args.json else format_ep_check(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -397,6 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "ep",
+        help="expert parallelism on real processes: one training step of a preset with its MoE layers sharded, "
+        "against one process (torchrun, or --nproc processes started here)",
+    )
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--nproc", type=int, default=2, help="processes to start when not under torchrun (default 2)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank (default 2)")
+    p.add_argument("--seq-len", type=int, default=16, help="tokens per sequence (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replicas", type=int, default=0, help="EPLB slots per layer (0 = no redundant experts)")
+    p.add_argument(
+        "--moe-impl", choices=["loop", "grouped"], default="loop", help="local experts: loop or grouped GEMM"
+    )
+    p.add_argument("--json", action="store_true", help="print every rank's result as JSON")
+    p.set_defaults(func=cmd_ep)
     return parser
 
 

@@ -39,6 +39,7 @@ Notebook: 09_expert_parallel. Runs with gloo on CPU; the same code runs with NCC
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ from ..balance import bias_delta, update_selection_bias
 from ..config import ModelConfig
 from ..model import Experts, MoE, build_model
 from .eplb import rebalance_experts
+from .launch import spawn
 
 
 # ---------------------------------------------------------------------- placement: which rank holds which experts
@@ -465,3 +467,57 @@ def ep_check(
         result["pairs_after"] = [int(m.experts.last_slot_load.sum()) for m in replicated.moe_layers(include_mtp=False)]
         result["expert_ids_replicated"] = [m.expert_ids for m in replicated.moe_layers(include_mtp=False)]
     return result
+
+
+def _ep_rank(rank: int, world: int, kwargs: dict) -> dict:
+    return ep_check(**kwargs)
+
+
+def run_ep_check(nproc: int = 2, threads: int = 1, **kwargs) -> list[dict]:
+    """:func:`ep_check` on every rank, returning all ranks' results in rank order. Under ``torchrun`` (``RANK`` and
+    ``WORLD_SIZE`` set) it joins the launched group (NCCL when CUDA is there, else gloo) and gathers the results;
+    otherwise it starts ``nproc`` processes with :func:`dsv3lab.parallel.spawn`."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        torch.set_num_threads(threads)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        try:
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            result = ep_check(**kwargs)
+            results: list = [None] * dist.get_world_size()
+            dist.all_gather_object(results, result)
+        finally:
+            dist.destroy_process_group()
+        return results
+    return spawn(_ep_rank, nproc, kwargs, threads=threads)
+
+
+def format_ep_check(results: list[dict]) -> str:
+    """The per-rank table and verdict printed by ``dsv3lab ep``."""
+    first = results[0]
+    lines = [
+        f"expert parallelism: {first['preset']} preset on {first['world']} ranks, one training step against one "
+        "process on the union of the batches",
+        f"{'rank':>4} {'tokens':>6} {'experts (layer 0)':>18} {'rows sent (layer 0)':>22} {'rows received':>16} "
+        f"{'pairs/layer':>14}" + (f" {'pairs before → after EPLB':>26}" if "pairs_after" in first else ""),
+    ]
+    for r in results:
+        line = (
+            f"{r['rank']:>4} {r['tokens']:>6} {str(r['expert_ids'][0]):>18} {str(r['rows_sent'][0]):>22} "
+            f"{str(r['rows_received'][0]):>16} {str(r['pairs']):>14}"
+        )
+        if "pairs_after" in r:
+            line += f" {str(r['pairs_before']) + ' → ' + str(r['pairs_after']):>26}"
+        lines.append(line)
+    worst = {k: max(r["max_abs_diff"][k] for r in results) for k in first["max_abs_diff"]}
+    lines.append("max |difference| vs one process: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    if "pairs_after" in first:
+        before = [r["pairs_before"][0] for r in results]
+        after = [r["pairs_after"][0] for r in results]
+        lines.append(
+            f"layer 0 load per GPU (token-expert pairs): max/mean {max(before) / (sum(before) / len(before)):.3f} "
+            f"without replicas → {max(after) / (sum(after) / len(after)):.3f} with EPLB's "
+            f"{len(first['expert_ids_replicated'][0]) * first['world']} slots"
+        )
+    return "\n".join(lines)
