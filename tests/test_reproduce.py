@@ -108,3 +108,23 @@ def test_compare_and_margin_against_hand_computed_standard_errors():
     far = [x + 3.0 for x in a]
     assert compare(b, far) == "lower" and "marginal" not in margin(far, b)
     assert compare([1.0], [2.0]) == "one seed" and margin([1.0], [2.0]) == "difference -1.000 (one seed)"
+
+
+def test_expert_parallel_experiment_summary_and_files(fast_run):
+    import pandas as pd
+
+    ep = json.loads((fast_run / "summary.json").read_text())["expert_parallel"]
+    diff = ep["ep_max_abs_diff"]
+    assert diff["logits"] <= 1e-5 and diff["grad"] <= 1e-6 and diff["bias"] == 0 and diff["logits_replicated"] <= 1e-5
+    nodes = ep["nodes_per_token"]
+    assert nodes["max_limited"] <= 4 and nodes["limited"] < nodes["free"]
+    assert ep["dispatch_ib_bytes"]["limited"] < ep["dispatch_ib_bytes"]["free"]
+    assert 8 <= ep["hidden_k"] <= 16 and ep["paper_max_experts"] == pytest.approx(12.8)
+    balance = pd.read_csv(fast_run / "expert_parallel_balance.csv")
+    measured = balance.dropna(subset=["before"])
+    assert (measured["global"] < measured.before).all()  # EPLB improves on the contiguous placement
+    assert len(ep["balance"]) == len(balance) and len(ep["aging"]) >= 2
+    section = (fast_run / "sections" / "expert_parallel.md").read_text()
+    assert "## C13" in section and "Verdict" in section
+    for name in ("expert_parallel_traffic.png", "expert_parallel_eplb.png"):
+        assert (fast_run / name).stat().st_size > 10_000, name

@@ -55,7 +55,7 @@ def plot_token_traffic(
 
     for node in range(topo.n_nodes):
         ax.add_patch(Rectangle((node * 1.6 - 0.55, -0.6), 1.1, topo.gpus_per_node + 0.2, fill=False, lw=1, ec="0.6"))
-        ax.text(node * 1.6, topo.gpus_per_node - 0.2, f"node {node}", ha="center", fontsize=8)
+        ax.text(node * 1.6, topo.gpus_per_node - 0.2, f"N{node}", ha="center", fontsize=8)
         for local in range(topo.gpus_per_node):
             g = node * topo.gpus_per_node + local
             x, y = xy(g)
