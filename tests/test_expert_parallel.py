@@ -101,6 +101,7 @@ def _two_ranks(rank, world):
     res = {}
     for impl in ("loop", "grouped"):
         res[f"layer_{impl}"] = _layer_case(cfg.replace(moe_impl=impl))
+    res["layer_fp8"] = _layer_case(cfg.replace(fp8=True))  # FP8 expert GEMMs (1x128 / 128x128 scales) under EP
 
     # a rank that receives no token: every token picks experts 0-3, all on rank 0
     ref = _reference(cfg)
@@ -163,14 +164,19 @@ def two_ranks():
 
 
 # ---------------------------------------------------------------------- 2 processes
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl", ["loop", "grouped", "fp8"])
 def test_ep_layer_equals_single_process_moe(two_ranks, impl):
     for rank, res in enumerate(two_ranks):
         for name, (mine, ref) in res[f"layer_{impl}"].items():
-            if name in ("counts",):
-                np.testing.assert_array_equal(mine, ref, err_msg=f"rank {rank} {name}")
+            a, b = torch.from_numpy(mine), torch.from_numpy(ref)
+            if name == "counts":
+                assert torch.equal(a, b), f"rank {rank} {name}"
+            elif impl == "fp8" and name not in ("y", "dx", "bias"):
+                # FP8 Wgrad quantizes 128-token tiles of each rank's own (or received) tokens: a data-parallel sum of
+                # per-rank FP8 weight gradients is not the FP8 gradient of the whole batch; close, not equal
+                assert (a - b).norm() <= 0.05 * b.norm(), f"rank {rank} {name}: {(a - b).norm() / b.norm():.3f}"
             else:
-                torch.testing.assert_close(torch.from_numpy(mine), torch.from_numpy(ref), **TOL, msg=f"{rank} {name}")
+                torch.testing.assert_close(a, b, **TOL, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
 
 
 def test_bias_update_equals_single_process(two_ranks):
@@ -317,10 +323,22 @@ def four_ranks():
 def test_four_ranks_equal_single_process(four_ranks, layout):
     for rank, res in enumerate(four_ranks):
         for name, (mine, ref) in res[layout].items():
-            torch.testing.assert_close(torch.from_numpy(mine), torch.from_numpy(ref), **TOL, msg=f"{rank} {name}")
+            torch.testing.assert_close(
+                torch.from_numpy(mine), torch.from_numpy(ref), **TOL, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}"
+            )
     assert four_ranks[0][layout]["counts"][0].sum() == 4 * BATCH * SEQ * 2
 
 
 def test_bias_counts_reduced_over_a_given_group(four_ranks):
     # groups {0, 2} and {1, 3}: rank r counted r + 1 tokens per expert
     assert [res["bias_group"][0] for res in four_ranks] == [1 + 3, 2 + 4, 1 + 3, 2 + 4]
+
+
+def test_dsv3lab_ep_report(two_ranks, capsys):
+    from dsv3lab.cli import main
+    from dsv3lab.parallel.expert import format_ep_check
+
+    text = format_ep_check([res["model"] for res in two_ranks])
+    assert "tiny preset on 2 ranks" in text and "max |difference| vs one process: logits" in text
+    assert "without replicas →" in text and "with EPLB's 12 slots" in text
+    assert main(["ep", "--nproc", "0"]) == 2 and "--nproc must be >= 1" in capsys.readouterr().err
