@@ -399,14 +399,18 @@ def ep_check(
     cfg = ModelConfig.preset(preset, **overrides)
     if replicas and (replicas < cfg.n_routed_experts or replicas % world):
         raise ValueError(f"replicas must be >= n_routed_experts and a multiple of the {world} ranks, got {replicas}")
-    ref = build_model(cfg, seed=seed)
+    # NCCL needs the tensors on this rank's GPU; gloo runs on the CPU
+    dev = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    )
+    ref = build_model(cfg, device=dev, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # a non-zero selection bias, so that it matters
         for moe in ref.moe_layers():
             if moe.gate.bias is not None:
-                moe.gate.bias.normal_(0, 0.05, generator=g)
+                moe.gate.bias.copy_(torch.randn(moe.gate.bias.shape, generator=g) * 0.05)
     model = shard_moe_layers(copy.deepcopy(ref), group)
-    tokens = torch.randint(0, cfg.vocab_size, (world * batch, seq_len + 1), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (world * batch, seq_len + 1), generator=g).to(dev)
     inp, tgt = tokens[:, :-1], tokens[:, 1:]
     mine = slice(rank * batch, (rank + 1) * batch)
 
@@ -447,7 +451,7 @@ def ep_check(
             "loss": _max_diff(loss / world, losses_ref["total"]),
             "grad": grad_diff,
             "bias": bias_diff,
-            "counts": _max_diff(counts, ref_counts),
+            "counts": _max_diff(counts, ref_counts.cpu()),
         },
         "rows_sent": [m.experts.last_send_counts for m in layers],
         "rows_received": [m.experts.last_recv_counts for m in layers],
@@ -490,7 +494,8 @@ def run_ep_check(nproc: int = 2, threads: int = 1, **kwargs) -> list[dict]:
         finally:
             dist.destroy_process_group()
         return results
-    return spawn(_ep_rank, nproc, kwargs, threads=threads)
+    backend = "nccl" if torch.cuda.device_count() >= nproc else "gloo"  # one GPU per rank, or CPU processes
+    return spawn(_ep_rank, nproc, kwargs, backend=backend, threads=threads)
 
 
 def format_ep_check(results: list[dict]) -> str:
