@@ -324,11 +324,12 @@ Verdict: **EPLB brings max/mean per GPU from {toy_bal.before.iloc[2]:.2f} to
 from {syn.before.iloc[1]:.2f} to {syn["global"].iloc[1]:.2f} (global) / {syn["hierarchical"].iloc[1]:.2f}
 (hierarchical) for 671B EP64 with 64 redundant experts on σ = 1 loads.** The hierarchical policy keeps each group on
 one node (so node-limited routing still bounds IB traffic) but cannot move load between nodes: with one group per
-node (4 groups on 4 nodes) it leaves the node imbalance as it was, where the global policy, ignoring groups, balances
-GPUs and nodes better. Without redundant slots (256 on 64 GPUs) the hottest expert bounds the ratio. A kept plan
-ages at a rate set by how fast the popularities move: how often to rebalance is a property of the traffic (the
-paper re-plans every ~10 minutes), and per-step loads of a toy run are noisy enough that a plan made from a window
-stays behind one made on the step itself.
+node (toy: 4 groups on 4 nodes; 671B EP64: 8 groups on 8 nodes) the node imbalance is a floor that no replica inside
+a node lowers, where the global policy, ignoring groups, balances GPUs and nodes; with two groups per node (671B
+prefill, EP32 on 4 nodes) the hierarchical policy comes close to the global one. Without redundant slots (256 on
+64 GPUs) the hottest expert bounds the ratio. A kept plan ages at a rate set by how fast the popularities move: how
+often to rebalance is a property of the traffic (the paper re-plans every ~10 minutes), and per-step loads of a toy
+run are noisy enough that a plan made from a window stays behind one made on the step itself.
 
 ![EPLB](expert_parallel_eplb.png)
 """
