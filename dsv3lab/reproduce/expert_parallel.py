@@ -250,7 +250,7 @@ def run(ctx: Context) -> Result:
 
     def fmt_aging(df: pd.DataFrame) -> str:
         lines = [
-            "| loads | kept plan, h = 0 → last | re-planned every step | no rebalancing, h = 0 → last "
+            "| loads | kept plan, h = 0 → last | re-planned every step (mean) | no rebalancing, h = 0 → last "
             "| 10 % worse than at h = 0 after |",
             "|---|---|---:|---|---|",
         ]
