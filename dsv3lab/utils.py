@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
+import time
 
 import numpy as np
+import pandas as pd
 import torch
+
+from .version import __version__
 
 
 def seed_everything(seed: int) -> None:
@@ -38,8 +43,6 @@ def versions() -> dict[str, str]:
             out[name] = getattr(mod, "__version__", "?")
         except Exception:
             out[name] = "-"
-    from . import __version__
-
     out["dsv3lab"] = __version__
     return out
 
@@ -63,10 +66,6 @@ def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
     Returns a DataFrame with one row per function: ``name``, ``median_s``, ``min_s``, ``max_s`` (wall seconds per
     call) and ``repeats``.
     """
-    import time
-
-    import pandas as pd
-
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for fn in fns.values():
@@ -83,3 +82,16 @@ def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
         for name, ts in times.items()
     ]
     return pd.DataFrame(rows)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block on ``n`` torch CPU threads, restoring the previous count afterwards. Toy-sized GEMMs gain little
+    from a second thread, pay for the hand-offs on a shared machine, and give the same numbers on one thread
+    whatever the machine's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

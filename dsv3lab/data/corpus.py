@@ -32,6 +32,11 @@ import sysconfig
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
+
+import pandas as pd
+
+from .math_problems import math_problem
 
 DOMAINS = ("code", "prose", "math")
 SPLITS = ("train", "val")
@@ -150,8 +155,6 @@ def _code_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]:
 
 
 def _prose_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]:
-    from pydoc_data.topics import topics
-
     def topic(name: str) -> Callable[[], list[tuple[str, str]]]:
         return lambda: [(f"pydoc:{name}", topics[name])] if topics[name].strip() else []
 
@@ -168,8 +171,6 @@ def _prose_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]
 
 
 def _math_items(max_chars: int | None, seed: int) -> list[tuple[str, str, str]]:
-    from .math_problems import math_problem
-
     if max_chars is None:
         raise ValueError(
             "max_chars_per_domain=None is only allowed without the generated 'math' domain "
@@ -359,8 +360,6 @@ def corpus_stats(docs: list[Document]) -> dict[str, dict[str, int]]:
 
 def documents_table(docs: list[Document], tokenizer=None):
     """A pandas DataFrame, one row per document: source, domain, split, chars (and tokens with a ``tokenizer``)."""
-    import pandas as pd
-
     table = pd.DataFrame(
         {
             "source": [d.source for d in docs],

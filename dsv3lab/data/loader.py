@@ -31,7 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
 from .corpus import DOMAINS, Document, builtin_corpus, corpus_digest, corpus_stats, folder_corpus
 from .packing import apply_fim, check_fim_rate, check_seq_len, pack
 from .tokenizer import (
@@ -277,8 +280,6 @@ def make_datasets(
     cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, log: Callable[[str], None] | None = None
 ) -> Datasets:
     """Build (or load from ``cache_dir``) the tensors ``cfg`` describes. ``log`` receives one line per build."""
-    from safetensors.torch import load_file, save_file
-
     cfg.validate()
     cache_dir = Path(cache_dir)
     corpus: list[Document] = []
@@ -293,8 +294,6 @@ def make_datasets(
     key = _key(FORMAT_VERSION, cfg.to_dict(), tok.fingerprint(), corpus_fingerprint(cfg))
     path = cache_dir / f"data-{key}.safetensors"
     if path.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["meta"])
         t = load_file(str(path))
@@ -320,9 +319,8 @@ def make_datasets(
     tensors = {"train": ds.train.to(torch.int32), "train_domains": ds.train_domains}
     tensors.update({f"val.{d}": v.to(torch.int32) for d, v in ds.val.items()})
     meta = {"domains": ds.domains, "config": cfg.to_dict(), "stats": ds.stats}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     if log:
         log(f"[data] built {ds.num_tokens()['train']:,} training tokens in {ds.stats['build_seconds']:.1f}s -> {path}")
     return ds

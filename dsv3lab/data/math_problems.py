@@ -259,12 +259,10 @@ def word_problem(r: random.Random) -> MathProblem:
         return MathProblem("word_travel", q, sol, f"{speed * hours} km")
     if kind == "work":
         a, b = r.choice([(2, 3), (3, 6), (4, 12), (6, 3), (5, 20), (10, 15), (12, 4), (2, 6)])
-        t = Fraction(a * b, a + b)
+        t, rate = Fraction(a * b, a + b), _frac(Fraction(1, a) + Fraction(1, b))  # together: 1/t = 1/a + 1/b
         q = f"{name} can paint a fence in {a} hours and {other} in {b} hours. How long do they take together?"
-        sol = (
-            f"Together they paint 1/{a} + 1/{b} = {_frac(Fraction(1, a) + Fraction(1, b))} of the fence per hour.\n"
-            f"So the time is 1 ÷ ({_frac(Fraction(1, a) + Fraction(1, b))}) = {_frac(t)} hours."
-        )
+        per_hour = f"Together they paint 1/{a} + 1/{b} = {rate} of the fence per hour.\n"
+        sol = per_hour + f"So the time is 1 ÷ ({rate}) = {_frac(t)} hours."
         return MathProblem("word_work", q, sol, f"{_frac(t)} hours")
     if kind == "ages":
         young, k, later = r.randint(3, 15), r.randint(2, 4), r.randint(2, 10)
