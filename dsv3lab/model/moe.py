@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..balance import balance_loss
 from ..config import ModelConfig
+from ..fp8.linear import fp8_grouped_linear, fp8_linear
 from .linear import fp8_recipe
-from .norm import MLP
+from .mlp import MLP
 
 
 class Gate(nn.Module):
@@ -129,8 +131,6 @@ class Experts(nn.Module):
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.fp8 is None:
             return F.linear(x, w)
-        from ..fp8.linear import fp8_linear
-
         return fp8_linear(x, w, self.fp8)
 
     def forward_loop(self, x, weights, indices):
@@ -159,7 +159,6 @@ class Experts(nn.Module):
         offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
         xs = x[token]  # [T*K, dim], grouped by expert
         if self.fp8 is not None:  # FP8 grouped GEMMs on the FP32 master weights
-            from ..fp8.linear import fp8_grouped_linear
 
             def gmm(a, w):
                 return fp8_grouped_linear(a, w, offs, self.fp8)
@@ -206,8 +205,6 @@ class MoE(nn.Module):
         self.tokens_per_expert.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..balance import balance_loss  # the loss formulas live with the rest of load balancing
-
         b, s, d = x.shape
         flat = x.reshape(b * s, d)  # [T, dim]
         weights, indices, scores = self.gate(flat)  # [T, K], [T, K], [T, E]
