@@ -9,7 +9,7 @@ One forward + backward (next-token cross-entropy, gradients set to None between 
   ``experts_implementation`` left unset resolve to sdpa and grouped_mm in transformers 5.x);
 * ``transformers[sdpa,eager]``: the same with its per-expert loop (``experts_implementation="eager"``).
 
-All models hold the same weights (``dsv3lab.hf.to_transformers``) and the same configuration. transformers has no
+All models hold the same weights (``dsv3lab.infer.hf.to_transformers``) and the same configuration. transformers has no
 multi-token-prediction module, so the preset runs with ``n_mtp=0`` on both sides; the selection bias is set to small
 random values so that it takes part in routing. Before timing, the logits of every variant are compared with
 dsv3lab's reference path (``parity_max_abs_diff``).
@@ -75,7 +75,7 @@ def build_variants(
         m.load_state_dict(base.state_dict())
         models[f"dsv3lab[{attn_impl},{moe_impl}]"] = m
     if with_transformers:
-        from dsv3lab.hf import to_transformers
+        from dsv3lab.infer.hf import to_transformers
 
         hf = to_transformers(base)  # transformers' defaults: sdpa attention, grouped_mm experts
         models[f"transformers[{hf.config._attn_implementation},{hf.config._experts_implementation}]"] = hf

@@ -1,11 +1,13 @@
 """The ``dsv3lab`` command line.
 
-dsv3lab info PRESET [--json] [--set key=value ...]
-dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
-dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
-dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
-dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
-dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
+Commands::
+
+    dsv3lab info PRESET [--json] [--set key=value ...]
+    dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
+    dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
+    dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
+    dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
+    dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
-from .accounting import model_stats
+import torch
+
+from . import reproduce
+from .accounting import kv_cache_bytes_per_token, max_context, model_stats
 from .config import PRESETS, ModelConfig
+from .infer import convert, generate, load_any, load_tokenizer
+from .infer.checkpoint import parse_size
+from .infer.generation import decode
+from .train import TrainConfig, TrainingDiverged, train
 
 
 def _human(n: float) -> str:
@@ -54,13 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, TrainingDiverged, train
-
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(preset=args.preset, out=args.out, device=args.device, progress=not args.quiet)
     if args.steps is not None:
@@ -87,15 +93,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import reproduce
-
     if args.list:
         for name, exp in reproduce.load_registry().items():
             print(f"{name:16s} {exp.title}")
         return 0
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     reproduce.run(out=args.out, fast=args.fast, only=args.only, device=args.device)
     print(f"wrote {args.out}/REPORT.md and {args.out}/summary.json")
@@ -106,8 +108,6 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 
 def _dtype(name: str | None):
-    import torch
-
     if name is None:
         return None
     if name not in _DTYPES:
@@ -116,15 +116,21 @@ def _dtype(name: str | None):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .infer import load_any, load_tokenizer
-    from .infer.generation import decode, generate
-    from .infer.speculative import speculative_generate
-
     torch.manual_seed(args.seed if args.seed is not None else 0)
+    if args.fp8_gemm is not None:
+        warnings.warn(
+            "--fp8-gemm dequant|fp8 is deprecated: use --quantize-activations", DeprecationWarning, stacklevel=1
+        )
+    if args.quantize_activations and not args.keep_fp8:
+        raise ValueError("--quantize-activations computes with the kept FP8 weights: add --keep-fp8")
+    if args.prompt and args.ids is not None:
+        raise ValueError("give either --prompt TEXT or --ids 1,2,3, not both")
     model = load_any(
-        args.checkpoint, device=args.device, dtype=_dtype(args.dtype), keep_fp8=args.keep_fp8, fp8_gemm=args.fp8_gemm
+        args.checkpoint,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        keep_fp8=args.keep_fp8,
+        quantize_activations=args.quantize_activations or args.fp8_gemm == "fp8",
     )
     tokenizer = None
     if args.ids is None:
@@ -150,82 +156,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(text[len(printed["text"]) :], end="", flush=True)
             printed["text"] = text
 
-    callback = on_token if stream else None
-    if args.speculative:
-        if len(prompts) != 1:
-            raise ValueError("--speculative mtp decodes one prompt at a time")
-        from .infer.generation import normalize_prompts
-
-        ids_in, _ = normalize_prompts(prompts[0], tokenizer)
-        if tokenizer is not None and args.bos:
-            ids_in = [[model.cfg.bos_token_id] + ids_in[0]]
-        ids, st = speculative_generate(
-            model,
-            ids_in[0],
-            args.max_new_tokens,
-            depth=args.depth,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            attn_impl=args.attn_impl,
-            on_token=callback,
-        )
-        result = {
-            "ids": ids,
-            "new_tokens": len(ids),
-            "acceptance_rate": st.acceptance_rate,
-            "acceptance_per_depth": st.acceptance_per_depth,
-            "tokens_per_forward": st.tokens_per_forward,
-            "main_forwards": st.main_forwards,
-            "seconds": st.seconds,
-        }
-        texts = [decode(tokenizer, ids)] if tokenizer is not None else None
-    else:
-        out = generate(
-            model,
-            prompts,
-            tokenizer=tokenizer,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            attn_impl=args.attn_impl,
-            on_token=callback,
-            add_bos=tokenizer is not None and args.bos,
-        )
-        texts = out.texts
-        result = {
-            "ids": out.ids[0] if len(prompts) == 1 else out.ids,
-            "finish": out.finish,
-            "new_tokens": out.stats["new_tokens"],
-            "acceptance_rate": None,
-            "tokens_per_forward": 1.0,
-            "main_forwards": out.stats["forwards"],
-            "seconds": out.stats["prefill_s"] + out.stats["decode_s"],
-        }
-    if texts is not None:
-        result["text"] = texts[0] if len(prompts) == 1 else texts
+    out = generate(
+        model,
+        prompts,
+        tokenizer=tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        cache_layout=args.cache
+        if args.attn_impl is None
+        else {"absorb": "latent", "naive": "per_head"}[args.attn_impl],
+        speculative=args.speculative,
+        depth=args.depth,
+        add_bos=tokenizer is not None and args.bos,
+        on_token=on_token if stream else None,
+    )
     if args.json:
+        result = out.to_dict()
+        if len(prompts) == 1:  # one prompt: its ids and text, not lists of one
+            result["ids"], result["finish"] = result["ids"][0], result["finish"][0]
+            if "texts" in result:
+                result["text"] = result.pop("texts")[0]
         print(json.dumps(result, indent=2))
     elif stream:
         print()
-        if args.speculative:
+        if out.speculative is not None:
             print(
-                f"[acceptance rate {result['acceptance_rate']:.2f}, {result['tokens_per_forward']:.2f} tokens per "
+                f"[acceptance rate {out.acceptance_rate:.2f}, {out.tokens_per_forward:.2f} tokens per "
                 "main-model forward]",
                 file=sys.stderr,
             )
     else:
-        for i, item in enumerate(texts if texts is not None else result["ids"]):
+        for i, item in enumerate(out.texts if out.texts is not None else out.ids):
             print(f"[{i}] {item}")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .infer import convert
-
     fp8 = True if args.fp8 else (False if args.bf16 else None)
     dtype = _dtype(args.dtype) or (_dtype("bfloat16") if args.bf16 else None)
     rope = False if args.rotate_half else (True if args.interleave else None)
@@ -244,9 +213,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from .accounting import kv_cache_bytes_per_token, max_context
-    from .infer.checkpoint import parse_size
-
     budget = parse_size(args.budget)
     names = [args.preset] if args.preset else list(PRESETS)
     rows = []
@@ -351,7 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         "main-model forward (one prompt; greedy, or speculative sampling with --temperature)",
     )
     p.add_argument("--depth", type=int, default=None, help="MTP drafts per round (default: every MTP module)")
-    p.add_argument("--attn-impl", choices=["absorb", "naive"], default="absorb", help="cache kind (default: latent)")
+    p.add_argument(
+        "--cache",
+        choices=["latent", "per_head"],
+        default="latent",
+        help="KV-cache layout: the MLA latent (default, the absorbed path) or per-head K/V",
+    )
+    p.add_argument("--attn-impl", choices=["absorb", "naive"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     p.add_argument(
@@ -360,12 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an FP8 checkpoint's projections in E4M3 (1 byte per weight) instead of dequantising them on load",
     )
     p.add_argument(
-        "--fp8-gemm",
-        choices=["dequant", "fp8"],
-        default="dequant",
-        help="with --keep-fp8: dequantise "
-        "each weight before its GEMM (default), or quantise the activations too and multiply in FP8",
+        "--quantize-activations",
+        action="store_true",
+        help="with --keep-fp8: quantise the activations per 1x128 tile too and multiply FP8 by FP8 (the official "
+        "fp8 gemm_impl); default: dequantise each weight just before its GEMM",
     )
+    p.add_argument("--fp8-gemm", choices=["dequant", "fp8"], default=None, help=argparse.SUPPRESS)  # old name
     p.add_argument("--json", action="store_true", help="print text, ids, acceptance_rate, tokens_per_forward as JSON")
     p.set_defaults(func=cmd_generate)
 

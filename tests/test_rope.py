@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dsv3lab import ModelConfig
+from dsv3lab.infer.hf import config_to_hf
 from dsv3lab.model.rope import apply_rope, precompute_rope, rope_frequencies, yarn_correction_range
 
 
@@ -26,7 +27,7 @@ def test_yarn_matches_transformers():
 
     cfg = ModelConfig.preset("671B", max_seq_len=163840)
     hf = DeepseekV3Config(
-        rope_parameters=dict(cfg.to_hf()["rope_scaling"], rope_theta=10000.0), max_position_embeddings=163840
+        rope_parameters=dict(config_to_hf(cfg)["rope_scaling"], rope_theta=10000.0), max_position_embeddings=163840
     )
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     torch.testing.assert_close(rope_frequencies(cfg), inv_freq.float())

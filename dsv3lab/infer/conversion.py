@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..files import atomic_folder
 from ..model import DeepSeekV3
+from ..train import load_run
 from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
 from .checkpoint import (
     CONFIG_FILE,
@@ -33,12 +37,10 @@ from .checkpoint import (
     NATIVE_CONFIG,
     SCALE_SUFFIX,
     CheckpointError,
-    _atomic_folder,
     _plan,
-    _publish,
-    config_from_hf,
     dtype_name,
     fp8_block,
+    fp8_quantization_config,
     from_pretrained,
     load_state_dict_folder,
     read_hf_config,
@@ -46,6 +48,7 @@ from .checkpoint import (
     save_pretrained,
     save_state_dict,
 )
+from .hf import config_from_hf
 from .layout import from_rotate_half, to_rotate_half
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -78,13 +81,16 @@ def load_any(
     dtype: torch.dtype | None = None,
     *,
     keep_fp8: bool = False,
-    fp8_gemm: str = "dequant",
+    quantize_activations: bool = False,
     **overrides: Any,
 ) -> DeepSeekV3:
-    """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``: see :func:`from_pretrained`)."""
+    """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``, ``quantize_activations``: see
+    :func:`from_pretrained`)."""
     kind = detect(path)
     if kind == "hf":
-        return from_pretrained(path, device=device, dtype=dtype, keep_fp8=keep_fp8, fp8_gemm=fp8_gemm, **overrides)
+        return from_pretrained(
+            path, device=device, dtype=dtype, keep_fp8=keep_fp8, quantize_activations=quantize_activations, **overrides
+        )
     if keep_fp8:
         raise ValueError(
             f"keep_fp8 needs an FP8 checkpoint in the official layout; {path} is a {kind} folder "
@@ -92,10 +98,6 @@ def load_any(
         )
     if kind == "dsv3lab":
         return load_state_dict_folder(path, device=device, dtype=dtype, **overrides)
-    try:
-        from ..train import load_run
-    except ImportError:
-        raise FileNotFoundError(f"{path} is a training run but this dsv3lab has no trainer (dsv3lab.train)") from None
     model = load_run(path).model
     if overrides:
         raise ValueError("config overrides are not supported for training-run folders")
@@ -144,8 +146,6 @@ def convert(
 def _convert_hf_streaming(
     src: Path, dst: Path, fp8: bool | None, dtype: torch.dtype | None, rope_interleave: bool | None, overwrite: bool
 ) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     hf_cfg = read_hf_config(src)
     block_in = fp8_block(hf_cfg)
@@ -159,8 +159,7 @@ def _convert_hf_streaming(
     stored = hf_cfg.get("torch_dtype", hf_cfg.get("dtype", "bfloat16"))
     base_dtype = dtype or (torch.bfloat16 if block_in is not None else DTYPES.get(stored, torch.bfloat16))
 
-    tmp = _atomic_folder(dst, overwrite)
-    try:
+    with atomic_folder(dst, overwrite) as tmp:
         new_map: dict[str, str] = {}
         total = 0
         for file in sorted(set(weight_map.values())):
@@ -201,18 +200,9 @@ def _convert_hf_streaming(
         new_cfg.pop("dtype", None)
         new_cfg["rope_interleave"] = dst_interleave
         if block_out is not None:
-            new_cfg["quantization_config"] = {
-                "activation_scheme": "dynamic",
-                "fmt": "e4m3",
-                "quant_method": "fp8",
-                "weight_block_size": list(block_out),
-            }
+            new_cfg["quantization_config"] = fp8_quantization_config(block_out)
         (tmp / CONFIG_FILE).write_text(json.dumps(new_cfg, indent=2) + "\n")
         for extra in EXTRA_FILES:
             if (src / extra).exists():
                 shutil.copyfile(src / extra, tmp / extra)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
