@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ModelConfig
+import pandas as pd
+
+from .config import PRESETS, ModelConfig
 
 
 def mla_params(cfg: ModelConfig) -> int:
@@ -165,3 +167,37 @@ def model_stats(cfg: ModelConfig) -> dict[str, Any]:
             if k not in ("total_params", "activated_params", "mtp_params", "mtp_activated_params")
         },
     }
+
+
+def preset_table() -> pd.DataFrame:
+    """One row per preset: parameters, activated parameters, MTP parameters, KV-cache bytes per token, FLOPs per
+    token (analytic; ``dsv3lab reproduce --only tour`` cross-checks the totals against models built on meta)."""
+    rows = []
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        stats = model_stats(cfg)
+        rows.append(
+            {
+                "preset": name,
+                "total_params": stats["total_params"],
+                "activated_params": stats["activated_params"],
+                "mtp_params": stats["mtp_params"],
+                "kv_latent_bytes_per_token": stats["kv_cache_bytes_per_token"]["latent"],
+                "kv_materialized_bytes_per_token": stats["kv_cache_bytes_per_token"]["materialized"],
+                "flops_per_token": stats["flops_per_token"],
+                "layers": cfg.n_layers,
+                "dim": cfg.dim,
+                "routed_experts": cfg.n_routed_experts,
+                "activated_experts": cfg.n_activated_experts,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def kv_table() -> pd.DataFrame:
+    """Bytes per token of MLA's latent cache against MHA/GQA/MQA with the same heads, one row per preset and variant."""
+    rows = []
+    for name in PRESETS:
+        for variant, nbytes in kv_cache_comparison(ModelConfig.preset(name)).items():
+            rows.append({"preset": name, "variant": variant, "bytes_per_token": nbytes})
+    return pd.DataFrame(rows)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
 
+from ..files import atomic_write_text
 from ..utils import versions
 
 
@@ -66,12 +68,6 @@ def load_registry() -> dict[str, Experiment]:
     return REGISTRY
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(
     out: str | Path = "figures",
     fast: bool = False,
@@ -79,7 +75,11 @@ def run(
     device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the experiments (all, or ``only``), write their files, REPORT.md and summary.json; return the summary."""
+    """Run the experiments (all, or ``only``), write their files, REPORT.md and summary.json; return the summary.
+
+    Figures are drawn with matplotlib's non-interactive Agg backend, switched here and not when an experiment module
+    is imported (a notebook importing an experiment keeps its own backend)."""
+    matplotlib.use("Agg")
     registry = load_registry()
     names = only or list(registry)
     unknown = [n for n in names if n not in registry]

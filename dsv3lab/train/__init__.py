@@ -1,8 +1,10 @@
 """Training: config, the paper's schedules, the trainer, checkpoints, metrics, and the run cache for experiments.
 
-from dsv3lab.train import TrainConfig, train, load_run
-result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
-result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
+Usage::
+
+    from dsv3lab.train import TrainConfig, train, load_run
+    result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
+    result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
 """
 
 from .checkpoint import latest_checkpoint, save_checkpoint

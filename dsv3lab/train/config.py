@@ -25,7 +25,20 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import ModelConfig, _check_keys, parse_value
+from ..balance import BIAS_RULES
+from ..config import (
+    BOOL,
+    NONNEG_FLOAT,
+    NONNEG_INT,
+    POS_FLOAT,
+    POS_INT,
+    PRESETS,
+    ModelConfig,
+    Rule,
+    _check_keys,
+    check_fields,
+    parse_value,
+)
 
 BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
 DTYPES = ("fp32", "bf16")
@@ -41,6 +54,28 @@ ENVIRONMENT_FIELDS = ("out", "device", "progress", "checkpoint_every", "keep_che
 
 DEFAULT_AUX_LOSS_ALPHA = 0.01  # balance="aux_loss" when the model overrides do not set aux_loss_alpha
 DEFAULT_SEQ_AUX_LOSS_ALPHA = 1e-4  # balance="aux_free_seq": the paper's α
+
+
+FRACTION = Rule(float, lo=0, hi=1)
+TRAIN_RULES: dict[str, Rule] = {
+    "preset": Rule(str, choices=tuple(PRESETS)),
+    "balance": Rule(str, choices=BALANCE_VARIANTS),
+    "bias_update_rule": Rule(str, choices=BIAS_RULES),
+    "dtype": Rule(str, choices=DTYPES),
+    "adam_moments": Rule(str, choices=ADAM_MOMENTS),
+    **dict.fromkeys(("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"), POS_INT),
+    **dict.fromkeys(("batch_size_start", "eval_every", "checkpoint_every", "max_chars_per_domain"), NONNEG_INT),
+    **dict.fromkeys(("val_seqs_per_domain", "data_seed", "seed"), NONNEG_INT),
+    **dict.fromkeys(("warmup_frac", "lr_decay_start_frac", "lr_decay_end_frac", "lr_final_frac"), FRACTION),
+    **dict.fromkeys(("batch_ramp_frac", "mtp_lambda_switch_frac", "bias_freeze_frac", "fim_rate"), FRACTION),
+    **dict.fromkeys(("lr", "adam_eps"), POS_FLOAT),
+    **dict.fromkeys(("bias_update_speed", "weight_decay", "mtp_lambda", "mtp_lambda_final"), NONNEG_FLOAT),
+    "grad_clip": NONNEG_FLOAT,  # 0 switches clipping off, explicitly
+    **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
+    **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
+    **dict.fromkeys(("log_loads", "progress"), BOOL),
+    **dict.fromkeys(("corpus", "out", "device"), Rule(str)),
+}
 
 
 @dataclass
@@ -101,64 +136,17 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if self.balance not in BALANCE_VARIANTS:
-            raise ValueError(f"balance must be one of {BALANCE_VARIANTS}, got {self.balance!r}")
-        if self.bias_update_rule not in ("sign", "sign_centered"):
-            raise ValueError(f"bias_update_rule must be 'sign' or 'sign_centered', got {self.bias_update_rule!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.adam_moments not in ADAM_MOMENTS:
-            raise ValueError(f"adam_moments must be one of {ADAM_MOMENTS}, got {self.adam_moments!r}")
-        for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in (
-            "batch_size_start",
-            "eval_every",
-            "checkpoint_every",
-            "max_chars_per_domain",
-            "val_seqs_per_domain",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        """Each field's type and range (:data:`TRAIN_RULES`: NaN and ±inf refused, bools only for bool fields), then
+        the combinations; every error names the field and what is allowed."""
+        check_fields(self, TRAIN_RULES)
         if self.batch_size_start > self.batch_size:
             raise ValueError(f"batch_size_start ({self.batch_size_start}) must be <= batch_size ({self.batch_size})")
-        fracs = (
-            "warmup_frac",
-            "lr_decay_start_frac",
-            "lr_decay_end_frac",
-            "lr_final_frac",
-            "batch_ramp_frac",
-            "mtp_lambda_switch_frac",
-            "bias_freeze_frac",
-            "fim_rate",
-        )
-        for name in fracs:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.warmup_frac <= self.lr_decay_start_frac <= self.lr_decay_end_frac <= self.lr_final_frac:
             raise ValueError(
                 "the learning-rate phases must be ordered: warmup_frac <= lr_decay_start_frac <= "
                 f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
                 f"{self.lr_decay_end_frac}, {self.lr_final_frac}"
             )
-        for name in (
-            "lr",
-            "bias_update_speed",
-            "weight_decay",
-            "grad_clip",
-            "mtp_lambda",
-            "mtp_lambda_final",
-            "lr_min_ratio",
-            "lr_final_ratio",
-            "adam_eps",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a dict of ModelConfig overrides, got {type(self.model).__name__}")
         _check_keys(self.model, ModelConfig.field_names(), what="ModelConfig field")

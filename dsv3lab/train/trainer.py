@@ -35,14 +35,15 @@ from tqdm.auto import tqdm
 
 from ..balance import max_violation_per_sequence, update_selection_bias
 from ..config import ModelConfig
+from ..data import DataConfig, Tokenizer, make_datasets
+from ..files import atomic_folder, atomic_write_json
+from ..fp8.optim import AdamW
 from ..model import DeepSeekV3, build_model
-from ..model.transformer import IGNORE_INDEX
+from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
 from ..utils import versions
 from .checkpoint import (
-    atomic_write_json,
     check_config,
     latest_checkpoint,
-    load_model_weights,
     load_optimizer_state,
     read_checkpoint,
     save_checkpoint,
@@ -83,8 +84,6 @@ class RunResult:
 # ---------------------------------------------------------------------- data
 def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
     """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
-    from ..data import DataConfig, make_datasets
-
     kwargs: dict[str, Any] = dict(
         corpus=cfg.corpus,
         vocab_size=model_cfg.vocab_size,
@@ -126,8 +125,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     ``adam_moments="bf16"`` (§3.3.3, :class:`dsv3lab.fp8.optim.AdamW`)."""
     groups, betas = param_groups(model, cfg.weight_decay), (cfg.beta1, cfg.beta2)
     if cfg.adam_moments == "bf16":
-        from ..fp8.optim import AdamW
-
         return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, moment_dtype=torch.bfloat16)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, foreach=False)
 
@@ -170,12 +167,159 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
     )
 
 
-# ---------------------------------------------------------------------- one step
+# ---------------------------------------------------------------------- resuming
+def resume_run(
+    out: Path, cfg: TrainConfig, model_cfg: ModelConfig, model: DeepSeekV3, optimizer: torch.optim.Optimizer
+) -> tuple[int, int, RunMetrics]:
+    """Load the latest checkpoint of ``out`` into ``model`` and ``optimizer`` and restore the RNG states.
+
+    Returns (completed steps, tokens seen, the metrics up to that step). Without a checkpoint: (0, 0, empty)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return 0, 0, RunMetrics()
+    weights, opt_tensors, state = read_checkpoint(ckpt)
+    check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+    load_state_dict_strict(model, weights, where=str(ckpt))
+    load_optimizer_state(optimizer, opt_tensors, state)
+    set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
+    metrics = RunMetrics.load(out)
+    metrics.truncate(state["step"])
+    return state["step"], state["data"]["tokens_seen"], metrics
+
+
+# ---------------------------------------------------------------------- one optimizer step
+@dataclass
+class StepMeasures:
+    """What one optimizer step measured, on the host (one transfer per step)."""
+
+    losses: dict[str, float]  # main, mtp_k, aux, total: the batch means
+    correct: int  # tokens whose argmax equals the target
+    n_tok: int  # tokens with a target
+    seq_vio: float  # Σ over sequences of the per-sequence MaxVio, averaged over the main MoE layers
+    grad_norm: float  # before clipping
+    counts: torch.Tensor  # [MoE layers, E] tokens per expert of the whole step (int64, CPU)
+
+
 def _micro_batches(tokens: torch.Tensor, targets: torch.Tensor, micro: int):
     for start in range(0, tokens.shape[0], micro):
         yield tokens[start : start + micro], targets[start : start + micro]
 
 
+def optimizer_step(
+    model: DeepSeekV3,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    mtp_lambda: float,
+    gamma: float,
+    step: int,
+    on_diverged: Callable[[int, str, float], str],
+) -> StepMeasures:
+    """One optimizer step on a batch [B, T] (DeepSeek-V3 §4.2): micro-batches (each loss scaled by its share of the
+    batch) → clip → AdamW → the bias update from the step's counts, once (never per micro-batch).
+
+    The batch's ids are checked once, on the host, before they move to the device; inside the step nothing is read
+    back until every micro-batch has run, and then everything is read in one transfer. A non-finite loss or gradient
+    norm raises :class:`TrainingDiverged` (message from ``on_diverged``) before the optimizer touches the weights.
+    """
+    device = next(model.parameters()).device
+    model.check_tokens(tokens, 0, targets)  # on the host: no device synchronisation
+    tokens, targets = tokens.to(device), targets.to(device)
+    autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
+    moes = model.moe_layers()
+    main_moes = model.moe_layers(include_mtp=False)
+    n_experts = model.cfg.n_routed_experts
+    bs = tokens.shape[0]
+    sums: dict[str, torch.Tensor] = {}
+    correct = n_tok = seq_vio = torch.zeros((), device=device)
+    for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
+        share = tok.shape[0] / bs
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits, losses = model(tok, tgt, mtp_lambda=mtp_lambda, check=False)
+        (losses["total"] * share).backward()
+        with torch.no_grad():
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * share
+            mask = tgt != IGNORE_INDEX
+            correct = correct + ((logits.argmax(-1) == tgt) & mask).sum()
+            n_tok = n_tok + mask.sum()
+            if main_moes:
+                per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
+                seq_vio = seq_vio + torch.stack(per_layer).mean() * tok.shape[0]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    names = list(sums)
+    host = torch.stack([sums[n] for n in names] + [grad_norm.float(), correct.float(), n_tok.float(), seq_vio.float()])
+    host = host.double().cpu().tolist()  # the step's one device -> host transfer
+    losses = dict(zip(names, host[: len(names)]))
+    grad, n_correct, n_valid, vio = host[len(names) :]
+    if not math.isfinite(losses["total"]):
+        raise TrainingDiverged(on_diverged(step, "loss", losses["total"]))
+    if not math.isfinite(grad):
+        raise TrainingDiverged(on_diverged(step, "gradient norm", grad))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    counts = update_selection_bias(moes, gamma, cfg.bias_update_rule)  # once per optimizer step
+    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+
+
+# ---------------------------------------------------------------------- the metrics row
+def metrics_row(
+    step: int,
+    schedule: dict[str, float],
+    m: StepMeasures,
+    tokens: int,
+    tokens_seen: int,
+    elapsed: float,
+    model: DeepSeekV3,
+) -> dict[str, float]:
+    """One row of ``metrics.csv``: schedules, losses, accuracy, gradient norm, speed, load balance, bias size."""
+    moes = model.moe_layers()
+    n_main = len(model.moe_layers(include_mtp=False))
+    row = {
+        "step": step,
+        "lr": schedule["lr"],
+        "batch_size": schedule["batch_size"],
+        "tokens": tokens,
+        "tokens_seen": tokens_seen,
+        "loss_main": m.losses["main"],
+    }
+    for k in range(1, model.cfg.n_mtp + 1):
+        if f"mtp_{k}" in m.losses:
+            row[f"loss_mtp_{k}"] = m.losses[f"mtp_{k}"]
+    biases = [moe.gate.bias for moe in moes if moe.gate.bias is not None]
+    row.update(
+        {
+            "loss_aux": m.losses["aux"],
+            "loss_total": m.losses["total"],
+            "acc_main": m.correct / max(m.n_tok, 1),
+            "grad_norm": m.grad_norm,
+            "tokens_per_s": tokens / elapsed,
+            "maxvio_batch": step_load_metrics(m.counts, n_main),
+            "maxvio_seq": m.seq_vio / schedule["batch_size"] if n_main else float("nan"),
+            "mtp_lambda": schedule["mtp_lambda"],
+            "gamma": schedule["gamma"],
+            "bias_abs_mean": float(torch.stack([b.abs().mean() for b in biases]).mean()) if biases else 0.0,
+            "time_s": elapsed,
+        }
+    )
+    return row
+
+
+def schedule_at(step: int, cfg: TrainConfig) -> dict[str, float]:
+    """The paper's schedules at ``step``: learning rate, batch size, MTP λ and bias speed γ."""
+    return {
+        "lr": lr_at(step, cfg.steps, cfg),
+        "batch_size": batch_size_at(step, cfg.steps, cfg),
+        "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg),
+        "gamma": bias_speed_at(step, cfg.steps, cfg),
+    }
+
+
+# ---------------------------------------------------------------------- the loop
 def train(
     cfg: TrainConfig,
     data=None,
@@ -202,34 +346,17 @@ def train(
         data = make_data(cfg, model_cfg)
     _check_data(data, cfg, model_cfg)
     if out is not None and hasattr(data.tokenizer, "save") and not (out / "tokenizer").exists():
-        tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        data.tokenizer.save(tmp)
-        tmp.rename(out / "tokenizer")
+        with atomic_folder(out / "tokenizer") as tmp:
+            data.tokenizer.save(tmp)
 
     model = build_model(model_cfg, device=device, seed=cfg.seed)
     model.train()
     optimizer = make_optimizer(model, cfg)
-    metrics = RunMetrics()
-    start, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(out) if (out is not None and resume) else None
-    if ckpt is not None:
-        weights, opt_tensors, state = read_checkpoint(ckpt)
-        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
-        load_model_weights(model, weights, where=str(ckpt))
-        load_optimizer_state(optimizer, opt_tensors, state)
-        set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
-        start, tokens_seen = state["step"], state["data"]["tokens_seen"]
-        metrics = RunMetrics.load(out)
-        metrics.truncate(start)
-
+    start, tokens_seen, metrics = 0, 0, RunMetrics()
+    if out is not None and resume:
+        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
-    moes_all = model.moe_layers()
-    n_main = len(model.moe_layers(include_mtp=False))
-    n_experts = model_cfg.n_routed_experts
-    depth = model_cfg.n_mtp
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    moes = model.moe_layers()
 
     def checkpoint(steps_done: int) -> None:
         if out is None:
@@ -239,16 +366,12 @@ def train(
             "train_config": cfg.identity(),
             "model_config": model_cfg.to_dict(),
             "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
-            "schedules": _schedule_state(steps_done, cfg),
+            "schedules": schedule_at(min(steps_done, cfg.steps - 1), cfg),
         }
         save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
 
-    def run_eval(steps_done: int) -> None:
-        val_rows, load_rows = evaluate(
-            model, data.val, batch_size=cfg.micro_batch_size, step=steps_done, autocast_dtype=autocast
-        )
-        metrics.val_rows += val_rows
-        metrics.load_rows += load_rows
+    def diverged(step: int, what: str, value: float) -> str:
+        return _diverged_message(step, what, value, out)
 
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"train {cfg.balance}", dynamic_ncols=True
@@ -256,87 +379,39 @@ def train(
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.steps, cfg)
-            bs = batch_size_at(step, cfg.steps, cfg)
-            lam = mtp_lambda_at(step, cfg.steps, cfg)
-            gamma = bias_speed_at(step, cfg.steps, cfg)
+            sched = schedule_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, targets = data.batch(step, bs)
-            tokens, targets = tokens.to(device), targets.to(device)
-            sums: dict[str, float] = {}
-            correct, n_tok, seq_vio = 0, 0, 0.0
-            for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
-                share = tok.shape[0] / bs
-                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                    logits, losses = model(tok, tgt, mtp_lambda=lam)
-                if not torch.isfinite(losses["total"]):
-                    raise TrainingDiverged(_diverged_message(step, "loss", float(losses["total"].detach()), out))
-                (losses["total"] * share).backward()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
-                with torch.no_grad():
-                    mask = tgt != IGNORE_INDEX
-                    correct += int(((logits.argmax(-1) == tgt) & mask).sum())
-                    n_tok += int(mask.sum())
-                    if n_main:
-                        seq_vio += (
-                            sum(float(max_violation_per_sequence(m.last_indices, n_experts)) for m in moes_all[:n_main])
-                            / n_main
-                            * tok.shape[0]
-                        )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-            if not math.isfinite(grad_norm):
-                raise TrainingDiverged(_diverged_message(step, "gradient norm", grad_norm, out))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            counts = update_selection_bias(moes_all, gamma, cfg.bias_update_rule)  # once per optimizer step
-            tokens_seen += int(tokens.numel())
-            elapsed = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "lr": lr,
-                "batch_size": bs,
-                "tokens": int(tokens.numel()),
-                "tokens_seen": tokens_seen,
-                "loss_main": sums["main"],
-            }
-            for k in range(1, depth + 1):
-                if f"mtp_{k}" in sums:
-                    row[f"loss_mtp_{k}"] = sums[f"mtp_{k}"]
-            row.update(
-                {
-                    "loss_aux": sums["aux"],
-                    "loss_total": sums["total"],
-                    "acc_main": correct / max(n_tok, 1),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens.numel() / elapsed,
-                    "maxvio_batch": step_load_metrics(counts, n_main),
-                    "maxvio_seq": seq_vio / bs if n_main else float("nan"),
-                    "mtp_lambda": lam,
-                    "gamma": gamma,
-                    "bias_abs_mean": float(
-                        np.mean([m.gate.bias.abs().mean().item() for m in moes_all if m.gate.bias is not None] or [0.0])
-                    ),
-                    "time_s": elapsed,
-                }
+                group["lr"] = sched["lr"]
+            tokens, targets = data.batch(step, sched["batch_size"])
+            measures = optimizer_step(
+                model,
+                optimizer,
+                tokens,
+                targets,
+                cfg,
+                mtp_lambda=sched["mtp_lambda"],
+                gamma=sched["gamma"],
+                step=step,
+                on_diverged=diverged,
             )
+            tokens_seen += int(tokens.numel())
+            row = metrics_row(step, sched, measures, int(tokens.numel()), tokens_seen, time.perf_counter() - t0, model)
             metrics.rows.append(row)
-            if cfg.log_loads and moes_all:
-                metrics.counts.append(counts.numpy().astype(np.int32))
+            if cfg.log_loads and moes:
+                metrics.counts.append(measures.counts.numpy().astype(np.int32))
+                zeros = torch.zeros(model_cfg.n_routed_experts)
                 metrics.bias.append(
-                    np.stack(
-                        [
-                            (m.gate.bias if m.gate.bias is not None else torch.zeros(n_experts)).float().cpu().numpy()
-                            for m in moes_all
-                        ]
-                    )
+                    np.stack([(m.gate.bias if m.gate.bias is not None else zeros).float().cpu().numpy() for m in moes])
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                run_eval(done)
+                val_rows, load_rows = evaluate(
+                    model, data.val, batch_size=cfg.micro_batch_size, step=done, autocast_dtype=autocast
+                )
+                metrics.val_rows += val_rows
+                metrics.load_rows += load_rows
             if on_step is not None:
                 on_step(row, model)
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
@@ -360,16 +435,6 @@ def _diverged_message(step: int, what: str, value: float, out: Path | None) -> s
     return f"non-finite {what} ({value}) at step {step}: training stopped; {keep}"
 
 
-def _schedule_state(steps_done: int, cfg: TrainConfig) -> dict[str, float]:
-    step = min(steps_done, cfg.steps - 1)
-    return {
-        "lr": lr_at(step, cfg.steps, cfg),
-        "batch_size": batch_size_at(step, cfg.steps, cfg),
-        "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg),
-        "gamma": bias_speed_at(step, cfg.steps, cfg),
-    }
-
-
 # ---------------------------------------------------------------------- loading a finished run
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResult:
     """The model (latest checkpoint), tokenizer and measurements of a run folder written by :func:`train`."""
@@ -387,15 +452,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
     weights, _, state = read_checkpoint(ckpt)
     check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
     model = build_model(model_cfg, device=device)
-    load_model_weights(model, weights, where=str(ckpt))
+    load_state_dict_strict(model, weights, where=str(ckpt))
     model.eval()
     metrics = RunMetrics.load(run_dir)
     metrics.truncate(state["step"])
-    tokenizer = None
-    if (run_dir / "tokenizer").exists():
-        from ..data import Tokenizer
-
-        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer") if (run_dir / "tokenizer").exists() else None
     return RunResult(
         model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(), tokenizer, run_dir
     )

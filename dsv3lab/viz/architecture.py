@@ -12,7 +12,9 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
+from ..model.rope import linear_ramp, rope_frequencies, yarn_correction_range
 from ._common import fig_ax
 
 
@@ -67,8 +69,6 @@ def plot_params(table: pd.DataFrame, ax=None) -> Figure:
 
 def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups: int = 8, ax=None) -> Figure:
     """KV bytes per token as the latent rank d_c varies, against MHA/GQA/MQA lines for ``cfg``'s heads."""
-    from ..accounting import kv_cache_comparison
-
     fig, ax = fig_ax(ax)
     ranks = ranks or [2**i for i in range(4, 12)]
     mla = [kv_cache_comparison(cfg.replace(kv_lora_rank=r), gqa_groups)["MLA (latent)"] for r in ranks]
@@ -88,8 +88,6 @@ def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups
 
 def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
     """Wavelength (2π/θ_i) per rotary pair, plain RoPE vs YaRN, with the original context and the ramp bounds."""
-    from ..model.rope import rope_frequencies, yarn_correction_range
-
     fig, ax = fig_ax(ax)
     plain = rope_frequencies(cfg.replace(max_seq_len=cfg.original_seq_len))
     yarn_cfg = cfg if cfg.yarn_enabled else cfg.replace(max_seq_len=cfg.original_seq_len * 4, rope_factor=4.0)
@@ -109,8 +107,6 @@ def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
 
 def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     """The blend factor per rotary pair: 1 = keep the frequency (extrapolate), 0 = divide it by s (interpolate)."""
-    from ..model.rope import linear_ramp, yarn_correction_range
-
     fig, ax = fig_ax(ax, (6, 3))
     low, high = yarn_correction_range(cfg)
     smooth = 1 - linear_ramp(low, high, cfg.qk_rope_head_dim // 2)
