@@ -31,8 +31,8 @@ format: setup  ## ruff format + autofixes (imports, unused noqa)
 test: setup lint  ## ruff + pytest: unit tests, every notebook (fast mode), dsv3lab reproduce --fast
 	$(BIN)/python -m pytest -q
 
-test-fast: setup  ## unit tests only (no notebooks, no reproduce)
-	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/test_notebooks.py --ignore=tests/test_reproduce.py
+test-fast: setup  ## unit tests only: everything not marked slow (no notebooks, no reproduce --fast, no kernels)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 reproduce: setup  ## run every experiment at toy scale and write figures/ (REPORT.md, summary.json, CSV, PNG)
 	$(BIN)/dsv3lab reproduce --out figures

@@ -7,6 +7,8 @@ import pytest
 from dsv3lab import reproduce
 from dsv3lab.cli import main
 
+pytestmark = pytest.mark.slow  # trains the --fast suite (about a minute)
+
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
