@@ -88,6 +88,13 @@ class Gate(nn.Module):
         return weights.type_as(x), indices, scores
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64) from expert indices of any shape. A scatter-add into a fixed-size vector:
+    unlike ``torch.bincount``, whose output size depends on the data, it never waits for the device."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """``F.grouped_mm`` runs on CPU (fp32, bf16) and on CUDA in bf16 on compute capability >= 9.0."""
     if not hasattr(F, "grouped_mm"):
@@ -135,7 +142,7 @@ class Experts(nn.Module):
 
     def forward_loop(self, x, weights, indices):
         y = torch.zeros_like(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        counts = expert_counts(indices, self.n_experts).tolist()  # the readable loop reads the counts on the host
         for i in range(self.n_experts):
             if counts[i] == 0:
                 continue
@@ -156,7 +163,7 @@ class Experts(nn.Module):
         flat = indices.flatten()  # [T*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs sorted by expert
         token = order // k  # [T*K] source token of each sorted pair
-        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
+        offs = expert_counts(flat, self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
         xs = x[token]  # [T*K, dim], grouped by expert
         if self.fp8 is not None:  # FP8 grouped GEMMs on the FP32 master weights
 
@@ -209,7 +216,7 @@ class MoE(nn.Module):
         flat = x.reshape(b * s, d)  # [T, dim]
         weights, indices, scores = self.gate(flat)  # [T, K], [T, K], [T, E]
         with torch.no_grad():
-            counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+            counts = expert_counts(indices, self.cfg.n_routed_experts)
             self.last_counts = counts
             self.last_indices = indices.view(b, s, -1)
             if self.training:

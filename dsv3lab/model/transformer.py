@@ -141,6 +141,10 @@ class DeepSeekV3(nn.Module):
         """Shape, dtype and position checks: metadata only, so they cost no device synchronisation."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seqlen], got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(
+                f"tokens must hold at least one sequence of at least one token, got shape {tuple(tokens.shape)}"
+            )
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be integer ids (int64), got {tokens.dtype}")
         if start_pos < 0:
@@ -158,12 +162,11 @@ class DeepSeekV3(nn.Module):
         public forward, the trainer's batches, a prompt) — never inside a decode or training loop."""
         self.check_shapes(tokens, start_pos)
         vocab = self.cfg.vocab_size
-        if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= vocab:
-                raise ValueError(
-                    f"token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: 0 <= id < vocab_size={vocab}"
-                )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: 0 <= id < vocab_size={vocab}"
+            )
         if targets is None:
             return
         if targets.shape != tokens.shape:
@@ -264,8 +267,12 @@ class DeepSeekV3(nn.Module):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX. logits [b, s, V].
 
-    The targets' range is checked where they enter (``DeepSeekV3.check_tokens``), not here on every call."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    With no valid target at all (every target ignored) the loss is defined as 0 — with a zero gradient — instead of
+    the 0/0 = NaN of a plain mean, so such a micro-batch adds nothing to the step. The targets' range is checked where
+    they enter (``DeepSeekV3.check_tokens``), not here on every call."""
+    flat = targets.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp_min(1)  # [] — divided on the device, no host sync
 
 
 def build_model(
