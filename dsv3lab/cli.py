@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 import warnings
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import reproduce
 from .accounting import kv_cache_bytes_per_token, max_context, model_stats
@@ -25,7 +28,8 @@ from .config import PRESETS, ModelConfig
 from .infer import convert, generate, load_any, load_tokenizer
 from .infer.checkpoint import parse_size
 from .infer.generation import decode
-from .train import TrainConfig, TrainingDiverged, train
+from .train import TrainConfig, TrainingDiverged, latest_checkpoint, train
+from .utils import check_device, env_flag
 
 
 def _human(n: float) -> str:
@@ -63,21 +67,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_threads(threads: int) -> None:
+    """``--threads N``: torch CPU threads (0 = torch's own choice)."""
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = torch's choice), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    check_device(args.device)
     cfg = TrainConfig(preset=args.preset, out=args.out, device=args.device, progress=not args.quiet)
     if args.steps is not None:
         cfg = cfg.replace(steps=args.steps)
     cfg = cfg.with_overrides(args.set)
     cfg.model_config()  # validate the model settings before any data is built
-    try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    except TrainingDiverged as err:
-        print(f"dsv3lab train: {err}", file=sys.stderr)
-        return 3
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     m = result.metrics
     last = m.iloc[-1] if len(m) else None
     if last is not None:
@@ -97,8 +105,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for name, exp in reproduce.load_registry().items():
             print(f"{name:16s} {exp.title}")
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    if args.device is not None:
+        check_device(args.device)
     reproduce.run(out=args.out, fast=args.fast, only=args.only, device=args.device)
     print(f"wrote {args.out}/REPORT.md and {args.out}/summary.json")
     return 0
@@ -117,6 +126,10 @@ def _dtype(name: str | None):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed if args.seed is not None else 0)
+    if args.device is not None:
+        check_device(args.device)
+    if args.ids is not None and not args.bos:
+        raise ValueError("--no-bos only applies to text prompts (--prompt); --ids are used exactly as given")
     if args.fp8_gemm is not None:
         warnings.warn(
             "--fp8-gemm dequant|fp8 is deprecated: use --quantize-activations", DeprecationWarning, stacklevel=1
@@ -214,6 +227,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_memory(args: argparse.Namespace) -> int:
     budget = parse_size(args.budget)
+    for name, value in (("--budget", budget), ("--batch", args.batch), ("--bytes-per-value", args.bytes_per_value)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
     names = [args.preset] if args.preset else list(PRESETS)
     rows = []
     for name in names:
@@ -256,6 +272,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research workbench")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also DSV3LAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, activation, MTP, KV cache and FLOPs of a preset")
@@ -372,13 +389,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# the library's own errors and the expected OS and format errors: one line each, no traceback (--debug shows it)
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, SafetensorError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The CLI's one error boundary. Exit codes: 0 done, 2 bad input (a refused argument, config, checkpoint or
+    file), 1 a failed operation (training diverged, disk full, read-only folder …), 130 interrupted (Ctrl-C). Each
+    error is one line: what went wrong, which file, what to do; ``--debug`` or ``DSV3LAB_DEBUG=1`` adds the
+    traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        debug = args.debug or env_flag("DSV3LAB_DEBUG")
+    except ValueError as err:
+        print(f"dsv3lab: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    prefix = f"dsv3lab {args.command}"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"dsv3lab {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prefix}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as err:
+        _report(prefix, err, debug)
+        return EXIT_FAILED
+    except BAD_INPUT as err:
+        _report(prefix, err, debug)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # disk full, permission denied, a read-only folder: the input was fine, the operation failed
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        _report(prefix, f"{err.strerror or err}{where}; nothing was published at the target (writes are atomic)", debug)
+        return EXIT_FAILED
+
+
+def _report(prefix: str, err: BaseException | str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"{prefix}: error: {err}", file=sys.stderr)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """After Ctrl-C in ``dsv3lab train``: nothing new was checkpointed; say where the run can continue from."""
+    if args.command != "train":
+        return ""
+    try:
+        ckpt = latest_checkpoint(Path(args.out))
+    except (OSError, ValueError):
+        ckpt = None
+    if ckpt is None:
+        return "; no checkpoint had been written: start again with the same command"
+    return f"; nothing new was checkpointed; continue from {ckpt} with the same command and --resume"
 
 
 if __name__ == "__main__":

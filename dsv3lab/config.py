@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .files import read_json
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
@@ -360,10 +361,7 @@ def load_json(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any
     path = os.fspath(path_or_dict)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config file at {path}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "a config.json object")
 
 
 # ---------------------------------------------------------------------- presets

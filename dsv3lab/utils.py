@@ -23,15 +23,53 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(prefer: str | None = None) -> torch.device:
-    """``prefer`` if given, else CUDA when available, else CPU. (MPS is opt-in: its numerics differ.)"""
+    """``prefer`` if given (checked: :func:`check_device`), else CUDA when available, else CPU. (MPS is opt-in: its
+    numerics differ.)"""
     if prefer:
-        return torch.device(prefer)
+        return check_device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """A device that exists on this machine, or a ``ValueError`` saying which ones do."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {name!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device {name!r}: no CUDA device is available on this machine; use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device {name!r}: this machine has {n} CUDA device(s), cuda:0 … cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment switch, parsed strictly: 1/true/yes/on, or 0/false/no/off/empty (any case); anything
+    else is a ``ValueError`` naming the variable (a typo must not silently mean "off")."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not a switch; use one of {TRUE_WORDS + FALSE_WORDS[1:]}")
 
 
 def fast_mode() -> bool:
     """True when ``DSV3LAB_FAST=1``: notebooks and experiments shrink their work (tests set it)."""
-    return os.environ.get("DSV3LAB_FAST", "0") not in ("", "0", "false", "False")
+    return env_flag("DSV3LAB_FAST")
 
 
 def versions() -> dict[str, str]:

@@ -24,6 +24,7 @@ import random
 import sys
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..files import atomic_path
@@ -263,9 +264,13 @@ def resolve_tokenizer(cfg: DataConfig, cache_dir: Path, docs: Callable[[], list[
             corpus_fingerprint(cfg),
         )
         path = cache_dir / "tokenizers" / key
+        tok = None
         if (path / "tokenizer.json").is_file():
-            tok = Tokenizer.load(path)
-        else:
+            try:
+                tok = Tokenizer.load(path)
+            except ValueError as err:  # a corrupt cache entry: rebuild it
+                warnings.warn(f"the cached tokenizer {path} is unreadable ({err}); training it again", stacklevel=2)
+        if tok is None:
             tok = train_tokenizer(docs(), vocab_size=cfg.vocab_size, seed=cfg.seed)
             tok.save(path)
     if tok.vocab_size > cfg.vocab_size:
@@ -294,25 +299,11 @@ def make_datasets(
     key = _key(FORMAT_VERSION, cfg.to_dict(), tok.fingerprint(), corpus_fingerprint(cfg))
     path = cache_dir / f"data-{key}.safetensors"
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-        t = load_file(str(path))
-        ds = Datasets(
-            tok,
-            meta["domains"],
-            cfg.seq_len,
-            t["train"].long(),
-            {d: t[f"val.{d}"].long() for d in meta["domains"]},
-            t["train_domains"],
-            cfg.seed,
-            {
-                **meta["stats"],
-                "from_cache": True,
-                "cache_file": str(path),
-                "load_seconds": round(time.perf_counter() - t0, 3),
-            },
-        )
-        return ds
+        try:
+            return _load_cached(path, tok, cfg, t0)
+        except (OSError, KeyError, ValueError, SafetensorError) as err:  # truncated or corrupt: rebuild it
+            warnings.warn(f"the data cache {path} is unreadable ({err}); rebuilding it", stacklevel=2)
+            path.unlink(missing_ok=True)
     ds = build_datasets(cfg, tok, docs())
     ds.stats.update(build_seconds=round(time.perf_counter() - t0, 2), from_cache=False, cache_file=str(path))
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -323,6 +314,29 @@ def make_datasets(
         save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     if log:
         log(f"[data] built {ds.num_tokens()['train']:,} training tokens in {ds.stats['build_seconds']:.1f}s -> {path}")
+    return ds
+
+
+def _load_cached(path: Path, tok: Tokenizer, cfg: DataConfig, t0: float) -> Datasets:
+    """The datasets of a cache file written by :func:`make_datasets`."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    t = load_file(str(path))
+    ds = Datasets(
+        tok,
+        meta["domains"],
+        cfg.seq_len,
+        t["train"].long(),
+        {d: t[f"val.{d}"].long() for d in meta["domains"]},
+        t["train_domains"],
+        cfg.seed,
+        {
+            **meta["stats"],
+            "from_cache": True,
+            "cache_file": str(path),
+            "load_seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
     return ds
 
 

@@ -119,7 +119,11 @@ class Tokenizer:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"no tokenizer at {str(p)!r}; expected a tokenizer.json file or a folder with one")
-        return cls(HFTokenizer.from_file(str(p)))
+        try:
+            hf = HFTokenizer.from_file(str(p))
+        except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
+            raise ValueError(f"{p} is not a readable tokenizer.json ({err})") from None
+        return cls(hf)
 
 
 def _new_hf_tokenizer() -> HFTokenizer:

@@ -25,6 +25,7 @@ Notebook: 10_inference.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -35,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
-from ..files import CheckpointError, atomic_folder, names_list
+from ..files import CheckpointError, atomic_folder, member, names_list, read_json, recover
 from ..model import DeepSeekV3
 from ..model.transformer import load_state_dict_strict
-from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
+from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks, scale_shape
 from .fp8weights import keep_fp8_modules
 from .hf import config_from_hf, config_to_hf
 from .layout import Slot, from_rotate_half, layout, mtp_duplicates, mtp_prefixes, to_rotate_half
@@ -50,31 +51,42 @@ from .layout import Slot, from_rotate_half, layout, mtp_duplicates, mtp_prefixes
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+NATIVE_CONFIG = "dsv3lab_config.json"  # dsv3lab's own folder: state_dict + ModelConfig
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_size(size: int | str) -> int:
     """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
-    KiB, MiB, GiB binary)."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
+    KiB, MiB, GiB binary). A size must be a finite number of bytes > 0."""
     units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
-    for unit, mult in units:
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"a size must be bytes or a string such as '5GB', got {size!r}")
+    text = str(size).strip().upper()
+    number, mult = text, 1
+    for unit, m in units:
         if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    else:
-        if text.replace(".", "", 1).isdigit():
-            return int(float(text))
-    raise ValueError(f"cannot read the size {size!r}; use bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
+            number, mult = text[: -len(unit)], m
+            break
+    try:
+        value = float(number) * mult
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cannot read the size {size!r}; use bytes > 0 or a number with KB, MB, GB (or KiB, MiB, GiB)")
+    return int(value)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """A checkpoint folder --overwrite may replace: the official layout (config.json and an index or a single
+    model.safetensors) or dsv3lab's own (dsv3lab_config.json and model.safetensors)."""
+    p = Path(path)
+    official = (p / CONFIG_FILE).is_file() and ((p / INDEX_FILE).is_file() or (p / SINGLE_FILE).is_file())
+    return official or ((p / NATIVE_CONFIG).is_file() and (p / SINGLE_FILE).is_file())
 
 
 # ---------------------------------------------------------------------- reading the folder
@@ -82,22 +94,41 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a checkpoint in the Hugging Face layout")
-    return json.loads(file.read_text())
+    try:
+        return read_json(file, "a Hugging Face config.json object")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_model_config(folder: Path, hf_cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json; any problem is one ``CheckpointError`` naming the file."""
+    try:
+        return config_from_hf(hf_cfg, **overrides)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from None
 
 
 def read_weight_map(path: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> shard file name, from the index (or the single ``model.safetensors``)."""
     folder = Path(path)
     if (folder / INDEX_FILE).exists():
-        index = json.loads((folder / INDEX_FILE).read_text())
+        try:
+            index = read_json(folder / INDEX_FILE, "a safetensors index")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{folder / INDEX_FILE} has no 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder / INDEX_FILE} has no 'weight_map' of tensor name -> shard file name")
     elif (folder / SINGLE_FILE).exists():
-        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
-            weight_map = {k: SINGLE_FILE for k in f.keys()}
+        try:
+            with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{folder / SINGLE_FILE} is not a readable safetensors file ({err})") from None
     else:
         raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    for shard in set(weight_map.values()):  # a shard named ../x, /abs/x or a symlink out is refused, never read
+        member(folder, shard, what=f"shard named by {INDEX_FILE}")
     missing_files = sorted({f for f in weight_map.values() if not (folder / f).exists()})
     if missing_files:
         raise CheckpointError(f"the index of {folder} names shard files that do not exist: {names_list(missing_files)}")
@@ -201,6 +232,74 @@ def _plan(cfg: ModelConfig, weight_map: dict[str, str], mtp: bool | None, path) 
     return cfg, expected, duplicates
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names
+
+
+def check_headers(
+    folder: Path,
+    cfg: ModelConfig,
+    weight_map: dict[str, str],
+    expected: dict[str, Slot],
+    duplicates: dict[str, str],
+    block: tuple[int, int] | None,
+) -> None:
+    """Before anything is allocated, from the safetensors headers alone: every tensor the index names is in its
+    shard, floating-point, with the shape the model of ``cfg`` needs (scales: one per ``block``). One
+    ``CheckpointError`` lists the problems, so a config.json whose sizes do not match the tensors (a vocab_size of
+    1e9, say) is refused before a byte of the model exists. ``from_pretrained`` and ``convert`` both call it."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DeepSeekV3(cfg).state_dict().items()}  # free: shapes only
+
+    def want(name: str) -> tuple[int, ...] | None:
+        if name in duplicates:
+            return shapes[duplicates[name]]
+        if name.endswith(SCALE_SUFFIX):
+            w = want(name[: -len(SCALE_SUFFIX)])
+            return None if w is None else scale_shape(w, block or DEFAULT_BLOCK)
+        slot = expected.get(name)
+        if slot is None:
+            return None  # an MTP tensor that is not loaded
+        return shapes[slot.name] if slot.index is None else shapes[slot.name][1:]
+
+    problems: list[str] = []
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        try:
+            with safe_open(folder / file, framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    shape = want(name)
+                    if shape is None:
+                        continue
+                    if name not in present:
+                        problems.append(f"{name} is listed in the index for {file} but is not in that file")
+                        continue
+                    header = f.get_slice(name)
+                    if header.get_dtype() not in FLOAT_DTYPES:
+                        problems.append(f"{name} is {header.get_dtype()}, not a floating-point tensor")
+                    if tuple(header.get_shape()) != tuple(shape):
+                        problems.append(
+                            f"{name}: the checkpoint holds shape {tuple(header.get_shape())} but the model of "
+                            f"config.json needs {tuple(shape)}"
+                        )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # a truncated or corrupt file
+            raise CheckpointError(f"{folder / file} is not a readable safetensors file ({err})") from None
+    if problems:
+        raise CheckpointError(
+            f"{folder} does not match its config.json ({cfg.summary()}): {len(problems)} problem(s): "
+            + names_list(problems, limit=8)
+        )
+
+
+def check_values(name: str, t: torch.Tensor) -> None:
+    """A checkpoint tensor must hold finite values: NaN or ±inf is refused, naming the tensor."""
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{name} holds {bad} NaN or infinite value(s); refused (the file may be corrupt)")
+
+
 # A hook for keeping FP8 weights in FP8 (e.g. dsv3lab.fp8 Linear layers): called for every FP8 tensor with
 # (hf_name, slot, fp8_weight, scale_inv, block, model); return True when it has stored the weight itself.
 FP8Hook = Callable[[str, Slot, torch.Tensor, torch.Tensor, tuple[int, int], DeepSeekV3], bool]
@@ -215,6 +314,9 @@ def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interlea
     """The FP8 hook of ``keep_fp8``: copies an E4M3 weight and its scales into the model's FP8 buffers as they are."""
 
     def store(name, slot, t, scale, block, model) -> bool:
+        check_values(name + SCALE_SUFFIX, scale)
+        if ((t.view(torch.uint8) & 0x7F) == 0x7F).any():  # E4M3's only NaN pattern: S.1111.111
+            raise CheckpointError(f"{name} holds E4M3 NaN values; refused (the file may be corrupt)")
         q, s = (targets[n] for n in stored_names(slot))
         if slot.index is not None:
             q, s = q[slot.index], s[slot.index]
@@ -285,12 +387,13 @@ def from_pretrained(
     if quantize_activations and not keep_fp8:
         raise ValueError("quantize_activations=True computes with the kept FP8 weights: it needs keep_fp8=True")
     folder = Path(path)
+    recover(folder)  # a save interrupted between its two renames left the old folder beside the path
     if (folder / NATIVE_CONFIG).exists() and not (folder / CONFIG_FILE).exists():
         return load_state_dict_folder(folder, device=device, dtype=dtype, **overrides)
     hf_cfg = read_hf_config(folder)
     block = fp8_block(hf_cfg)
     rope_interleave = bool(hf_cfg.get("rope_interleave", True))
-    cfg = config_from_hf(hf_cfg, **overrides)
+    cfg = read_model_config(folder, hf_cfg, **overrides)
     weight_map = read_weight_map(folder)
     cfg, expected, duplicates = _plan(cfg, weight_map, mtp, folder)
     if dtype is None:
@@ -305,6 +408,7 @@ def from_pretrained(
         )
     if keep_fp8 and fp8_hook is not None:
         raise ValueError("pass keep_fp8=True or an fp8_hook, not both")
+    check_headers(folder, cfg, weight_map, expected, duplicates, block)
     with torch.device("meta"):
         model = DeepSeekV3(cfg)  # shapes only: no memory, no init
         model.to(dtype)  # the router bias and RoPE tables stay fp32
@@ -363,6 +467,7 @@ def from_pretrained(
                             f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
                             "attention/FFN projection in FP8; load with keep_fp8=False"
                         )
+                    check_values(name, t)
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, cfg, slot.rope))
                     dst = targets[slot.name] if slot.index is None else targets[slot.name][slot.index]
@@ -490,7 +595,7 @@ def save_pretrained(
             size = 0
         shards[-1].append(item)
         size += item[2]
-    with atomic_folder(path, overwrite) as tmp:
+    with atomic_folder(path, overwrite, replaceable=is_checkpoint_folder) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         n = len(shards)
@@ -533,13 +638,12 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------- dsv3lab's own folder: state_dict + config
-NATIVE_CONFIG = "dsv3lab_config.json"
 
 
 def save_state_dict(model: DeepSeekV3, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """dsv3lab's plain format: ``model.safetensors`` (``model.state_dict()``) and ``dsv3lab_config.json``."""
     path = Path(path)
-    with atomic_folder(path, overwrite) as tmp:
+    with atomic_folder(path, overwrite, replaceable=is_checkpoint_folder) as tmp:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / NATIVE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
@@ -555,7 +659,7 @@ def load_state_dict_folder(
     """Load a folder written by :func:`save_state_dict` (strict: missing, unexpected and mis-shaped tensors are one
     error)."""
     folder = Path(path)
-    cfg = ModelConfig.from_dict(json.loads((folder / NATIVE_CONFIG).read_text()))
+    cfg = ModelConfig.from_dict(read_json(folder / NATIVE_CONFIG, "a dsv3lab model config"))
     if overrides:
         cfg = cfg.replace(**overrides)
     sd = load_file(folder / SINGLE_FILE)

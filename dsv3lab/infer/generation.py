@@ -27,6 +27,7 @@ Notebook: 10_inference.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -56,7 +57,10 @@ def load_tokenizer(path: str | os.PathLike):
         p = p / "tokenizer.json" if (p / "tokenizer.json").exists() else p / "tokenizer" / "tokenizer.json"
     if not p.exists():
         raise FileNotFoundError(f"no tokenizer.json in {path}; pass token ids instead of text (--ids)")
-    hf = HFTokenizer.from_file(str(p))
+    try:
+        hf = HFTokenizer.from_file(str(p))
+    except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
+        raise ValueError(f"{p} is not a readable tokenizer.json ({err})") from None
     try:
         return Tokenizer(hf)
     except ValueError:  # not one of dsv3lab's tokenizers: no bos/eos/FIM specials
@@ -146,6 +150,27 @@ class Generation:
         return out
 
 
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, seed: int | None = None
+) -> None:
+    """Refuse sampling arguments that are out of range or that would have no effect: top-k and top-p filter the
+    sampling distribution, so with temperature 0 (greedy) they are errors rather than silently ignored."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for no top-k filter), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (or None for no nucleus filter), got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p filter the sampling distribution: they need temperature > 0 (0 is greedy)")
+    if temperature == 0 and seed is not None:
+        raise ValueError("seed makes sampling reproducible: it has no effect with temperature 0 (greedy)")
+
+
 def resolve_cache_layout(cache_layout: str, attn_impl: str | None) -> str:
     """``attn_impl="absorb"/"naive"`` is the deprecated spelling of ``cache_layout="latent"/"per_head"``."""
     return cache_layout_of(None, attn_impl) or cache_layout
@@ -189,10 +214,7 @@ def generate(
     prompt_ids, _ = normalize_prompts(prompts, tokenizer)
     if add_bos:
         prompt_ids = [[model.cfg.bos_token_id] + p for p in prompt_ids]
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     eos = model.cfg.eos_token_id if eos_id is None else eos_id
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if speculative == "mtp":

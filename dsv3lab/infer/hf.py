@@ -30,6 +30,48 @@ DSV3LAB_ONLY = (
 )
 
 
+# dsv3lab field -> the config.json key it is read from (for error messages)
+HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace",
+    "n_heads": "num_attention_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group",
+    "route_scale": "routed_scaling_factor",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "n_mtp": "num_nextn_predict_layers",
+    "max_seq_len": "max_position_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+
+
+def _req(hf: dict[str, Any], key: str) -> Any:
+    if key not in hf:
+        raise ValueError(f"config.json has no {key!r}, which a DeepSeek-V3 config needs")
+    return hf[key]
+
+
+def _num(hf: dict[str, Any], key: str, default: float) -> float:
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
 def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides: Any) -> ModelConfig:
     """Map a Hugging Face DeepSeek-V3 ``config.json`` (a path, a folder holding one, or a dict) to a ModelConfig.
 
@@ -38,7 +80,12 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
     that dsv3lab's model cannot represent raise ``ValueError`` instead of being silently ignored.
     """
     hf = load_json(path_or_dict)
-    extra = {k: v for k, v in (hf.pop("dsv3lab", None) or {}).items() if k in DSV3LAB_ONLY}
+    extra = hf.pop("dsv3lab", None) or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f'the "dsv3lab" section must be an object of dsv3lab-only fields, got {extra!r}')
+    unknown = sorted(set(extra) - set(DSV3LAB_ONLY))
+    if unknown:
+        raise ValueError(f'unknown key(s) {unknown} in the "dsv3lab" section; allowed: {", ".join(DSV3LAB_ONLY)}')
     overrides = {**extra, **overrides}
     arch = hf.get("architectures") or ["DeepseekV3ForCausalLM"]
     model_type = hf.get("model_type", "deepseek_v3")
@@ -53,7 +100,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
         raise ValueError("tie_word_embeddings=true is not supported: DeepSeek-V3 has a separate output head")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf['hidden_act']!r}")
-    n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"])
+    n_kv = hf.get("num_key_value_heads", _req(hf, "num_attention_heads"))
     if n_kv != hf["num_attention_heads"]:
         raise ValueError(
             f"num_key_value_heads ({n_kv}) must equal num_attention_heads "
@@ -71,27 +118,27 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
     topk_method = hf.get("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy")
     q_lora = hf.get("q_lora_rank")
     d: dict[str, Any] = dict(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        inter_dim=hf["intermediate_size"],
-        moe_inter_dim=hf["moe_intermediate_size"],
-        n_layers=hf["num_hidden_layers"],
+        vocab_size=_req(hf, "vocab_size"),
+        dim=_req(hf, "hidden_size"),
+        inter_dim=_req(hf, "intermediate_size"),
+        moe_inter_dim=_req(hf, "moe_intermediate_size"),
+        n_layers=_req(hf, "num_hidden_layers"),
         n_dense_layers=hf.get("first_k_dense_replace", 0),
-        n_heads=hf["num_attention_heads"],
+        n_heads=_req(hf, "num_attention_heads"),
         n_routed_experts=hf.get("n_routed_experts") or 0,
         n_shared_experts=hf.get("n_shared_experts") or 0,
         n_activated_experts=hf.get("num_experts_per_tok") or 0,
         n_expert_groups=hf.get("n_group") or 1,
         n_limited_groups=hf.get("topk_group") or 1,
         score_func=score_func,
-        route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+        route_scale=_num(hf, "routed_scaling_factor", 1.0),
         q_lora_rank=q_lora or 0,
-        kv_lora_rank=hf["kv_lora_rank"],
-        qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"],
-        v_head_dim=hf["v_head_dim"],
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        kv_lora_rank=_req(hf, "kv_lora_rank"),
+        qk_nope_head_dim=_req(hf, "qk_nope_head_dim"),
+        qk_rope_head_dim=_req(hf, "qk_rope_head_dim"),
+        v_head_dim=_req(hf, "v_head_dim"),
+        rope_theta=_num(hf, "rope_theta", 10000.0),
+        norm_eps=_num(hf, "rms_norm_eps", 1e-6),
         n_mtp=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
         gate_bias=topk_method == "noaux_tc",
         bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 0,
@@ -99,9 +146,11 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
         name=hf.get("_name_or_path") or "hf",
     )
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"rope_scaling must be an object (or null), got {rope!r}")
     rope_type = rope.get("type", rope.get("rope_type", "default"))
     if "rope_theta" in rope:
-        d["rope_theta"] = float(rope["rope_theta"])
+        d["rope_theta"] = _num(rope, "rope_theta", 10000.0)
     max_pos = hf.get("max_position_embeddings", 4096)
     if rope_type == "yarn":
         m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
@@ -112,8 +161,8 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
             )
         d.update(
             max_seq_len=max_pos,
-            original_seq_len=rope["original_max_position_embeddings"],
-            rope_factor=float(rope["factor"]),
+            original_seq_len=_req(rope, "original_max_position_embeddings"),
+            rope_factor=_num(rope, "factor", _req(rope, "factor")),
             beta_fast=rope.get("beta_fast", 32),
             beta_slow=rope.get("beta_slow", 1),
             mscale=float(m_all),
@@ -125,7 +174,12 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
     else:
         raise ValueError(f"rope type {rope_type!r} is not supported; allowed: 'yarn' or none")
     d.update(overrides)
-    return ModelConfig.from_dict(d)
+    try:
+        return ModelConfig.from_dict(d)
+    except ValueError as err:  # name the config.json key, not only dsv3lab's field
+        field = str(err).split(" ", 1)[0]
+        key = HF_KEYS.get(field)
+        raise ValueError(f"{key} ({err})" if key and key not in overrides else str(err)) from None
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:

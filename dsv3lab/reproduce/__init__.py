@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import matplotlib
 import torch
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, read_json
 from ..utils import versions
 
 
@@ -91,7 +92,12 @@ def run(
     dev = torch.device(device) if device else torch.device("cpu")
     ctx = Context(out=out, fast=fast, seeds=seeds, device=dev, log=log)
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = {}
+    if summary_path.exists():
+        try:
+            summary = read_json(summary_path, "the summary of earlier experiments")
+        except ValueError as err:  # rebuilt from the experiments run now; sections of the others are kept
+            warnings.warn(f"{summary_path} is unreadable ({err}); starting a new summary", stacklevel=2)
     timings = summary.setdefault("_meta", {}).setdefault("seconds", {})
     for name in names:
         exp = registry[name]

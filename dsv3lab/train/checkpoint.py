@@ -15,7 +15,6 @@ leaves ``latest`` naming a complete checkpoint; older checkpoints are removed on
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import atomic_folder, atomic_write_json, atomic_write_text
+from ..files import atomic_folder, atomic_write_json, atomic_write_text, read_json, recover
 from .config import config_differences
 
 LATEST = "latest"
@@ -99,6 +98,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     path = Path(run_dir) / pointer.read_text().strip()
+    recover(path)  # a re-save interrupted between its two renames left the old folder beside the path
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
@@ -110,7 +110,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         if not (path / f).exists():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: {f} is missing")
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_json(path / STATE_FILE, "a checkpoint's state")
     return load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_FILE)), state
 
 

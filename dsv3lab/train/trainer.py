@@ -19,7 +19,7 @@ Notebooks: 04_load_balancing, 05_mtp, 06_pretraining.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import shutil
 import time
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..balance import max_violation_per_sequence, update_selection_bias
 from ..config import ModelConfig
 from ..data import DataConfig, Tokenizer, make_datasets
-from ..files import atomic_folder, atomic_write_json
+from ..files import RunLock, atomic_folder, atomic_write_json, check_replaceable, read_json
 from ..fp8.optim import AdamW
 from ..model import DeepSeekV3, build_model
 from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
@@ -54,6 +54,12 @@ from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"  # dsv3lab.files.RunLock: one process per run folder
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder written by :func:`train` (it holds ``run.json``)."""
+    return (Path(path) / RUN_FILE).is_file()
 
 
 class TrainingDiverged(RuntimeError):
@@ -133,14 +139,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> None:
     """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``)."""
     run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not run_file.exists():
             raise FileExistsError(
                 f"{out} is not empty and holds no dsv3lab run ({RUN_FILE} is missing); choose another --out folder"
             )
-        saved = json.loads(run_file.read_text())
+        saved = read_json(run_file)
         if overwrite:
-            shutil.rmtree(out)
+            check_replaceable(out, is_run_folder)
+            for p in out.iterdir():  # everything but the lock this process holds
+                if p.name != LOCK_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         else:
             diffs = [f"train.{d}" for d in config_differences(saved.get("train_config", {}), cfg.identity())]
             saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "name"}
@@ -335,11 +344,16 @@ def train(
     (identical loss trajectory); ``overwrite`` replaces whatever run is there. ``on_step(row, model)`` is called after
     every optimizer step with the metrics row (live plots, tests).
     """
-    model_cfg = cfg.model_config()
-    device = torch.device(cfg.device)
     out = Path(cfg.out) if cfg.out else None
     if out is None and resume:
         raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    with RunLock(out) if out is not None else contextlib.nullcontext():  # one process per run folder
+        return _train(cfg, data, out, resume, overwrite, on_step)
+
+
+def _train(cfg, data, out: Path | None, resume: bool, overwrite: bool, on_step) -> RunResult:
+    model_cfg = cfg.model_config()
+    device = torch.device(cfg.device)
     if out is not None:
         prepare_run_dir(out, cfg, model_cfg, resume, overwrite)
     if data is None:
@@ -442,7 +456,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
     run_file = run_dir / RUN_FILE
     if not run_file.exists():
         raise FileNotFoundError(f"{run_dir} holds no dsv3lab run ({RUN_FILE} is missing)")
-    saved = json.loads(run_file.read_text())
+    saved = read_json(run_file, "a dsv3lab run description")
     env = {k: v for k, v in saved.get("environment", {}).items() if k in ("out", "device")}
     cfg = TrainConfig.from_dict({**saved["train_config"], **env, "out": str(run_dir), "progress": False})
     model_cfg = ModelConfig.from_dict(saved["model_config"])
