@@ -8,6 +8,8 @@ import random
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 
 def seed_everything(seed: int) -> None:
@@ -54,6 +56,34 @@ def setup_notebook(seed: int = 0, device: str | None = None, threads: int | None
     print(" | ".join(f"{k} {val}" for k, val in v.items()))
     print(f"device: {dev} | seed: {seed} | fast mode: {fast_mode()} | threads: {torch.get_num_threads()}")
     return dev
+
+
+def peak_step_memory(step, device: torch.device | str = "cpu") -> float:
+    """Peak bytes allocated while ``step()`` runs, above the bytes live when it starts.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the start. On CPU: the allocation
+    events of ``torch.profiler`` (``profile_memory=True``), summed in time order; unlike peak RSS this is free of the
+    interpreter, imported libraries and allocator caching, so it measures the tensors of the step alone. Used by
+    ``benchmarks/train_step.py`` and to check the planner (``dsv3lab.plan``) against what a step allocates.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if e.device_type() == DeviceType.CPU:  # allocations (+) and frees (-) on the CPU
+            live += e.nbytes()
+            peak = max(peak, live)
+    return float(peak)
 
 
 def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
