@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="toy")
     p.add_argument("--batch", type=int, default=2)
@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moe-impl", default="loop", choices=["loop", "grouped"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    print(json.dumps(run(args), indent=2))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(run(build_parser().parse_args(argv)), indent=2))
     return 0
 
 

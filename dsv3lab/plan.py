@@ -55,6 +55,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
+
 from .accounting import block_params, flops_per_token, kv_cache_bytes_per_token, mtp_module_params
 from .config import ModelConfig
 
@@ -814,3 +816,31 @@ def paper_checks(cfg: ModelConfig | None = None) -> dict[str, Any]:
         "prefill": plan_inference(cfg, gpu_mem=h800.memory_bytes, **PAPER_PREFILL),
         "decode": plan_inference(cfg, gpu_mem=h800.memory_bytes, **PAPER_DECODE),
     }
+
+
+# ---------------------------------------------------------------------- tables (notebooks, plots)
+def plan_table(plans: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per labelled plan (:func:`plan` results): the per-GPU items in GB, ``total_gb``, ``gpu_mem_gb``,
+    ``fits``, ``step_s`` and ``gpu_hours_per_trillion_tokens``."""
+    rows = []
+    for label, p in plans.items():
+        row = {"layout": label, **{k: p["per_gpu_bytes"][k] / GB for k in ITEMS}}
+        row.update(
+            total_gb=p["per_gpu_bytes"]["total"] / GB,
+            gpu_mem_gb=p["gpu_mem_bytes"] / GB,
+            fits=p["fits"],
+            step_s=p["step_s"],
+            gpu_hours_per_trillion_tokens=p["gpu_hours_per_trillion_tokens"],
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def rank_table(result: dict[str, Any]) -> pd.DataFrame:
+    """The per-GPU items of every pipeline rank of one :func:`plan` result, in GB."""
+    return pd.DataFrame(
+        [
+            {"rank": r["rank"], "stages": r["stages"], **{k: r[k] / GB for k in (*ITEMS, "total")}}
+            for r in result["ranks"]
+        ]
+    )
