@@ -39,9 +39,9 @@ model keeps (checked against the CPU allocation trace, tests/test_plan.py); ``pa
   recomputed; routed experts keep their dispatched FP8 input; FP8 tensors cost 1 byte + 4/128 for the 1×128 scales;
 * the gate weight is applied to the SwiGLU output (before ``w2``), so no routed expert output is kept for the
   gate's gradient; router scores stay FP32;
-* the output head keeps its log-probabilities for one micro-batch (the last stage runs that micro-batch's backward
-  right after its forward) and needs two more FP32 vocabulary-wide tensors in the backward (the gradients of the
-  log-probabilities and of the logits);
+* the output head keeps its BF16 logits (main and MTP) for one micro-batch only (the last stage runs that
+  micro-batch's backward right after its forward) and needs two more FP32 vocabulary-wide tensors in the backward
+  (the gradients of the log-probabilities and of the logits);
 * FP8 copies of the projection weights (1 byte + one FP32 scale per 128×128 block) are made once per step and kept
   for the Dgrad GEMMs; communication buffers, the CUDA context and allocator fragmentation are not counted.
 
