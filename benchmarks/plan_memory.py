@@ -39,7 +39,7 @@ STATIC = ("parameters", "gradients", "optimizer_master_weights", "optimizer_mome
 
 def planner_recipe(dtype: str, fp8: bool, moments: str, device: torch.device):
     rec = RECIPES["fp8" if fp8 else dtype]
-    if not fp8 and dtype == "bf16" and device.type == "cpu":
+    if (fp8 or dtype == "bf16") and device.type == "cpu":
         rec = rec.replace(up=4.0, probs=4.0, lse=0.0)  # CPU autocast: SDPA's math path in FP32
     return rec.replace(moment=2.0 if moments == "bf16" else 4.0)
 

@@ -63,6 +63,8 @@ from .config import ModelConfig
 FP8 = 1 + 4 / 128  # one E4M3 byte per element + an FP32 scale per 1×128 tile
 E5M6 = 1.5 + 4 / 128  # the input of the Linear after attention (§3.3.3)
 FP8_WEIGHT = 1 + 4 / 128**2  # an E4M3 weight + an FP32 scale per 128×128 block
+FP32_HELD_FP8 = 4 + 4 / 128  # an FP8 value kept in an FP32 tensor, as dsv3lab's emulation and kernels keep them
+FP32_HELD_FP8_WEIGHT = 4 + 4 / 128**2
 GB = 10**9
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -104,15 +106,16 @@ class Recipe:
 
     Weights and optimizer: ``weight`` (the copy the GEMMs read), ``master`` (a separate FP32 master copy; 0 when the
     weights are the master), ``grad``, ``moment`` (each of AdamW's m and v), ``weight_cast`` (autocast's BF16
-    copies of the projection weights, kept for the backward pass), ``fp8_weight`` (FP8 copies of the projection
-    weights). Activations, by the role of a tensor in :func:`activation_table`: ``stream`` (residual stream kept as
-    a norm's input), ``stream_norm`` (a norm's normalised x and 1/rms), ``norm_out`` (a norm output kept as a GEMM
-    input), ``latent`` (c_Q, c_KV kept as the input of q_norm / kv_norm), ``latent_norm``, ``up`` (q, k, v: the
-    attention inputs), ``probs`` (attention probabilities, h·T per token), ``lse`` (log-sum-exp), ``attn_out`` (input
-    of ``wo``), ``swiglu_in`` (outputs of ``w1`` and ``w3``), ``swiglu_mid`` (silu output), ``swiglu_out`` (input of
-    ``w2``), ``dispatch`` (a routed expert's input), ``expert_out`` (a routed expert's output, and the same weighted
-    by the gate), ``router`` (FP32 scores, gate weights, indices) and ``logits`` (log-probabilities per vocabulary
-    entry). ``fp8_roles`` names the roles counted as FP8 activation caches.
+    copies of the head and projection weights, kept for the backward pass), ``fp8_weight`` (FP8 copies of the
+    projection weights; projections that have them are not autocast). Activations, by the role of a tensor in
+    :func:`activation_table`: ``stream`` (residual stream kept as a norm's input), ``stream_norm`` (a norm's
+    normalised x and 1/rms), ``norm_out`` (a norm output kept as a GEMM input), ``latent`` (c_Q, c_KV kept as the
+    input of q_norm / kv_norm), ``latent_norm``, ``up`` (q, k, v: the attention inputs), ``probs`` (attention
+    probabilities, h·T per token), ``lse`` (log-sum-exp), ``attn_out`` (input of ``wo``), ``swiglu_in`` (outputs of
+    ``w1`` and ``w3``), ``swiglu_mid`` (silu output), ``swiglu_out`` (input of ``w2``), ``dispatch`` (a routed
+    expert's input), ``expert_out`` (a routed expert's output, and the same weighted by the gate), ``router`` (FP32
+    scores, gate weights, indices) and ``logits`` (logits or log-probabilities per vocabulary entry). ``fp8_roles``
+    names the roles counted as FP8 activation caches.
     """
 
     name: str
@@ -200,10 +203,13 @@ RECIPES: dict[str, Recipe] = {
     ),
     "fp8": Recipe(
         "fp8",
-        "dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16 on CUDA: projections cache FP8 inputs "
-        "and FP8 weight copies, BF16 AdamW moments",
-        **dict(_EAGER_BF16, moment=2.0, weight_cast=0.0, fp8_weight=FP8_WEIGHT, norm_out=FP8, attn_out=FP8),
-        **dict(fp8_roles=("norm_out", "attn_out", "swiglu_out", "dispatch")),
+        "dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16: projections cache their inputs and "
+        "weights as FP8 values held in FP32 tensors, BF16 AdamW moments",
+        # dsv3lab.fp8.quantize keeps FP8 values in FP32 tensors (QuantizedTensor.values): 4 bytes, not 1, per cached
+        # input (1x128 tiles) and per weight copy (128x128 blocks)
+        **dict(_EAGER_BF16, moment=2.0, fp8_weight=FP32_HELD_FP8_WEIGHT)
+        | dict(norm_out=FP32_HELD_FP8, attn_out=FP32_HELD_FP8, swiglu_out=FP32_HELD_FP8, dispatch=FP32_HELD_FP8),
+        fp8_roles=("norm_out", "attn_out", "swiglu_out", "dispatch"),
     ),
     "paper": Recipe(
         "paper",
@@ -505,11 +511,12 @@ def _rank_bytes(cfg: ModelConfig, layout: Layout, rec: Recipe, stages: list[dict
     out["embedding_and_head"] = sum(
         sharded("embed_head", b, z) for b, z in ((rec.weight, 3), (rec.grad, 2), (rec.master, 1), (2 * rec.moment, 1))
     )
-    # the projection weights (not the embedding, norms or router) are what autocast and FP8 copy
+    # the projection weights (not the embedding, norms or router) are what FP8 copies; autocast copies the head and,
+    # unless they run in FP8, the projections
     head = cfg.vocab_size * cfg.dim if any(st["head"] for st in held) else 0
     projections = local["dense"] + local["expert"] - _norm_and_router_params(cfg, held)
     out["fp8_weight_copies"] = projections * rec.fp8_weight
-    out["autocast_weight_copies"] = (projections + head) * rec.weight_cast
+    out["autocast_weight_copies"] = (head + (0 if rec.fp8_weight else projections)) * rec.weight_cast
     # activations: micro-batches in flight × the mean stage activation of this rank's stages
     n_flight = in_flight_stage_activations(layout.pp, layout.schedule, rank)
     per_stage = [_stage_activation_per_token(cfg, st, layout.seq, rec) for st in held]

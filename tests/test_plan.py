@@ -193,6 +193,7 @@ def _plan_memory():
             0.03,
         ),
         (["--preset", "toy", "--batch", "2", "--seq-len", "128", "--dtype", "bf16"], 0.06),
+        (["--preset", "toy", "--batch", "2", "--seq-len", "128", "--fp8", "--adam-moments", "bf16"], 0.06),
     ],
 )
 def test_planned_memory_matches_the_cpu_allocation_trace(argv, tol, one_thread):
