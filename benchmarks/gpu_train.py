@@ -31,7 +31,8 @@ import sys
 import torch
 
 from dsv3lab.accounting import flops_per_token
-from dsv3lab.plan import RECIPES, Layout, gpu_spec, plan
+from dsv3lab.activations import RECIPES
+from dsv3lab.plan import Layout, gpu_spec, plan
 from dsv3lab.train import TrainConfig, train
 from dsv3lab.utils import versions
 

@@ -28,8 +28,9 @@ import sys
 import torch
 
 import dsv3lab
+from dsv3lab.activations import RECIPES
 from dsv3lab.model import IGNORE_INDEX
-from dsv3lab.plan import RECIPES, Layout, plan
+from dsv3lab.plan import Layout, plan
 from dsv3lab.train import TrainConfig
 from dsv3lab.train.trainer import make_optimizer
 from dsv3lab.utils import peak_step_memory, versions
