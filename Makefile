@@ -13,7 +13,8 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	# torch first, pinned: the CPU wheel on the machine's disk (a loose pin pulls a CUDA build).
+	# torch first, pinned exactly: the CPU wheel on the machine's disk. The package itself accepts torch>=2.10,<3,
+	# which this pin satisfies, so the next line keeps it (without the pin pip would pull a CUDA build).
 	$(BIN)/python -m pip install "torch==2.13.0"
 	$(BIN)/python -m pip install -e ".[dev,hf,kernels]"
 	touch $(STAMP)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 import dsv3lab
-from dsv3lab.utils import versions
+from dsv3lab.utils import peak_step_memory, versions
 
 IMPLS = [("naive", "loop"), ("naive", "grouped"), ("absorb", "loop"), ("absorb", "grouped")]
 
@@ -119,30 +119,6 @@ def logits_of(name: str, model: torch.nn.Module, tokens: torch.Tensor) -> torch.
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_step_memory(step: Callable[[], float], device: torch.device) -> float:
-    """Peak bytes allocated during one step above the bytes live at its start (see the module docstring)."""
-    if device.type == "cuda":
-        sync(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return float(torch.cuda.max_memory_allocated(device) - start)
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        if e.device_type() == DeviceType.CPU:  # allocations on the CPU
-            live += e.nbytes()
-            peak = max(peak, live)
-    return float(peak)
 
 
 def flops_per_step(step: Callable[[], float]) -> dict:

@@ -8,6 +8,8 @@ Commands::
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
     dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
+    dsv3lab plan PRESET [--gpus N] [--gpu-mem 80GB] [--pp P] [--ep E] [--zero Z] [--micro-batch B] [--seq T] [--json]
+                 [--infer --tp 4 --redundant-experts 32] [--paper]
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from . import reproduce
 from .accounting import kv_cache_bytes_per_token, max_context, model_stats
 from .config import PRESETS, ModelConfig
 from .infer import convert, generate, load_any, load_tokenizer
-from .infer.checkpoint import parse_size
 from .infer.generation import decode
+from .plan import GPUS, Layout, gpu_spec, paper_checks, plan, plan_inference
 from .train import TrainConfig, TrainingDiverged, latest_checkpoint, train
-from .utils import check_device, env_flag
+from .utils import check_device, env_flag, parse_size
 
 
 def _human(n: float) -> str:
@@ -270,6 +272,104 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = ModelConfig.preset(args.preset)
+    if args.set:
+        cfg = cfg.with_overrides(args.set)
+    gpu = gpu_spec(args.gpu)
+    mem = parse_size(args.gpu_mem) if args.gpu_mem else gpu.memory_bytes
+    if args.paper:
+        result = paper_checks(cfg)
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        t = result["training"]
+        print(
+            f"training layout {result['training_layout']['gpus']} H800, PP16 DualPipe, EP64, ZeRO-1: fullest rank "
+            f"{_gb(t['per_gpu_bytes']['total'])} of {_gb(GPUS['H800'].memory_bytes)} -> "
+            f"{'fits' if t['fits'] else 'does NOT fit'}"
+        )
+        print(
+            f"180K H800 GPU-hours per 10^12 tokens at {result['flops_per_token_4k'] / 1e9:.1f} GFLOP/token imply "
+            f"MFU {result['implied_mfu_bf16']:.1%} of the BF16 peak ({result['implied_mfu_fp8']:.1%} of FP8)"
+        )
+        print(
+            f"at that MFU: pre-training {result['pre_training_gpu_hours'] / 1e3:,.0f}K GPU-hours (paper 2,664K), "
+            f"context extension {result['context_extension_gpu_hours_at_that_mfu'] / 1e3:,.0f}K (paper 119K, i.e. "
+            f"MFU {result['context_extension_implied_mfu']:.1%}), total with post-training "
+            f"{result['total_gpu_hours_at_that_mfu'] / 1e6:.3f}M (paper 2.788M = "
+            f"${result['cost_usd_at_2_per_hour'] / 1e6:.3f}M at $2 per GPU-hour)"
+        )
+        for name in ("prefill", "decode"):
+            r = result[name]
+            print(
+                f"{name}: {r['layout']['gpus']} GPUs, {r['layout']['experts_per_gpu']:g} experts per GPU, weights "
+                f"{_gb(r['per_gpu_bytes']['weights_total'])} per GPU, latent KV cache for "
+                f"{r['kv_cache_tokens']:,} tokens -> {'fits' if r['fits'] else 'does NOT fit'}"
+            )
+        return 0
+    if args.infer:
+        result = plan_inference(
+            cfg,
+            gpus=args.gpus,
+            gpu_mem=mem,
+            tp=args.tp,
+            ep=args.ep,
+            redundant_experts=args.redundant_experts,
+            shared_as_routed=args.shared_as_routed,
+            dense_tp=args.dense_tp,
+            mtp=args.mtp,
+            seq=args.seq,
+        )
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        print(f"{cfg.name} inference on {args.gpus} GPUs of {_gb(mem)}: {result['layout']}")
+        for k, v in result["per_gpu_bytes"].items():
+            print(f"  {k:24s} {_gb(v):>12s}")
+        print(
+            f"latent KV cache: {result['kv_cache_tokens']:,} tokens per GPU ({result['kv_sequences']:,} sequences "
+            f"of {args.seq}) -> {'fits' if result['fits'] else 'does NOT fit'}"
+        )
+        return 0
+    layout = Layout(
+        gpus=args.gpus,
+        pp=args.pp,
+        ep=args.ep,
+        zero=args.zero,
+        micro_batch=args.micro_batch,
+        seq=args.seq,
+        schedule=args.schedule,
+        global_batch=args.global_batch,
+    )
+    result = plan(cfg, layout, gpu=gpu, gpu_mem=mem, rec=args.recipe, mfu=args.mfu, peak=args.peak)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{cfg.name} on {layout.gpus} x {gpu.name} ({_gb(mem)}): PP{layout.pp} {layout.schedule}, DP{layout.dp}, "
+        f"EP{layout.ep} ({result['layout']['experts_per_gpu']} experts per GPU), ZeRO-{layout.zero}, micro-batch "
+        f"{layout.micro_batch} x {layout.seq} tokens, recipe {result['recipe']}"
+    )
+    print(f"per-GPU memory of the fullest pipeline rank ({result['fullest_rank']}):")
+    for k, v in result["per_gpu_bytes"].items():
+        print(f"  {k:26s} {_gb(v):>12s}")
+    for k, v in result["memo"].items():
+        print(f"  ({k}: {_gb(v) if k.endswith('_bytes') else v})")
+    for line in result["explanation"]:
+        print(line)
+    print(
+        f"step of {layout.global_batch} x {layout.seq} tokens: {result['step_s']:.1f} s; "
+        f"{result['gpu_hours_per_trillion_tokens'] / 1e3:,.1f}K GPU-hours per 10^12 tokens at MFU {result['mfu']:.1%} "
+        f"({result['mfu_source']}; {result['flops_per_token'] / 1e9:.1f} GFLOP/token, main model + MTP)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research workbench")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also DSV3LAB_DEBUG=1)")
@@ -386,6 +486,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory, fit, step time and GPU-hours of a training (or --infer serving) layout; --paper checks "
+        "the paper's layouts and cost",
+    )
+    p.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--gpus", type=int, default=2048, help="GPUs in all (default 2048, the paper's)")
+    p.add_argument("--gpu", default="H800", help="H800 (default), H100, H200 or A100: peak FLOP/s and memory")
+    p.add_argument("--gpu-mem", default=None, help="memory per GPU, e.g. 80GB or 80GiB (default: the --gpu's)")
+    p.add_argument("--pp", type=int, default=16, help="pipeline ranks (default 16)")
+    p.add_argument("--ep", type=int, default=64, help="expert-parallel size within the data-parallel ranks (64)")
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (default 1)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--schedule", default="dualpipe", help="1f1b, zb1p, dualpipe (default) or dualpipev")
+    p.add_argument("--global-batch", type=int, default=15360, help="sequences per optimizer step (default 15360)")
+    p.add_argument("--recipe", default="paper", help="paper (default), fp32, bf16 or fp8 (dsv3lab's trainer)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation (default: the paper's, implied)")
+    p.add_argument("--peak", default="bf16", choices=["bf16", "fp8"], help="the peak the MFU refers to")
+    p.add_argument("--infer", action="store_true", help="plan serving in FP8 instead of training")
+    p.add_argument("--tp", type=int, default=4, help="--infer: tensor-parallel attention size (default 4)")
+    p.add_argument("--dense-tp", type=int, default=None, help="--infer: tensor-parallel size of the dense MLPs")
+    p.add_argument("--redundant-experts", type=int, default=0, help="--infer: extra expert replicas")
+    p.add_argument("--shared-as-routed", action="store_true", help="--infer: shared experts take expert slots")
+    p.add_argument("--mtp", action="store_true", help="--infer: keep the MTP modules (speculative decoding)")
+    p.add_argument("--paper", action="store_true", help="check the paper's training and serving layouts and cost")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

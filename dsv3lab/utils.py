@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import random
@@ -11,6 +12,8 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from .version import __version__
 
@@ -97,6 +100,34 @@ def setup_notebook(seed: int = 0, device: str | None = None, threads: int | None
     return dev
 
 
+def peak_step_memory(step, device: torch.device | str = "cpu") -> float:
+    """Peak bytes allocated while ``step()`` runs, above the bytes live when it starts.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the start. On CPU: the allocation
+    events of ``torch.profiler`` (``profile_memory=True``), summed in time order; unlike peak RSS this is free of the
+    interpreter, imported libraries and allocator caching, so it measures the tensors of the step alone. Used by
+    ``benchmarks/train_step.py`` and to check the planner (``dsv3lab.plan``) against what a step allocates.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - start)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if e.device_type() == DeviceType.CPU:  # allocations (+) and frees (-) on the CPU
+            live += e.nbytes()
+            peak = max(peak, live)
+    return float(peak)
+
+
 def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1):
     """Time several callables side by side: ``warmup`` untimed calls each, then ``repeats`` rounds that call every
     function once in turn (A, B, A, B, …), so that load changes on a shared machine hit all of them alike.
@@ -133,3 +164,24 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
+    KiB, MiB, GiB binary). A size must be a finite number of bytes > 0."""
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"a size must be bytes or a string such as '5GB', got {size!r}")
+    text = str(size).strip().upper()
+    number, mult = text, 1
+    for unit, m in units:
+        if text.endswith(unit):
+            number, mult = text[: -len(unit)], m
+            break
+    try:
+        value = float(number) * mult
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"cannot read the size {size!r}; use bytes > 0 or a number with KB, MB, GB (or KiB, MiB, GiB)")
+    return int(value)

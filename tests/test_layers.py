@@ -7,7 +7,8 @@ dsv3lab/, module level and inside functions alike.
                                                  in that direction)
     model                                        the network
     fp8, data                                    numerics and data, no model imports
-    config, accounting, balance, utils, files, version   plain data and arithmetic
+    config, accounting, balance, utils, files, version,  plain data and arithmetic
+    activations, plan
 
 A lazy import (inside a function) is allowed only for an optional heavy dependency, listed in LAZY_ALLOWED with
 the reason; everything else is imported at the top of its module.
@@ -27,6 +28,8 @@ RANK = {
     "utils": 0,
     "files": 0,
     "version": 0,
+    "activations": 0,
+    "plan": 0,
     "fp8": 1,
     "data": 1,
     "model": 2,
@@ -42,8 +45,17 @@ RANK = {
 # imports between units of the same rank: (from, to) pairs that are allowed; anything else sideways is an error
 SIDEWAYS = {("train", "parallel"), ("infer", "train"), ("infer", "parallel"), ("reproduce", "viz")}
 # the bottom layer's modules may use each other only in this order (no cycles): files, version < utils < config <
-# accounting, balance
-BOTTOM_ORDER = {"files": 0, "version": 0, "utils": 1, "config": 2, "accounting": 3, "balance": 3}
+# accounting, balance < activations < plan
+BOTTOM_ORDER = {
+    "files": 0,
+    "version": 0,
+    "utils": 1,
+    "config": 2,
+    "accounting": 3,
+    "balance": 3,
+    "activations": 4,
+    "plan": 5,
+}
 
 LAZY_ALLOWED = {
     "triton": "Triton is an optional extra and only needed for the CUDA kernels",

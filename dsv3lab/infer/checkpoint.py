@@ -25,7 +25,6 @@ Notebook: 10_inference.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import warnings
@@ -43,6 +42,7 @@ from ..config import ModelConfig
 from ..files import CheckpointError, atomic_folder, member, names_list, read_json, recover
 from ..model import DeepSeekV3
 from ..model.transformer import load_state_dict_strict
+from ..utils import parse_size
 from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks, scale_shape
 from .fp8weights import keep_fp8_modules
 from .hf import config_from_hf, config_to_hf
@@ -54,27 +54,6 @@ CONFIG_FILE = "config.json"
 NATIVE_CONFIG = "dsv3lab_config.json"  # dsv3lab's own folder: state_dict + ModelConfig
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_size(size: int | str) -> int:
-    """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
-    KiB, MiB, GiB binary). A size must be a finite number of bytes > 0."""
-    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
-    if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise ValueError(f"a size must be bytes or a string such as '5GB', got {size!r}")
-    text = str(size).strip().upper()
-    number, mult = text, 1
-    for unit, m in units:
-        if text.endswith(unit):
-            number, mult = text[: -len(unit)], m
-            break
-    try:
-        value = float(number) * mult
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"cannot read the size {size!r}; use bytes > 0 or a number with KB, MB, GB (or KiB, MiB, GiB)")
-    return int(value)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,6 +3,8 @@ that function first, so executed and exported notebooks keep a result even where
 
 * :func:`kv_rank_explorer` — MLA's latent rank d_c and rotary width d_h^R against the KV cache of MHA/GQA/MQA with
   the same heads (wraps :func:`dsv3lab.viz.plot_kv_vs_rank`). Notebook: 02_mla.
+* :func:`plan_explorer` — a training layout (GPUs, PP, EP, ZeRO, micro-batch, sequence) planned beside the paper's
+  (wraps :func:`dsv3lab.viz.plot_plan_memory` over :func:`dsv3lab.plan.plan`). Notebook: 11_scale_to_full.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import matplotlib.pyplot as plt
 
 from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
+from ..plan import PAPER_TRAINING, Layout, plan, plan_table
 from .architecture import plot_kv_vs_rank
+from .plan import plot_plan_memory
 
 RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
 ROPE_DIMS = [16, 32, 64, 128]
@@ -64,3 +68,56 @@ def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "s
         widget.observe(update, names="value")
     update()
     return w.VBox([w.HBox([preset_w, groups_w]), w.HBox([rank_w, rope_w]), summary, out])
+
+
+def plan_summary(result: dict) -> str:
+    """One line of a :func:`dsv3lab.plan.plan` result: fits, total, step time, GPU-hours per 10^12 tokens."""
+    per = result["per_gpu_bytes"]
+    verdict = "fits" if result["fits"] else "does not fit"
+    return (
+        f"{verdict}: {per['total'] / 1e9:.1f} of {result['gpu_mem_bytes'] / 1e9:.1f} GB on rank "
+        f"{result['fullest_rank']}; step {result['step_s']:.1f} s, "
+        f"{result['gpu_hours_per_trillion_tokens'] / 1e3:.0f}K GPU-hours per 10^12 tokens at MFU {result['mfu']:.1%}"
+        + ("" if result["fits"] else " — " + "; ".join(result["explanation"][1:]))
+    )
+
+
+def plan_explorer(preset: str = "671B", gpu: str = "H800", recipe: str = "paper"):
+    """Sliders for GPUs, PP, EP, ZeRO, micro-batch and sequence length; redraws :func:`plot_plan_memory` for that
+    layout beside the paper's (PP16 DualPipe, EP64, ZeRO-1 on 2048 GPUs) and a summary line, or the error of an
+    impossible layout. Returns the widget."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    cfg = ModelConfig.preset(preset)
+    reference = plan(cfg, PAPER_TRAINING, gpu=gpu, rec=recipe) if preset == "671B" else None
+    gpus_w = w.SelectionSlider(options=[2**k for k in range(13)], value=2048, description="GPUs")
+    pp_w = w.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=16, description="PP")
+    ep_w = w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=64, description="EP")
+    zero_w = w.IntSlider(value=1, min=0, max=3, description="ZeRO")
+    mb_w = w.SelectionSlider(options=[1, 2, 4, 8], value=1, description="micro-batch")
+    seq_w = w.SelectionSlider(options=[1024, 2048, 4096, 8192, 16384, 32768], value=4096, description="sequence")
+    summary = w.HTML()
+    out = w.Output()
+
+    def update(*_):
+        layout = Layout(
+            gpus=gpus_w.value, pp=pp_w.value, ep=ep_w.value, zero=zero_w.value, micro_batch=mb_w.value, seq=seq_w.value
+        )
+        try:
+            result = plan(cfg, layout, gpu=gpu, rec=recipe)
+        except ValueError as err:
+            summary.value = f"<code>{err}</code>"
+            return
+        summary.value = f"<code>{plan_summary(result)}</code>"
+        plans = {"this layout": result} | ({"paper's layout": reference} if reference else {})
+        fig = plot_plan_memory(plan_table(plans))
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    for widget in (gpus_w, pp_w, ep_w, zero_w, mb_w, seq_w):
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([gpus_w, pp_w, ep_w]), w.HBox([zero_w, mb_w, seq_w]), summary, out])
