@@ -6,7 +6,6 @@ and nothing outside the target is ever written, read or deleted.
   new one, never a mixture. :func:`atomic_write_text` and :func:`atomic_write_json` are the common cases.
 * :func:`atomic_folder` — the same for a folder (checkpoints): fill a hidden temporary folder, then publish it with
   :func:`publish`, which replaces an existing target only after the new folder is complete.
-
 * :func:`member` — a file named inside a folder (a shard named by an index) must stay inside it: no absolute path,
   no ``..``, no symlink out.
 * :func:`check_replaceable` — the one guard before a folder is replaced (``--overwrite``): only a folder that holds
@@ -31,9 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-try:  # POSIX advisory locks; Windows has no fcntl and falls back to the lock file's pid
+try:  # POSIX advisory locks (Linux, macOS)
     import fcntl
-except ImportError:  # pragma: no cover - not on the Linux machines this project runs on
+except ImportError:  # pragma: no cover - Windows: RunLock then only records the pid and cannot refuse a second run
     fcntl = None
 
 TMP_MARK = ".tmp-"
