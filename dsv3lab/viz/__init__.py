@@ -15,6 +15,7 @@ from .architecture import (
     plot_kv_vs_rank,
     plot_params,
     plot_rope_frequencies,
+    plot_yarn,
     plot_yarn_ramp,
 )
 from .data import plot_doc_lengths, plot_fim_example, plot_packing, plot_tokens_per_domain
@@ -32,6 +33,7 @@ __all__ = [
     "plot_params",
     "plot_rope_frequencies",
     "plot_step_losses",
+    "plot_yarn",
     "plot_yarn_ramp",
     "plot_doc_lengths",
     "plot_fim_example",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -114,6 +115,18 @@ def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     ax.set_xlabel("rotary pair index i")
     ax.set_ylabel("share of the original frequency")
     ax.set_title(f"YaRN ramp: low={low}, high={high}")
+    return fig
+
+
+def plot_yarn(cfg: ModelConfig, axes=None) -> Figure:
+    """Two panels for one YaRN setting: the wavelength of every rotary pair, plain RoPE vs YaRN
+    (:func:`plot_rope_frequencies`), and the ramp γ_i between ``low`` and ``high`` (:func:`plot_yarn_ramp`).
+    ``axes``: two matplotlib axes, or None for a new figure."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), width_ratios=(3, 2), layout="constrained")
+    fig = axes[0].figure
+    plot_rope_frequencies(cfg, ax=axes[0])
+    plot_yarn_ramp(cfg, ax=axes[1])
     return fig
 
 

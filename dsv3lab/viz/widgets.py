@@ -5,16 +5,33 @@ that function first, so executed and exported notebooks keep a result even where
   the same heads (wraps :func:`dsv3lab.viz.plot_kv_vs_rank`). Notebook: 02_mla.
 * :func:`plan_explorer` — a training layout (GPUs, PP, EP, ZeRO, micro-batch, sequence) planned beside the paper's
   (wraps :func:`dsv3lab.viz.plot_plan_memory` over :func:`dsv3lab.plan.plan`). Notebook: 11_scale_to_full.
+* :func:`yarn_explorer` — YaRN's scale s and ramp bounds β (``beta_fast``) and α (``beta_slow``) against the
+  wavelength of every rotary pair (wraps :func:`dsv3lab.viz.plot_yarn`). Notebook: 01_building_blocks.
+* :func:`accumulation_explorer` — the FP8 GEMM's accumulator bits and promotion interval N_C against the error over
+  K (wraps :func:`dsv3lab.viz.fp8.plot_accumulation_vs_k`). Notebook: 07_fp8.
+
+The YaRN and accumulation explorers draw their figure into their ``Output`` by setting the output's state
+(:func:`show_figure`), not by displaying inside ``with out:``: a redraw from a slider callback then cannot escape to
+JupyterLab's log console, whatever the kernel's message routing does, and the saved widget state carries the figure.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import math
+
 import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.figure import Figure
 
 from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
+from ..fp8.accum import N_C, accumulation_sweep
+from ..model.rope import rope_frequencies, yarn_correction_range
 from ..plan import PAPER_TRAINING, Layout, plan, plan_table
-from .architecture import plot_kv_vs_rank
+from .architecture import plot_kv_vs_rank, plot_yarn
+from .fp8 import plot_accumulation_vs_k
 from .plan import plot_plan_memory
 
 RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -87,7 +104,6 @@ def plan_explorer(preset: str = "671B", gpu: str = "H800", recipe: str = "paper"
     layout beside the paper's (PP16 DualPipe, EP64, ZeRO-1 on 2048 GPUs) and a summary line, or the error of an
     impossible layout. Returns the widget."""
     import ipywidgets as w
-    from IPython.display import display
 
     cfg = ModelConfig.preset(preset)
     reference = plan(cfg, PAPER_TRAINING, gpu=gpu, rec=recipe) if preset == "671B" else None
@@ -111,13 +127,132 @@ def plan_explorer(preset: str = "671B", gpu: str = "H800", recipe: str = "paper"
             return
         summary.value = f"<code>{plan_summary(result)}</code>"
         plans = {"this layout": result} | ({"paper's layout": reference} if reference else {})
-        fig = plot_plan_memory(plan_table(plans))
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        show_figure(out, plot_plan_memory(plan_table(plans)))
 
     for widget in (gpus_w, pp_w, ep_w, zero_w, mb_w, seq_w):
         widget.observe(update, names="value")
     update()
     return w.VBox([w.HBox([gpus_w, pp_w, ep_w]), w.HBox([zero_w, mb_w, seq_w]), summary, out])
+
+
+def figure_output(fig: Figure, dpi: int = 80) -> dict:
+    """A Jupyter ``display_data`` output holding ``fig`` as PNG (what an ``Output`` widget stores)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return {
+        "output_type": "display_data",
+        "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)},
+        "metadata": {},
+    }
+
+
+def show_figure(out, fig: Figure) -> None:
+    """Replace what the ``ipywidgets.Output`` ``out`` shows by ``fig`` in one state update, and close ``fig``."""
+    try:
+        out.outputs = (figure_output(fig),)
+    finally:
+        plt.close(fig)
+
+
+YARN_FACTORS = [2, 4, 8, 16, 32, 40, 64, 80, 128]
+YARN_BETAS = [2, 4, 8, 16, 32, 64, 128]
+YARN_ALPHAS = [1, 2, 4, 8]
+
+
+def yarn_config(base: ModelConfig, s: float, beta: int, alpha: int) -> ModelConfig:
+    """``base`` with YaRN scale ``s`` (the context stretched to s × ``original_seq_len``), β = ``beta_fast`` and
+    α = ``beta_slow``. Raises ``ValueError`` (from the config) when β <= α."""
+    return base.replace(
+        rope_factor=float(s), max_seq_len=math.ceil(s * base.original_seq_len), beta_fast=beta, beta_slow=alpha
+    )
+
+
+def yarn_summary(cfg: ModelConfig) -> str:
+    """One line: the ramp [low, high] that β and α give, how many pairs keep, blend and interpolate their frequency,
+    √t = 0.1·ln s + 1 (applied as mscale² to the softmax scale) and the longest wavelength after YaRN."""
+    low, high = yarn_correction_range(cfg)
+    pairs = cfg.qk_rope_head_dim // 2
+    sqrt_t = 0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1
+    longest = 2 * math.pi / float(rope_frequencies(cfg).min())
+    return (
+        f"s={cfg.rope_factor:g}, β={cfg.beta_fast}, α={cfg.beta_slow} → ramp [{low}, {high}]: "
+        f"pairs 0–{low} keep θ_i, {max(high - low - 1, 0)} blend, {max(pairs - high, 0)} are divided by s; "
+        f"√t = {sqrt_t:.3f} (softmax scale ×{sqrt_t**2:.3f}); longest wavelength {longest:,.0f} tokens "
+        f"for a {cfg.max_seq_len:,}-token context"
+    )
+
+
+def yarn_explorer(preset: str = "671B"):
+    """Sliders for YaRN's scale s (``rope_factor``), β (``beta_fast``) and α (``beta_slow``) on ``preset``'s rotary
+    width and original context; redraws :func:`plot_yarn` and a one-line :func:`yarn_summary`. Returns the widget
+    (``.children``: [s, β, α], summary, plot)."""
+    import ipywidgets as w
+
+    base = ModelConfig.preset(preset)
+    s0 = base.rope_factor if base.yarn_enabled and base.rope_factor in YARN_FACTORS else 40
+    s_w = w.SelectionSlider(options=YARN_FACTORS, value=s0, description="s")
+    beta_w = w.SelectionSlider(options=YARN_BETAS, value=32, description="β (beta_fast)")
+    alpha_w = w.SelectionSlider(options=YARN_ALPHAS, value=1, description="α (beta_slow)")
+    summary = w.HTML()
+    out = w.Output()
+
+    def redraw(*_):
+        if beta_w.value <= alpha_w.value:
+            summary.value = f"<code>β must be larger than α (got β={beta_w.value}, α={alpha_w.value})</code>"
+            out.outputs = ()
+            return
+        cfg = yarn_config(base, s_w.value, beta_w.value, alpha_w.value)
+        summary.value = f"<code>{yarn_summary(cfg)}</code>"
+        show_figure(out, plot_yarn(cfg))
+
+    for widget in (s_w, beta_w, alpha_w):
+        widget.observe(redraw, names="value")
+    redraw()
+    return w.VBox([w.HBox([s_w, beta_w, alpha_w]), summary, out])
+
+
+ACC_BITS = list(range(10, 25))
+PROMOTION_INTERVALS = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def accumulation_summary(sweep: pd.DataFrame, metric: str = "max_rel_error") -> str:
+    """One line from an :func:`~dsv3lab.fp8.accum.accumulation_sweep` table: the error at the largest K without
+    promotion and with it."""
+    at_k = sweep[sweep["K"] == sweep["K"].max()]
+    by = at_k.groupby("promotion", sort=False)[metric].mean()
+    parts = [f"{label}: {value:.2e}" for label, value in by.items()]
+    bits = int(sweep["acc_bits"].iloc[0])
+    return f"{bits}-bit accumulator, K = {int(at_k['K'].iloc[0])}, {metric} — " + ", ".join(parts)
+
+
+def accumulation_explorer(ks=(256, 512, 1024, 2048, 4096), m: int = 8, n: int = 8, seed: int = 0):
+    """Sliders for the accumulator's bits and the promotion interval N_C, and the operands' distribution; each change
+    reruns :func:`~dsv3lab.fp8.accum.accumulation_sweep` on an m × n emulated GEMM (a fraction of a second) and
+    redraws :func:`plot_accumulation_vs_k` with an :func:`accumulation_summary` line. Returns the widget
+    (``.children``: [bits, N_C, dist], summary, plot)."""
+    import ipywidgets as w
+
+    bits_w = w.SelectionSlider(options=ACC_BITS, value=14, description="acc bits")
+    nc_w = w.SelectionSlider(options=PROMOTION_INTERVALS, value=N_C, description="N_C")
+    dist_w = w.Dropdown(options=["positive", "normal"], value="positive", description="operands")
+    summary = w.HTML()
+    out = w.Output()
+
+    def redraw(*_):
+        sweep = accumulation_sweep(
+            ks=tuple(ks),
+            m=m,
+            n=n,
+            acc_bits=bits_w.value,
+            promote_every=nc_w.value,
+            dists=(dist_w.value,),
+            seeds=(seed,),
+        )
+        summary.value = f"<code>{accumulation_summary(sweep)}</code>"
+        paper = 0.02 if bits_w.value == 14 else None  # the paper: ~2% at K = 4096 with 14 bits
+        show_figure(out, plot_accumulation_vs_k(sweep, dist=dist_w.value, paper=paper))
+
+    for widget in (bits_w, nc_w, dist_w):
+        widget.observe(redraw, names="value")
+    redraw()
+    return w.VBox([w.HBox([bits_w, nc_w, dist_w]), summary, out])
