@@ -6,12 +6,14 @@ dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
 dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
 dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
 dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
+dsv3lab pipeline SCHEDULE --pp N --micro M [--f F --b B --w W --fb FB] [--p2p T --a2a T --no-overlap] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .accounting import model_stats
@@ -288,6 +290,51 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .parallel.schedules import make_schedule
+    from .parallel.simulator import TABLE2_FORMULAS, Costs, chunk_times, simulate, table2, table2_assumptions
+
+    costs = Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, p2p=args.p2p, a2a=args.a2a, overlap=not args.no_overlap)
+    timeline = simulate(make_schedule(args.schedule, args.pp, args.micro), costs)
+    summary = timeline.summary()
+    if args.plot:
+        from .viz.pipeline import plot_gantt
+
+        plot_gantt(timeline).savefig(args.plot, dpi=110, bbox_inches="tight")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    row, formula = table2(args.schedule, args.pp, costs), TABLE2_FORMULAS[args.schedule]
+    t = chunk_times(costs)
+    broken = table2_assumptions(args.schedule, costs)
+    print(
+        f"{args.schedule}: PP = {args.pp} stages on {summary['devices']} devices, {args.micro} micro-batches; chunk "
+        f"times F = {t['F']:g}, B = {t['B']:g}, W = {t['W']:g}, F&B = {t['F&B']:g} (p2p {args.p2p:g}, a2a "
+        f"{args.a2a:g}, overlap {'off' if args.no_overlap else 'on'})"
+    )
+    verdict = "equal" if math.isclose(summary["bubble"], row["bubble"], rel_tol=1e-9, abs_tol=1e-9) else "differs"
+    print(f"makespan     {summary['makespan']:g}")
+    print(
+        f"bubble       {summary['bubble']:g} per device (largest over devices); Table 2 {formula[0]} = "
+        f"{row['bubble']:g} ({verdict})"
+    )
+    print(
+        f"activations  {summary['activation_peak']} micro-batch activations per device; "
+        f"Table 2 {formula[2]} = {row['activation']}"
+    )
+    print(f"parameters   {summary['param_copies']}x per device; Table 2 {formula[1]}")
+    if broken:
+        print("Table 2's formula is exact only when: " + "; ".join(broken) + " (not met here)")
+    print(f"{'rank':>4s} {'busy':>10s} {'bubble':>10s} {'activations':>12s} {'params':>7s}")
+    for r in summary["per_rank"]:
+        print(
+            f"{r['rank']:>4d} {r['busy']:>10g} {r['bubble']:>10g} {r['activation_peak']:>12d} {r['param_copies']:>6d}x"
+        )
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv3lab", description="DeepSeek-V3 research workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -397,6 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser(
+        "pipeline",
+        help="simulate a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV): bubble, makespan, memory vs Table 2",
+    )
+    p.add_argument("schedule", choices=["1f1b", "zb1p", "dualpipe", "dualpipev"])
+    p.add_argument("--pp", type=int, required=True, help="pipeline stages as in Table 2 (DualPipeV: on pp/2 devices)")
+    p.add_argument("--micro", type=int, required=True, help="micro-batches per optimizer step")
+    p.add_argument("--f", type=float, default=1.0, help="forward chunk time (default 1)")
+    p.add_argument("--b", type=float, default=2.0, help="full backward chunk time (default 2)")
+    p.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (default 1)")
+    p.add_argument("--fb", type=float, default=None, help="an overlapped F&B pair (default F + B)")
+    p.add_argument("--p2p", type=float, default=0.0, help="point-to-point transfer time between ranks (default 0)")
+    p.add_argument("--a2a", type=float, default=0.0, help="all-to-all time per chunk, hidden in F&B (default 0)")
+    p.add_argument("--no-overlap", action="store_true", help="F&B pairs do not hide their all-to-all")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write the Gantt chart to this file")
+    p.add_argument("--json", action="store_true", help="print bubble, makespan, activation_peak, param_copies, ...")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

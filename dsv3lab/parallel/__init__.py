@@ -4,10 +4,16 @@ pipeline and expert-parallel runtime on ``torch.distributed``, and EPLB.
 Modules, one concept each:
 
 * ``launch``   start real processes (``torch.multiprocessing`` + gloo on CPU, NCCL on GPUs) and collect results
+* ``schedules`` pipeline schedules as data (1F1B, ZB1P, DualPipe, DualPipeV) and their validity checker
+* ``simulator`` the timeline of a schedule under chunk costs: bubble, makespan, memory; Table 2 reproduced
 
 Everything here runs on a CPU with gloo; the same code runs on NCCL GPUs under ``torchrun``. Notebooks: 08, 09, 11.
 """
 
 from .launch import free_port, spawn
+from .schedules import Action, Schedule, ScheduleError, check_schedule, make_schedule, with_comms
+from .simulator import Costs, Timeline, simulate, table2
 
 __all__ = ["free_port", "spawn"]
+__all__ += ["Action", "Schedule", "ScheduleError", "check_schedule", "make_schedule", "with_comms"]
+__all__ += ["Costs", "Timeline", "simulate", "table2"]
