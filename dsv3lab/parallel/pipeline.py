@@ -1,0 +1,492 @@
+"""Pipeline parallelism executed: DeepSeek-V3 cut into stages and trained on ``torch.distributed`` (§3.2.1).
+
+**Stages.** ``split_model`` cuts the blocks into contiguous runs. The first stage also holds the embedding; the last
+holds the final norm, the output head and the MTP modules, and its output goes to :class:`PipelineLoss`. MTP module k
+needs Emb(t_{i+k}): the first stage embeds every token once and passes that embedding down the pipeline beside the
+hidden state, so the embedding stays one parameter on one rank and MTP's gradient for it flows back through the
+stages (DeepSeek-V3 places the shallowest and deepest layers on one rank for the same reason; DualPipeV does too).
+An MoE layer's balance loss is added to the gradient where it is computed: :func:`attach_aux` returns the stage's
+hidden state unchanged and, in the backward, also sends gradient 1 into the loss term (Megatron's
+``MoEAuxLossAutoScaler``), so the complementary sequence-wise loss stays correct under any schedule.
+
+**Runtimes.** :data:`RUNTIMES` maps each schedule to its engine: ``torch.distributed.pipelining`` for 1F1B, the
+interleaved zero-bubble schedule, ZBV and DualPipeV (the engine's own ``PipelineStage`` and schedule classes; a
+:class:`TimedStage` records when each chunk ran), and dsv3lab's executor (:mod:`dsv3lab.parallel.executor`) for
+DualPipe — two directions, rank r holding model stages r and PP−1−r — which torch does not have. The executor runs
+any schedule of :mod:`dsv3lab.parallel.schedules`, and its F&B pairs go through
+:func:`dsv3lab.parallel.overlap.overlapped_forward_backward`.
+
+**After the backward**, once per optimizer step: gradients divided by the micro-batch count, summed over the ranks
+holding the same stages (DualPipe's two copies) and averaged over data-parallel replicas; the selection-bias counts
+summed over the same ranks (``update_selection_bias(group=...)``, each layer's counts from every copy and replica);
+then AdamW. No gradient clipping (a per-rank clip would not equal the single-process one).
+
+:func:`sequential_step` is the single-process reference on the same micro-batches; the tests hold every loss and
+gradient equal to it. Notebook: 08_dualpipe.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+
+from ..balance import update_selection_bias
+from ..config import ModelConfig
+from ..model import IGNORE_INDEX, DeepSeekV3, MoE, build_model
+from .schedules import Action
+
+# schedule -> (engine, placement, virtual stages per rank). Placement "loop": stage v on rank v mod R;
+# "v": rank r holds stages r and 2R-1-r; "dual": rank r holds model stage r (direction 0) and PP-1-r (direction 1).
+RUNTIMES = {
+    "1f1b": ("torch", "loop", 1),
+    "interleaved_zb": ("torch", "loop", 2),
+    "zbv": ("torch", "v", 2),
+    "dualpipev": ("torch", "v", 2),
+    "dualpipe": ("dsv3lab", "dual", 2),
+    "zb1p": ("dsv3lab", "loop", 1),
+}
+TORCH_CLASSES = {
+    "1f1b": Schedule1F1B,
+    "interleaved_zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+
+
+# ---------------------------------------------------------------------------------------------- stages
+class AttachAux(torch.autograd.Function):
+    """``attach_aux(h, aux)`` is h; its backward returns h's gradient and a gradient of 1 for ``aux``."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape = aux.shape
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.aux_shape, dtype=grad.dtype, device=grad.device)
+
+
+def attach_aux(h: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    """Make the loss term ``aux`` (a scalar computed from h's graph) part of the backward through ``h``."""
+    return h if aux is None else AttachAux.apply(h, aux)
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous runs of blocks, as even as possible; the earlier stages take the extra blocks (the last stage
+    already carries the head and the MTP modules)."""
+    if n_stages < 1 or n_stages > n_layers:
+        raise ValueError(f"n_stages must be in 1..n_layers={n_layers}, got {n_stages}")
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a :class:`DeepSeekV3` (its modules are the model's own, not copies).
+
+    first stage: ``forward(tokens [b, s])`` -> ``(h, emb)``; later stages: ``forward(h, emb)``; without MTP there is
+    no ``emb``. The last stage returns ``(logits [b, s, V], mtp_logits_1 [b, s-1, V], …)`` for :class:`PipelineLoss`.
+    ``aux_log`` collects each forward's balance-loss value (the sum over this stage's MoE layers).
+    """
+
+    def __init__(self, model: DeepSeekV3, index: int, n_stages: int):
+        super().__init__()
+        cfg = model.cfg
+        self.cfg, self.index, self.n_stages = cfg, index, n_stages
+        self.is_first, self.is_last = index == 0, index == n_stages - 1
+        self.layer_ids = stage_layers(cfg.n_layers, n_stages)[index]
+        self.embed = model.embed if self.is_first else None
+        self.layers = nn.ModuleList(model.layers[i] for i in self.layer_ids)
+        self.norm = model.norm if self.is_last else None
+        self.head = model.head if self.is_last else None
+        self.mtp = model.mtp if self.is_last else nn.ModuleList()
+        self.register_buffer("rope_cos", model.rope_cos.clone(), persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
+        self.aux_log: list[float] = []
+
+    def moe_layers(self) -> list[MoE]:
+        """This stage's MoE modules in model order (main layers, then MTP blocks)."""
+        blocks = list(self.layers) + [m.block for m in self.mtp]
+        return [b.ffn for b in blocks if isinstance(b.ffn, MoE)]
+
+    def rope(self, seqlen: int):
+        return self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+
+    # the units the stage runs, in order (dsv3lab's executor runs them one by one)
+    def embed_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.embed(tokens)  # [b, s, d]
+        return (h, self.embed(tokens)) if self.cfg.n_mtp else (h,)  # the second: Emb(t) for the MTP modules
+
+    def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """Block i of this stage on h [b, s, d], its balance loss attached to the output."""
+        block = self.layers[i]
+        h = block(h, 0, *self.rope(h.shape[1]))
+        aux = block.ffn.last_aux_loss if isinstance(block.ffn, MoE) else None
+        self._aux = self._aux + float(aux.detach()) if aux is not None else self._aux
+        return attach_aux(h, aux)
+
+    def run_head(self, h: torch.Tensor, emb: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Final norm and output head, then the MTP chain (as ``DeepSeekV3.forward``): depth k at positions
+        i < s-k combines h^{k-1}_i with Emb(t_{i+k}) and predicts t_{i+k+1}."""
+        s = h.shape[1]
+        outs = [self.head(self.norm(h)).float()]  # [b, s, V]
+        h_prev = h
+        for k, module in enumerate(self.mtp, start=1):
+            if s - k <= 0:
+                break
+            h_prev = module(h_prev[:, : s - k], emb[:, k:], 0, *self.rope(s - k))  # [b, s-k, d]
+            aux = module.block.ffn.last_aux_loss if isinstance(module.block.ffn, MoE) else None
+            self._aux = self._aux + float(aux.detach()) if aux is not None else self._aux
+            h_prev = attach_aux(h_prev, aux)
+            outs.append(self.head(module.norm(h_prev)).float())  # [b, s-k, V]
+        return tuple(outs)
+
+    def begin(self) -> None:
+        self._aux = 0.0
+
+    def end(self) -> None:
+        self.aux_log.append(self._aux)
+
+    def forward(self, *inputs: torch.Tensor):
+        self.begin()
+        x = self.embed_tokens(inputs[0]) if self.is_first else inputs
+        h, emb = x[0], (x[1] if len(x) > 1 else None)
+        for i in range(len(self.layers)):
+            h = self.run_block(i, h)
+        out = self.run_head(h, emb) if self.is_last else ((h, emb) if emb is not None else (h,))
+        self.end()
+        return out if len(out) > 1 else out[0]
+
+
+def split_model(model: DeepSeekV3, n_stages: int) -> list[StageModule]:
+    """Every stage of ``model`` (sharing its parameters)."""
+    return [StageModule(model, s, n_stages) for s in range(n_stages)]
+
+
+class PipelineLoss:
+    """The loss of the last stage: main cross-entropy + λ/D · Σ_k MTP cross-entropy of one micro-batch (the balance
+    losses reach the gradient through :func:`attach_aux`). ``log`` keeps each call's terms."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.lam, self.depth = cfg.mtp_lambda, cfg.n_mtp
+        self.log: list[dict[str, float]] = []
+
+    def __call__(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+
+        def ce(logits, tgt):  # [b, s, V], [b, s]
+            return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
+
+        terms = {"main": ce(outputs[0], targets)}
+        for k, logits in enumerate(outputs[1:], start=1):
+            terms[f"mtp_{k}"] = ce(logits, targets[:, k:])  # depth k predicts t_{i+k+1} = targets[:, i+k]
+        total = terms["main"]
+        mtp = [v for k, v in terms.items() if k.startswith("mtp_")]
+        if mtp:
+            total = total + self.lam / self.depth * torch.stack(mtp).sum()
+        self.log.append({k: float(v.detach()) for k, v in terms.items()})
+        return total
+
+
+# ---------------------------------------------------------------------------------------------- layout
+@dataclass
+class Layout:
+    """Who holds what: ``stages[r]`` the model stages of pipeline rank r (virtual stage order for torch's
+    placements); ``n_stages`` model stages; ``pp`` pipeline ranks; ``dp`` data-parallel replicas."""
+
+    schedule: str
+    pp: int
+    dp: int
+    n_stages: int
+    stages: list[list[int]]
+
+    def pp_rank(self, rank: int) -> int:
+        return rank % self.pp
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.pp
+
+    def replicas(self, rank: int) -> list[int]:
+        """Global ranks holding the same model stages as ``rank``: its data-parallel replicas and, for DualPipe,
+        the mirror rank PP−1−r (which holds the same two stages) and its replicas."""
+        same = {p for p in range(self.pp) if sorted(self.stages[p]) == sorted(self.stages[self.pp_rank(rank)])}
+        return sorted(d * self.pp + p for d in range(self.dp) for p in same)
+
+
+def make_layout(schedule: str, world_size: int, dp: int = 1) -> Layout:
+    if schedule not in RUNTIMES:
+        raise ValueError(f"schedule must be one of {', '.join(RUNTIMES)}, got {schedule!r}")
+    if dp < 1 or world_size % dp:
+        raise ValueError(f"dp must divide the world size {world_size}, got {dp}")
+    pp = world_size // dp
+    _, placement, per_rank = RUNTIMES[schedule]
+    if placement == "dual" and pp % 2:
+        raise ValueError(f"dualpipe needs an even number of pipeline ranks, got {pp}")
+    n = pp * per_rank if placement != "dual" else pp
+    if placement == "loop":
+        stages = [[r + k * pp for k in range(per_rank)] for r in range(pp)]
+    elif placement == "v":
+        stages = [[r, n - 1 - r] for r in range(pp)]
+    else:
+        stages = [[r, pp - 1 - r] for r in range(pp)]
+    return Layout(schedule, pp, dp, n, stages)
+
+
+def groups_for(layout: Layout, rank: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(pipeline group, replica group) of ``rank``. Every rank creates every group, in the same order."""
+    pp_group = replica_group = None
+    for d in range(layout.dp):
+        g = dist.new_group([d * layout.pp + p for p in range(layout.pp)])
+        if layout.dp_rank(rank) == d:
+            pp_group = g
+    seen = []
+    for r in range(layout.pp * layout.dp):
+        members = layout.replicas(r)
+        if members in seen:
+            continue
+        seen.append(members)
+        g = dist.new_group(members)
+        if rank in members:
+            replica_group = g
+    return pp_group, replica_group
+
+
+# ---------------------------------------------------------------------------------------------- torch's engine
+class TimedStage(PipelineStage):
+    """torch's ``PipelineStage`` that records, for every chunk it runs, (action, start, end) in ``events`` (actions
+    F, B, W, BW as in :mod:`dsv3lab.parallel.schedules`; perf_counter seconds)."""
+
+    def __init__(self, *args, events: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
+        t0 = time.perf_counter()
+        out = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+        self.events.append((Action("F", self.stage_index, fwd_chunk_id), t0, time.perf_counter()))
+        return out
+
+    def backward_one_chunk(self, bwd_chunk_id, loss=None, full_backward=True, last_backward=False):
+        t0 = time.perf_counter()
+        super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
+        kind = "BW" if full_backward else "B"
+        self.events.append((Action(kind, self.stage_index, bwd_chunk_id), t0, time.perf_counter()))
+
+    def backward_weight_one_chunk(self, bwd_chunk_id, last_backward=False):
+        t0 = time.perf_counter()
+        super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+        self.events.append((Action("W", self.stage_index, bwd_chunk_id), t0, time.perf_counter()))
+
+
+def stage_shapes(cfg: ModelConfig, stage: StageModule, micro_batch: int, seq_len: int):
+    """Static input and output shapes of a stage (meta tensors), so torch's stage needs no shape inference — which
+    would run the stage once on an uninitialised tensor and add its routing to the MoE token counts."""
+    d, v = cfg.dim, cfg.vocab_size
+    # requires_grad marks the activations torch must receive as leaves with gradients
+    hidden = [torch.empty(micro_batch, seq_len, d, device="meta", requires_grad=True)] * (2 if cfg.n_mtp else 1)
+    inputs = (torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta"),) if stage.is_first else tuple(hidden)
+    if stage.is_last:
+        outs = [torch.empty(micro_batch, seq_len, v, device="meta", requires_grad=True)]
+        outs += [
+            torch.empty(micro_batch, seq_len - k, v, device="meta", requires_grad=True) for k in range(1, cfg.n_mtp + 1)
+        ]
+        outputs = tuple(outs)
+    else:
+        outputs = tuple(hidden)
+    return inputs, (outputs if len(outputs) > 1 else outputs[0])
+
+
+# ---------------------------------------------------------------------------------------------- one training run
+@dataclass
+class PipelineSpec:
+    """One pipelined training run: ``schedule`` (a key of :data:`RUNTIMES`), model ``preset`` and ``overrides``,
+    ``n_micro`` micro-batches of ``micro_batch`` sequences of ``seq_len`` tokens per replica and step, ``dp``
+    data-parallel replicas, AdamW ``lr``, selection-bias speed ``gamma``, ``steps`` optimizer steps."""
+
+    schedule: str = "dualpipev"
+    preset: str = "tiny"
+    overrides: dict = field(default_factory=dict)
+    n_micro: int = 4
+    micro_batch: int = 2
+    seq_len: int = 16
+    steps: int = 1
+    dp: int = 1
+    lr: float = 1e-3
+    gamma: float = 1e-3
+    seed: int = 0
+    overlap: bool = True
+    return_grads: bool = False
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.preset(self.preset, **self.overrides)
+
+
+def global_batch(spec: PipelineSpec, cfg: ModelConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's tokens and targets for all replicas: [dp · n_micro · micro_batch, seq_len] each (seeded)."""
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+    rows = torch.randint(0, cfg.vocab_size, (spec.dp * spec.n_micro * spec.micro_batch, spec.seq_len + 1), generator=g)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def finish_step(stages: list[StageModule], n_micro: int, dp: int, gamma: float, group) -> torch.Tensor:
+    """Gradients: / n_micro, summed over ``group`` (copies and replicas), / dp. Then the bias update from the
+    counts summed over ``group``. Returns the counts [layers, E]."""
+    stages = sorted(stages, key=lambda s: s.index)  # the same order on every rank of the group
+    for p in unique_params(stages):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad /= n_micro
+        if dist.is_initialized():
+            dist.all_reduce(p.grad, group=group)
+        p.grad /= dp
+    moes = [m for s in stages for m in s.moe_layers()]
+    return update_selection_bias(moes, gamma, group=group if dist.is_initialized() else None)
+
+
+def unique_params(stages: list[StageModule]) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for s in stages:
+        for p in s.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
+    """Run ``spec`` as ``rank`` of ``world_size`` (``torch.distributed`` already initialised: by
+    :func:`dsv3lab.parallel.spawn` or torchrun). Returns what this rank measured: per-step losses of the micro-batches
+    whose loss it computed, balance-loss parts per stage, chunk events, and (``return_grads``) the last step's
+    gradients and the updated selection biases, by model parameter name."""
+    from .executor import ScheduleExecutor  # dsv3lab's own engine (imports this module's stages)
+
+    cfg = spec.model_config()
+    layout = make_layout(spec.schedule, world_size, spec.dp)
+    model = build_model(cfg, seed=spec.seed)  # the same weights on every rank; each keeps its stages
+    model.train()
+    all_stages = split_model(model, layout.n_stages)
+    pp_rank, dp_rank = layout.pp_rank(rank), layout.dp_rank(rank)
+    mine = [all_stages[s] for s in layout.stages[pp_rank]]
+    pp_group, replica_group = groups_for(layout, rank)
+    optimizer = torch.optim.AdamW(unique_params(mine), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    engine, placement, _ = RUNTIMES[spec.schedule]
+    loss_fn = PipelineLoss(cfg)
+    events: list = []
+    if engine == "torch":
+        pstages = []
+        for s in mine:
+            inputs, outputs = stage_shapes(cfg, s, spec.micro_batch, spec.seq_len)
+            pstages.append(
+                TimedStage(
+                    s, s.index, layout.n_stages, torch.device("cpu"), inputs, outputs, group=pp_group, events=events
+                )
+            )
+        cls = TORCH_CLASSES[spec.schedule]
+        runner = cls(pstages if len(pstages) > 1 else pstages[0], spec.n_micro, loss_fn=loss_fn, scale_grads=False)
+    else:
+        runner = ScheduleExecutor(spec.schedule, layout, mine, pp_rank, pp_group, loss_fn, spec.n_micro, spec.overlap)
+    names = {id(p): n for n, p in model.named_parameters()}
+    record: dict = {"rank": rank, "pp_rank": pp_rank, "stages": layout.stages[pp_rank], "steps": []}
+    for step in range(spec.steps):
+        tokens, targets = global_batch(spec, cfg, step)
+        share = slice(dp_rank * spec.n_micro * spec.micro_batch, (dp_rank + 1) * spec.n_micro * spec.micro_batch)
+        tokens, targets = tokens[share], targets[share]
+        for s in mine:
+            s.aux_log.clear()
+        loss_fn.log.clear()
+        events.clear()
+        dist.barrier(group=pp_group)
+        t0 = time.perf_counter()
+        if engine == "torch":
+            first = any(s.is_first for s in mine)
+            last = any(s.is_last for s in mine)
+            runner.step(*((tokens,) if first else ()), **({"target": targets, "losses": []} if last else {}))
+        else:
+            events.extend(runner.step(tokens, targets))
+        t1 = time.perf_counter()
+        counts = finish_step(mine, spec.n_micro, spec.dp, spec.gamma, replica_group)
+        grads = {names[id(p)]: p.grad.clone() for p in unique_params(mine)} if spec.return_grads else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record["steps"].append(
+            {
+                "losses": list(loss_fn.log),
+                "loss_mbs": runner.loss_micro_batches() if engine != "torch" else list(range(len(loss_fn.log))),
+                "aux": {s.index: list(s.aux_log) for s in mine},
+                "aux_mbs": runner.aux_micro_batches() if engine != "torch" else None,
+                "events": [(a, start - t0, end - t0) for a, start, end in events],
+                "seconds": t1 - t0,
+                "counts": counts,
+                "grads": grads,
+            }
+        )
+    if spec.return_grads:
+        record["bias"] = {n: b for n, b in model.named_buffers() if n.endswith("gate.bias") and _held(n, model, mine)}
+    return _portable(record)
+
+
+def _portable(x):
+    """Tensors as NumPy arrays: results cross the process boundary by value (torch would share them through file
+    descriptors that close with the worker)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().copy()
+    if isinstance(x, dict):
+        return {k: _portable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not isinstance(x, Action):
+        return type(x)(_portable(v) for v in x)
+    return x
+
+
+def _held(buffer_name: str, model: DeepSeekV3, stages: list[StageModule]) -> bool:
+    module = model.get_submodule(buffer_name.rsplit(".gate.bias", 1)[0])
+    return any(module is m for s in stages for m in s.moe_layers())
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+def sequential_step(model: DeepSeekV3, tokens: torch.Tensor, targets: torch.Tensor, n_micro: int, gamma: float):
+    """DeepSeek's ``ref_step``: one process, the same micro-batches in order, each loss / n_micro backpropagated,
+    then the bias update. Returns (per-micro-batch loss dicts, gradients by name, counts)."""
+    losses = []
+    for tok, tgt in zip(tokens.chunk(n_micro), targets.chunk(n_micro)):
+        _, parts = model(tok, tgt)
+        (parts["total"] / n_micro).backward()
+        losses.append({k: float(v.detach()) for k, v in parts.items()})
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    counts = update_selection_bias(model.moe_layers(), gamma)
+    return losses, grads, counts
+
+
+def reference_run(spec: PipelineSpec) -> dict:
+    """:func:`sequential_step` for every step of ``spec`` (all replicas' micro-batches in one process, with the same
+    AdamW), for comparison with :func:`pipeline_worker`. Returns per-step losses and gradients and the final
+    biases."""
+    cfg = spec.model_config()
+    model = build_model(cfg, seed=spec.seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    steps = []
+    for step in range(spec.steps):
+        tokens, targets = global_batch(spec, cfg, step)
+        losses, grads, counts = sequential_step(model, tokens, targets, spec.dp * spec.n_micro, spec.gamma)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps.append({"losses": losses, "grads": grads, "counts": counts})
+    bias = {n: b.clone() for n, b in model.named_buffers() if n.endswith("gate.bias")}
+    return {"steps": steps, "bias": bias, "spec": asdict(spec)}
