@@ -27,6 +27,7 @@ gradient equal to it. Notebook: 08_dualpipe.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -333,6 +334,7 @@ class PipelineSpec:
     seed: int = 0
     overlap: bool = True
     return_grads: bool = False
+    measure_p2p: bool = False
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.preset(self.preset, **self.overrides)
@@ -404,6 +406,9 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
         runner = ScheduleExecutor(spec.schedule, layout, mine, pp_rank, pp_group, loss_fn, spec.n_micro, spec.overlap)
     names = {id(p): n for n, p in model.named_parameters()}
     record: dict = {"rank": rank, "pp_rank": pp_rank, "stages": layout.stages[pp_rank], "steps": []}
+    if spec.measure_p2p:
+        shape = (spec.micro_batch, spec.seq_len, cfg.dim)
+        record["p2p_seconds"] = measure_p2p(pp_group, shape, 2 if cfg.n_mtp else 1)
     for step in range(spec.steps):
         tokens, targets = global_batch(spec, cfg, step)
         share = slice(dp_rank * spec.n_micro * spec.micro_batch, (dp_rank + 1) * spec.n_micro * spec.micro_batch)
@@ -452,6 +457,73 @@ def _portable(x):
     if isinstance(x, (list, tuple)) and not isinstance(x, Action):
         return type(x)(_portable(v) for v in x)
     return x
+
+
+def pipeline_worker_many(rank: int, world_size: int, specs: list[PipelineSpec]) -> list[dict]:
+    """:func:`pipeline_worker` for several runs in one set of processes (process start-up dominates small runs)."""
+    return [pipeline_worker(rank, world_size, spec) for spec in specs]
+
+
+def measure_p2p(group, shape: tuple[int, ...], n_tensors: int, repeats: int = 20) -> float:
+    """One-way time of sending one micro-batch's activations ``n_tensors`` × ``shape`` (fp32) between pipeline
+    ranks 0 and 1 of ``group``: the median of ``repeats`` round trips, halved. Every rank of the group calls it."""
+    rank = dist.get_rank(group)
+    times = []
+    bufs = [torch.zeros(shape) for _ in range(n_tensors)]
+    peer = dist.get_global_rank(group, 1 - rank) if rank < 2 and dist.get_world_size(group) > 1 else None
+    for _ in range(repeats + 1):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        if peer is not None:
+            for b in bufs:
+                if rank == 0:
+                    dist.send(b, peer, group=group)
+                else:
+                    dist.recv(b, peer, group=group)
+            for b in bufs:
+                if rank == 0:
+                    dist.recv(b, peer, group=group)
+                else:
+                    dist.send(b, peer, group=group)
+        times.append((time.perf_counter() - t0) / 2)
+    times = sorted(times[1:])  # the first round trip sets up the connection
+    return times[len(times) // 2]
+
+
+def executed_vs_simulated(records: list[dict], spec: PipelineSpec, skip_first: bool = True) -> list[dict]:
+    """Per step and rank of a measured run (``records``: :func:`pipeline_worker` results of every rank, one
+    replica): measured busy and idle time against the simulator's prediction for the same schedule as executed,
+    with the same measured chunk times (per model stage) and the measured point-to-point time. Returns rows
+    (schedule, step, rank, source, busy_s, idle_s, makespan_s)."""
+    from .schedules import make_schedule
+    from .simulator import costs_from_timeline, measured_timeline, simulate
+
+    if spec.dp != 1:
+        raise ValueError("executed_vs_simulated compares one pipeline replica: run it with dp=1")
+    layout = make_layout(spec.schedule, len(records), 1)
+    placement = make_schedule(spec.schedule, layout.n_stages, spec.n_micro)
+    p2p = records[0].get("p2p_seconds", 0.0)
+    rows = []
+    first = 1 if skip_first and spec.steps > 1 else 0
+    for step in range(first, spec.steps):
+        events = [records[r]["steps"][step]["events"] for r in range(len(records))]
+        measured = measured_timeline(placement, events, spec.schedule)
+        costs = costs_from_timeline(measured)
+        predicted = simulate(measured.schedule, dataclasses.replace(costs, p2p=p2p))
+        for source, t in (("measured", measured), ("simulated", predicted)):
+            for r in range(len(records)):
+                rows.append(
+                    {
+                        "schedule": spec.schedule,
+                        "step": step,
+                        "rank": r,
+                        "source": source,
+                        "busy_s": float(t.busy[r]),
+                        "idle_s": float(t.bubble[r]),
+                        "makespan_s": float(t.makespan),
+                    }
+                )
+    return rows
 
 
 def _held(buffer_name: str, model: DeepSeekV3, stages: list[StageModule]) -> bool:

@@ -39,7 +39,8 @@ Number = float | int
 class Costs:
     """Chunk costs. ``f``, ``b`` (full backward), ``w`` may be one number or one per model stage; ``fb`` is the
     duration of an overlapped F&B pair (default: see the module docstring); ``p2p`` a transfer between two ranks;
-    ``a2a`` the all-to-all time of one chunk, which an overlapped pair can hide (``overlap``)."""
+    ``a2a`` the all-to-all time of one chunk, which an overlapped pair can hide (``overlap``); ``bi`` the input-
+    gradient part when it is not b − w (measured runs: a split backward costs more than a fused one)."""
 
     f: Number | Sequence[Number] = 1
     b: Number | Sequence[Number] = 2
@@ -48,15 +49,18 @@ class Costs:
     p2p: Number = 0
     a2a: Number = 0
     overlap: bool = True
+    bi: Number | Sequence[Number] | None = None  # the input-gradient part B alone (default b - w)
 
     def __post_init__(self):
-        for name in ("f", "b", "w"):
+        for name in ("f", "b", "w", "bi"):
             values = getattr(self, name)
+            if values is None:
+                continue
             values = values if isinstance(values, Sequence) else [values]
             if any(v < 0 for v in values):
                 raise ValueError(f"cost {name} must be >= 0, got {getattr(self, name)!r}")
         for s, (b, w) in enumerate(zip(self._list(self.b, 1), self._list(self.w, 1))):
-            if w > b:
+            if w > b and self.bi is None:  # the input part b - w would be negative
                 raise ValueError(f"cost w ({w}) must not exceed the full backward b ({b}) (stage {s})")
         for name in ("fb", "p2p", "a2a"):
             v = getattr(self, name)
@@ -83,7 +87,8 @@ class Costs:
         def one(p: Action) -> float:
             s = model_stage[p.stage]
             f, b, w = (self.per_stage(n, s) for n in ("f", "b", "w"))
-            return {"F": f + self.a2a, "BW": b + self.a2a, "B": b - w + self.a2a, "W": w}[p.kind]
+            bi = b - w if self.bi is None else self.per_stage("bi", s)
+            return {"F": f + self.a2a, "BW": b + self.a2a, "B": bi + self.a2a, "W": w}[p.kind]
 
         if action.kind != "FB":
             return one(action)
@@ -277,3 +282,55 @@ def sweep_micro_batches(names, pp: int, micro_batches, costs: Costs | None = Non
                 }
             )
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- executed runs
+def measured_timeline(placement: Schedule, events_by_rank, name: str | None = None) -> Timeline:
+    """The :class:`Timeline` of an executed step: ``events_by_rank[r]`` holds (action, start, end) of rank r, times
+    from one common origin (a barrier). The schedule is what each rank ran, in the order it ran it, on the stages
+    of ``placement``; busy time is the sum of the chunks' durations and bubble the rest of the makespan."""
+    actions = [[a for a, _, _ in sorted(evs, key=lambda e: e[1])] for evs in events_by_rank]
+    s = Schedule(
+        name or placement.name,
+        actions,
+        placement.stage_rank,
+        placement.model_stage,
+        placement.chains,
+        placement.mb_chain,
+        placement.pp,
+        {"measured": True},
+    )
+    events = [(r, a, start, end) for r, evs in enumerate(events_by_rank) for a, start, end in evs]
+    makespan = max(end for *_, end in events)
+    busy = [sum(end - start for rr, _, start, end in events if rr == r) for r in range(s.n_ranks)]
+    memory, peaks = _activations(s, events)
+    copies = [len(s.stages_of(r)) for r in range(s.n_ranks)]
+    return Timeline(s, Costs(), events, makespan, busy, [makespan - b for b in busy], peaks, copies, memory)
+
+
+def costs_from_timeline(timeline: Timeline) -> Costs:
+    """Per-model-stage mean durations of a measured timeline's chunks as :class:`Costs`: f from the F's, b from the
+    full backwards (or B + W where the backward was split), w from the W's (0 where there are none), bi from the B's,
+    fb the mean overlapped pair (its two parts are not timed apart)."""
+    s = timeline.schedule
+    sums: dict[tuple[str, int], list[float]] = {}
+    for _, a, start, end in timeline.events:
+        if a.kind != "FB":
+            sums.setdefault((a.kind, s.model_stage[a.stage]), []).append(end - start)
+
+    def mean(kind, stage):
+        v = sums.get((kind, stage))
+        return sum(v) / len(v) if v else None
+
+    pairs = [end - start for _, a, start, end in timeline.events if a.kind == "FB"]
+    n = max(s.model_stage) + 1
+    f, b, w, bi = [], [], [], []
+    for st in range(n):
+        fw, full, wg, inp = (mean(k, st) for k in ("F", "BW", "W", "B"))
+        wg = wg if wg is not None else 0.0
+        full = full if full is not None else (inp or 0.0) + wg
+        f.append(fw or 0.0)
+        b.append(full)
+        w.append(wg)
+        bi.append(inp if inp is not None else full - wg)
+    return Costs(f=f, b=b, w=w, bi=bi, fb=sum(pairs) / len(pairs) if pairs else None)
