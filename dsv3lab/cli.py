@@ -7,6 +7,7 @@ dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sa
 dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
 dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
 dsv3lab pipeline SCHEDULE --pp N --micro M [--f F --b B --w W --fb FB] [--p2p T --a2a T --no-overlap] [--json]
+dsv3lab pipeline SCHEDULE --pp N --micro M --execute [--preset P] [--steps S] [--out FILE]   (also under torchrun)
 """
 
 from __future__ import annotations
@@ -291,8 +292,13 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from .parallel.schedules import make_schedule
+    from .parallel.schedules import SCHEDULES, make_schedule
     from .parallel.simulator import TABLE2_FORMULAS, Costs, chunk_times, simulate, table2, table2_assumptions
+
+    if args.execute:
+        return _pipeline_execute(args)
+    if args.schedule not in SCHEDULES:
+        raise ValueError(f"the simulator knows {', '.join(SCHEDULES)}; {args.schedule} runs with --execute only")
 
     costs = Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, p2p=args.p2p, a2a=args.a2a, overlap=not args.no_overlap)
     timeline = simulate(make_schedule(args.schedule, args.pp, args.micro), costs)
@@ -332,6 +338,68 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         )
     if args.plot:
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _pipeline_execute(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .parallel.pipeline import (
+        RUNTIMES,
+        PipelineSpec,
+        devices_for,
+        executed_vs_simulated,
+        records_to_json,
+        run_pipeline,
+    )
+
+    if args.json:
+        raise ValueError("--json prints the simulation; with --execute write the measured run with --out FILE")
+    base = ModelConfig.preset(args.preset).to_dict()
+    changed = ModelConfig.preset(args.preset).with_overrides(args.set).to_dict()
+    overrides = {k: v for k, v in changed.items() if base.get(k) != v}
+    spec = PipelineSpec(
+        schedule=args.schedule,
+        preset=args.preset,
+        overrides=overrides,
+        n_micro=args.micro,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        measure_p2p=True,
+        device=args.device,
+    )
+    spec.model_config()  # validate before any process starts
+    world = devices_for(args.schedule, args.pp)
+    records = run_pipeline(spec, world)
+    if records is None:  # a torchrun rank other than 0
+        return 0
+    engine = "torch.distributed.pipelining" if RUNTIMES[args.schedule][0] == "torch" else "dsv3lab's executor"
+    cfg = spec.model_config()
+    print(
+        f"executed {args.schedule}: PP = {args.pp} stages on {world} processes ({engine}, "
+        f"{'nccl' if args.device == 'cuda' else 'gloo'}), {args.micro} micro-batches of {args.micro_batch} x "
+        f"{args.seq_len} tokens, {args.preset} preset ({cfg.n_layers} layers, MTP D = {cfg.n_mtp}), {args.steps} steps"
+    )
+    for step in range(spec.steps):
+        losses = [t["main"] for r in records for t in r["steps"][step]["losses"]]
+        seconds = max(r["steps"][step]["seconds"] for r in records)
+        print(
+            f"step {step}: main loss {sum(losses) / len(losses):.4f} over {len(losses)} micro-batches, {seconds:.3f} s"
+        )
+    rows = pd.DataFrame(executed_vs_simulated(records, spec))
+    table = rows.groupby(["rank", "source"])[["busy_s", "idle_s", "makespan_s"]].mean().unstack("source")
+    first = 1 if spec.steps > 1 else 0
+    print(
+        f"busy and idle seconds per rank, mean over steps {first}..{spec.steps - 1}: measured, and simulated for the "
+        f"same order with the measured chunk times and p2p {records[0].get('p2p_seconds', 0.0) * 1e3:.2f} ms"
+    )
+    print(table.round(4).to_string())
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(records_to_json(spec, records), indent=1))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -449,7 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline",
         help="simulate a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV): bubble, makespan, memory vs Table 2",
     )
-    p.add_argument("schedule", choices=["1f1b", "zb1p", "dualpipe", "dualpipev"])
+    p.add_argument(
+        "schedule",
+        choices=["1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved_zb", "zbv"],
+        help="the last two with --execute only",
+    )
     p.add_argument("--pp", type=int, required=True, help="pipeline stages as in Table 2 (DualPipeV: on pp/2 devices)")
     p.add_argument("--micro", type=int, required=True, help="micro-batches per optimizer step")
     p.add_argument("--f", type=float, default=1.0, help="forward chunk time (default 1)")
@@ -461,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlap", action="store_true", help="F&B pairs do not hide their all-to-all")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the Gantt chart to this file")
     p.add_argument("--json", action="store_true", help="print bubble, makespan, activation_peak, param_copies, ...")
+    p.add_argument(
+        "--execute",
+        action="store_true",
+        help="train on real processes instead (spawned, or this rank under torchrun) and compare with the simulator",
+    )
+    p.add_argument("--preset", default="tiny", help="--execute: model preset (default tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--execute: a ModelConfig field")
+    p.add_argument("--steps", type=int, default=3, help="--execute: optimizer steps (default 3)")
+    p.add_argument("--micro-batch", type=int, default=2, help="--execute: sequences per micro-batch (default 2)")
+    p.add_argument("--seq-len", type=int, default=32, help="--execute: tokens per sequence (default 32)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--execute: cpu (gloo) or cuda (NCCL)")
+    p.add_argument("--out", default=None, metavar="JSON", help="--execute: write the measured run (events) here")
     p.set_defaults(func=cmd_pipeline)
     return parser
 

@@ -28,8 +28,6 @@ import torch.distributed as dist
 from .overlap import BlockBackward, BlockChunk, BlockForward, Part, backward_weight, supports_parts
 from .schedules import Action, check_schedule, make_schedule, with_comms
 
-_ONE = torch.ones(())
-
 
 def _params(*modules) -> list:
     return [p for m in modules if m is not None for p in m.parameters()]
@@ -110,7 +108,7 @@ class StageRunner:
                 continue
             run = unit.backward_full if weights else unit.backward_input
             if unit.name == "head":
-                got = run([_ONE])  # d loss / d loss
+                got = run([torch.ones((), device=unit.outputs[0].device)])  # d loss / d loss
                 g_h = got[0]
                 if chunk.with_emb:
                     g_emb = got[1] if g_emb is None else g_emb + got[1]
@@ -188,7 +186,7 @@ class ScheduleExecutor:
             if a.kind in ("RECV_F", "RECV_B"):
                 prev, nxt = s.neighbours(a.stage, a.mb)
                 producer, kind = (prev, 0) if a.kind == "RECV_F" else (nxt, 1)
-                bufs = [torch.empty(mb_shape) for _ in range(n_tensors)]
+                bufs = [torch.empty(mb_shape, device=tokens.device) for _ in range(n_tensors)]
                 works = [
                     dist.irecv(b, src=self._peer(a.peer), group=self.group, tag=self._tag(kind, producer, a.mb, i))
                     for i, b in enumerate(bufs)

@@ -46,7 +46,7 @@ from torch.distributed.pipelining import (
 from ..balance import update_selection_bias
 from ..config import ModelConfig
 from ..model import IGNORE_INDEX, DeepSeekV3, MoE, build_model
-from .schedules import Action
+from .schedules import Action, Schedule
 
 # schedule -> (engine, placement, virtual stages per rank). Placement "loop": stage v on rank v mod R;
 # "v": rank r holds stages r and 2R-1-r; "dual": rank r holds model stage r (direction 0) and PP-1-r (direction 1).
@@ -335,6 +335,7 @@ class PipelineSpec:
     overlap: bool = True
     return_grads: bool = False
     measure_p2p: bool = False
+    device: str = "cpu"  # "cuda": this rank's GPU (NCCL); the same code otherwise
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.preset(self.preset, **self.overrides)
@@ -381,7 +382,8 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
 
     cfg = spec.model_config()
     layout = make_layout(spec.schedule, world_size, spec.dp)
-    model = build_model(cfg, seed=spec.seed)  # the same weights on every rank; each keeps its stages
+    device = _device(spec)
+    model = build_model(cfg, device=device, seed=spec.seed)  # the same weights on every rank; each keeps its stages
     model.train()
     all_stages = split_model(model, layout.n_stages)
     pp_rank, dp_rank = layout.pp_rank(rank), layout.dp_rank(rank)
@@ -396,9 +398,7 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
         for s in mine:
             inputs, outputs = stage_shapes(cfg, s, spec.micro_batch, spec.seq_len)
             pstages.append(
-                TimedStage(
-                    s, s.index, layout.n_stages, torch.device("cpu"), inputs, outputs, group=pp_group, events=events
-                )
+                TimedStage(s, s.index, layout.n_stages, device, inputs, outputs, group=pp_group, events=events)
             )
         cls = TORCH_CLASSES[spec.schedule]
         runner = cls(pstages if len(pstages) > 1 else pstages[0], spec.n_micro, loss_fn=loss_fn, scale_grads=False)
@@ -408,9 +408,9 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
     record: dict = {"rank": rank, "pp_rank": pp_rank, "stages": layout.stages[pp_rank], "steps": []}
     if spec.measure_p2p:
         shape = (spec.micro_batch, spec.seq_len, cfg.dim)
-        record["p2p_seconds"] = measure_p2p(pp_group, shape, 2 if cfg.n_mtp else 1)
+        record["p2p_seconds"] = measure_p2p(pp_group, shape, 2 if cfg.n_mtp else 1, device=device)
     for step in range(spec.steps):
-        tokens, targets = global_batch(spec, cfg, step)
+        tokens, targets = (t.to(device) for t in global_batch(spec, cfg, step))
         share = slice(dp_rank * spec.n_micro * spec.micro_batch, (dp_rank + 1) * spec.n_micro * spec.micro_batch)
         tokens, targets = tokens[share], targets[share]
         for s in mine:
@@ -459,17 +459,25 @@ def _portable(x):
     return x
 
 
+def _device(spec: PipelineSpec) -> torch.device:
+    if spec.device == "cpu":
+        return torch.device("cpu")
+    if spec.device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {spec.device!r}")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def pipeline_worker_many(rank: int, world_size: int, specs: list[PipelineSpec]) -> list[dict]:
     """:func:`pipeline_worker` for several runs in one set of processes (process start-up dominates small runs)."""
     return [pipeline_worker(rank, world_size, spec) for spec in specs]
 
 
-def measure_p2p(group, shape: tuple[int, ...], n_tensors: int, repeats: int = 20) -> float:
+def measure_p2p(group, shape: tuple[int, ...], n_tensors: int, repeats: int = 20, device=None) -> float:
     """One-way time of sending one micro-batch's activations ``n_tensors`` × ``shape`` (fp32) between pipeline
     ranks 0 and 1 of ``group``: the median of ``repeats`` round trips, halved. Every rank of the group calls it."""
     rank = dist.get_rank(group)
     times = []
-    bufs = [torch.zeros(shape) for _ in range(n_tensors)]
+    bufs = [torch.zeros(shape, device=device) for _ in range(n_tensors)]
     peer = dist.get_global_rank(group, 1 - rank) if rank < 2 and dist.get_world_size(group) > 1 else None
     for _ in range(repeats + 1):
         dist.barrier(group=group)
@@ -490,18 +498,35 @@ def measure_p2p(group, shape: tuple[int, ...], n_tensors: int, repeats: int = 20
     return times[len(times) // 2]
 
 
+def placement_of(layout: Layout, n_micro: int) -> Schedule:
+    """The stages-to-ranks placement of a layout as a :class:`Schedule` without actions (what a measured timeline
+    needs): one chain through the stages, or DualPipe's two."""
+    from .schedules import dualpipe
+
+    if RUNTIMES[layout.schedule][1] == "dual":
+        s = dualpipe(layout.pp, n_micro)
+        return Schedule(layout.schedule, [[] for _ in range(layout.pp)], *_placement_fields(s))
+    n = layout.n_stages
+    stage_rank = [next(r for r in range(layout.pp) if v in layout.stages[r]) for v in range(n)]
+    return Schedule(
+        layout.schedule, [[] for _ in range(layout.pp)], stage_rank, list(range(n)), [list(range(n))], [0] * n_micro, n
+    )
+
+
+def _placement_fields(s) -> tuple:
+    return s.stage_rank, s.model_stage, s.chains, s.mb_chain, s.pp
+
+
 def executed_vs_simulated(records: list[dict], spec: PipelineSpec, skip_first: bool = True) -> list[dict]:
     """Per step and rank of a measured run (``records``: :func:`pipeline_worker` results of every rank, one
     replica): measured busy and idle time against the simulator's prediction for the same schedule as executed,
     with the same measured chunk times (per model stage) and the measured point-to-point time. Returns rows
     (schedule, step, rank, source, busy_s, idle_s, makespan_s)."""
-    from .schedules import make_schedule
     from .simulator import costs_from_timeline, measured_timeline, simulate
 
     if spec.dp != 1:
         raise ValueError("executed_vs_simulated compares one pipeline replica: run it with dp=1")
-    layout = make_layout(spec.schedule, len(records), 1)
-    placement = make_schedule(spec.schedule, layout.n_stages, spec.n_micro)
+    placement = placement_of(make_layout(spec.schedule, len(records), 1), spec.n_micro)
     p2p = records[0].get("p2p_seconds", 0.0)
     rows = []
     first = 1 if skip_first and spec.steps > 1 else 0
@@ -562,3 +587,89 @@ def reference_run(spec: PipelineSpec) -> dict:
         steps.append({"losses": losses, "grads": grads, "counts": counts})
     bias = {n: b.clone() for n, b in model.named_buffers() if n.endswith("gate.bias")}
     return {"steps": steps, "bias": bias, "spec": asdict(spec)}
+
+
+# ---------------------------------------------------------------------------------------------- launching
+def devices_for(schedule: str, pp: int) -> int:
+    """Processes a schedule needs for ``pp`` stages as Table 2 counts them (DualPipeV, ZBV and the interleaved
+    schedule hold two stages per process)."""
+    if schedule not in RUNTIMES:
+        raise ValueError(f"schedule must be one of {', '.join(RUNTIMES)}, got {schedule!r}")
+    per_rank = RUNTIMES[schedule][2] if RUNTIMES[schedule][1] != "dual" else 1
+    if pp % per_rank:
+        raise ValueError(f"{schedule} places {per_rank} stages per process: pp must be a multiple of {per_rank}")
+    return pp // per_rank
+
+
+def run_pipeline(spec: PipelineSpec, world_size: int) -> list[dict] | None:
+    """Run ``spec`` on ``world_size`` real processes and return every rank's record (:func:`pipeline_worker`).
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) this process is one rank: it joins the group (gloo, or NCCL with
+    ``spec.device == "cuda"``), runs, and rank 0 returns all records (the others None). Otherwise it starts the
+    processes itself with :func:`dsv3lab.parallel.spawn`."""
+    import os
+
+    from .launch import spawn
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return spawn(pipeline_worker, world_size, spec, backend="nccl" if spec.device == "cuda" else "gloo")
+    if int(os.environ["WORLD_SIZE"]) != world_size:
+        raise ValueError(f"{spec.schedule} needs {world_size} processes, torchrun started {os.environ['WORLD_SIZE']}")
+    if spec.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if spec.device == "cuda" else "gloo")
+    try:
+        torch.set_num_threads(1)
+        rank = dist.get_rank()
+        record = pipeline_worker(rank, world_size, spec)
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(record, gathered, dst=0)
+        return gathered
+    finally:
+        dist.destroy_process_group()
+
+
+def action_to_json(a: Action) -> dict:
+    if a.pair is not None:
+        return {"kind": "FB", "pair": [action_to_json(p) for p in a.pair]}
+    return {"kind": a.kind, "stage": a.stage, "mb": a.mb}
+
+
+def action_from_json(d: dict) -> Action:
+    if d["kind"] == "FB":
+        f, b = (action_from_json(p) for p in d["pair"])
+        return Action("FB", pair=(f, b))
+    return Action(d["kind"], d["stage"], d["mb"])
+
+
+def records_to_json(spec: PipelineSpec, records: list[dict]) -> dict:
+    """A JSON-ready copy of a run: the spec and, per rank and step, losses, step time and the chunk events
+    (arrays as lists; gradients left out)."""
+    out = []
+    for r in records:
+        steps = []
+        for st in r["steps"]:
+            steps.append(
+                {
+                    "losses": st["losses"],
+                    "loss_mbs": st["loss_mbs"],
+                    "seconds": st["seconds"],
+                    "events": [[action_to_json(a), start, end] for a, start, end in st["events"]],
+                }
+            )
+        out.append({k: r[k] for k in ("rank", "pp_rank", "stages") if k in r} | {"steps": steps})
+        if "p2p_seconds" in r:
+            out[-1]["p2p_seconds"] = r["p2p_seconds"]
+    return {"spec": asdict(spec), "records": out}
+
+
+def records_from_json(data: dict) -> tuple[PipelineSpec, list[dict]]:
+    """The inverse of :func:`records_to_json` (events back as (Action, start, end))."""
+    spec = PipelineSpec(**data["spec"])
+    records = []
+    for r in data["records"]:
+        steps = [
+            dict(st, events=[(action_from_json(a), start, end) for a, start, end in st["events"]]) for st in r["steps"]
+        ]
+        records.append(dict(r, steps=steps))
+    return spec, records
