@@ -375,9 +375,20 @@ def unique_params(stages: list[StageModule]) -> list[nn.Parameter]:
 
 def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
     """Run ``spec`` as ``rank`` of ``world_size`` (``torch.distributed`` already initialised: by
-    :func:`dsv3lab.parallel.spawn` or torchrun). Returns what this rank measured: per-step losses of the micro-batches
-    whose loss it computed, balance-loss parts per stage, chunk events, and (``return_grads``) the last step's
-    gradients and the updated selection biases, by model parameter name."""
+    :func:`dsv3lab.parallel.spawn` or torchrun). Returns what this rank measured: per step the losses of the
+    micro-batches whose loss it computed, balance-loss parts per stage, chunk events, step time, selection-bias
+    counts and (``return_grads``) the gradients; then the updated selection biases, by model name."""
+    run = _worker_steps(rank, world_size, spec)
+    while True:
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value
+
+
+def _worker_steps(rank: int, world_size: int, spec: PipelineSpec):
+    """:func:`pipeline_worker` as a generator that yields after every optimizer step (so that several runs can take
+    turns) and returns the record."""
     from .executor import ScheduleExecutor  # dsv3lab's own engine (imports this module's stages)
 
     cfg = spec.model_config()
@@ -442,6 +453,7 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
                 "grads": grads,
             }
         )
+        yield
     if spec.return_grads:
         record["bias"] = {n: b for n, b in model.named_buffers() if n.endswith("gate.bias") and _held(n, model, mine)}
     return _portable(record)
@@ -467,9 +479,23 @@ def _device(spec: PipelineSpec) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def pipeline_worker_many(rank: int, world_size: int, specs: list[PipelineSpec]) -> list[dict]:
-    """:func:`pipeline_worker` for several runs in one set of processes (process start-up dominates small runs)."""
-    return [pipeline_worker(rank, world_size, spec) for spec in specs]
+def pipeline_worker_many(rank: int, world_size: int, specs: list[PipelineSpec], alternate: bool = False) -> list[dict]:
+    """:func:`pipeline_worker` for several runs in one set of processes (process start-up dominates small runs).
+    ``alternate``: the runs take turns step by step (A, B, C, A, B, C, …), so that a load change on a shared machine
+    hits all of them alike — for timing comparisons."""
+    if not alternate:
+        return [pipeline_worker(rank, world_size, spec) for spec in specs]
+    runs = [_worker_steps(rank, world_size, spec) for spec in specs]
+    results: list = [None] * len(runs)
+    active = list(range(len(runs)))
+    while active:
+        for i in list(active):
+            try:
+                next(runs[i])
+            except StopIteration as done:
+                results[i] = done.value
+                active.remove(i)
+    return results
 
 
 def measure_p2p(group, shape: tuple[int, ...], n_tensors: int, repeats: int = 20, device=None) -> float:

@@ -27,6 +27,7 @@ def plot_gantt(timeline, ax=None, title: str | None = None, labels: bool = True,
     """Ranks (top to bottom) against time, one box per action, coloured by kind (F, B, W, full backward) and, for
     DualPipe, by direction (lighter: the micro-batches that enter at the last rank). An overlapped F&B pair is one
     box with a black border, forward in its upper half and backward in its lower half, as in the paper's Fig. 5.
+    (DualPipeV: lighter for each rank's second stage, the V's way back.)
     Box labels are micro-batch numbers within their direction. ``timeline``: anything with ``events`` (rank,
     action, start, end), ``schedule`` and ``makespan`` — a simulated :class:`Timeline` or a measured one."""
     s = timeline.schedule
@@ -34,9 +35,15 @@ def plot_gantt(timeline, ax=None, title: str | None = None, labels: bool = True,
     first_mb = {c: min((mb for mb, ch in enumerate(s.mb_chain) if ch == c), default=0) for c in range(len(s.chains))}
     span = float(timeline.makespan) or 1.0
 
+    def shade(rank, part) -> int:  # 1 (lighter) for DualPipe's reverse direction and the rising arm of a V
+        if len(s.chains) > 1:
+            return min(s.mb_chain[part.mb], 1)
+        held = s.stages_of(rank)
+        return min(held.index(part.stage), 1) if len(held) > 1 and part.stage in held else 0
+
     def box(rank, part, x0, width, y0, height):
         chain = s.mb_chain[part.mb]
-        colour = COLOURS[part.kind][min(chain, 1)]
+        colour = COLOURS[part.kind][shade(rank, part)]
         ax.add_patch(mpatches.Rectangle((x0, y0), width, height, facecolor=colour, edgecolor="white", linewidth=0.5))
         if labels and width > 0.012 * span:
             ax.text(
@@ -60,8 +67,8 @@ def plot_gantt(timeline, ax=None, title: str | None = None, labels: bool = True,
     ax.set_xlabel(f"time{' (' + unit + ')' if unit else ''}")
     kinds = sorted({p.kind for _, a, _, _ in timeline.events for p in a.parts()}, key=list(COLOURS).index)
     handles = [mpatches.Patch(color=COLOURS[k][0], label=LABELS[k]) for k in kinds]
-    if len(s.chains) > 1:
-        handles.append(mpatches.Patch(color=COLOURS["F"][1], label="lighter: reverse direction"))
+    if len(s.chains) > 1 or any(len(s.stages_of(r)) > 1 for r in range(s.n_ranks)):
+        handles.append(mpatches.Patch(color=COLOURS["F"][1], label="lighter: reverse direction / second stage"))
     if any(a.pair is not None for _, a, _, _ in timeline.events):
         handles.append(mpatches.Patch(facecolor="white", edgecolor="black", label="overlapped F&B (F top, B bottom)"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(handles), 4), fontsize=8)
@@ -69,7 +76,7 @@ def plot_gantt(timeline, ax=None, title: str | None = None, labels: bool = True,
     ax.set_title(
         title
         or f"{s.name}: PP = {s.pp}, {s.n_micro} micro-batches, {s.n_ranks} devices — "
-        f"makespan {span:g}, bubble {bubble:g}"
+        f"makespan {span:.4g}, bubble {bubble:.4g}"
     )
     return fig
 
