@@ -71,12 +71,13 @@ def plot_gantt(timeline, ax=None, title: str | None = None, labels: bool = True,
         handles.append(mpatches.Patch(color=COLOURS["F"][1], label="lighter: reverse direction / second stage"))
     if any(a.pair is not None for _, a, _, _ in timeline.events):
         handles.append(mpatches.Patch(facecolor="white", edgecolor="black", label="overlapped F&B (F top, B bottom)"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(handles), 4), fontsize=8)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, borderaxespad=0)
     bubble = max(float(b) for b in timeline.bubble)
     ax.set_title(
         title
         or f"{s.name}: PP = {s.pp}, {s.n_micro} micro-batches, {s.n_ranks} devices — "
-        f"makespan {span:.4g}, bubble {bubble:.4g}"
+        f"makespan {span:.4g}, bubble {bubble:.4g}",
+        fontsize=10,
     )
     return fig
 
@@ -99,19 +100,21 @@ def plot_bubble_vs_micro(rows, ax=None, y: str = "bubble", title: str | None = N
 
 
 def plot_busy_idle(rows, ax=None, title: str | None = None) -> Figure:
-    """Executed against simulated: per schedule and rank, stacked bars of busy and idle time, the measured bar next
-    to the simulator's prediction. ``rows``: records with ``schedule``, ``rank``, ``source`` ("measured" or
-    "simulated"), ``busy_s`` and ``idle_s``."""
+    """Executed against simulated: for each schedule and rank, two stacked bars of busy and idle time, measured
+    (dark) and the simulator's prediction (light). ``rows``: records with ``schedule``, ``rank``, ``source``
+    ("measured" or "simulated"), ``busy_s`` and ``idle_s``."""
     df = pd.DataFrame(rows)
     fig, ax = fig_ax(ax, (8, 3.8))
-    df = df.sort_values(["schedule", "rank", "source"]).reset_index(drop=True)
-    xs = range(len(df))
-    ax.bar(xs, df.busy_s, color=["#4C72B0" if s == "measured" else "#9DB9E3" for s in df.source], label="busy")
-    ax.bar(xs, df.idle_s, bottom=df.busy_s, color="#dddddd", edgecolor="#999999", label="idle")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([f"{r.schedule}\nrank {r.rank}\n{r.source[:4]}." for r in df.itertuples()], fontsize=7)
+    groups = list(dict.fromkeys(zip(df.schedule, df["rank"])))
+    for x, (schedule, rank) in enumerate(groups):
+        for dx, source, colour in ((-0.2, "measured", "#4C72B0"), (0.2, "simulated", "#9DB9E3")):
+            r = df[(df.schedule == schedule) & (df["rank"] == rank) & (df.source == source)].iloc[0]
+            ax.bar(x + dx, r.busy_s, width=0.38, color=colour)
+            ax.bar(x + dx, r.idle_s, width=0.38, bottom=r.busy_s, color="#dddddd", edgecolor="#999999")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{s}\nrank {r}" for s, r in groups], fontsize=8)
     ax.set_ylabel("seconds per step")
-    ax.set_title(title or "busy and idle time per rank: executed vs simulated")
+    ax.set_title(title or "busy and idle time per rank: executed vs simulated", fontsize=10)
     ax.legend(
         handles=[
             mpatches.Patch(color="#4C72B0", label="busy, measured"),

@@ -3,6 +3,8 @@ that function first, so executed and exported notebooks keep a result even where
 
 * :func:`kv_rank_explorer` — MLA's latent rank d_c and rotary width d_h^R against the KV cache of MHA/GQA/MQA with
   the same heads (wraps :func:`dsv3lab.viz.plot_kv_vs_rank`). Notebook: 02_mla.
+* :func:`pipeline_explorer` — a pipeline schedule's simulated Gantt chart under chosen PP, micro-batches, chunk
+  costs and all-to-all overlap (wraps :func:`dsv3lab.viz.pipeline.plot_gantt`). Notebook: 08_dualpipe.
 """
 
 from __future__ import annotations
@@ -64,3 +66,61 @@ def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "s
         widget.observe(update, names="value")
     update()
     return w.VBox([w.HBox([preset_w, groups_w]), w.HBox([rank_w, rope_w]), summary, out])
+
+
+def pipeline_summary(name: str, pp: int, n_micro: int, costs) -> str:
+    """One line: the simulated bubble, activations and devices against Table 2's row."""
+    from ..parallel.schedules import make_schedule
+    from ..parallel.simulator import TABLE2_FORMULAS, simulate, table2
+
+    t = simulate(make_schedule(name, pp, n_micro), costs).summary()
+    row = table2(name, pp, costs)
+    return (
+        f"{name}: makespan {t['makespan']:.3g}, bubble {t['bubble']:.3g} per device (Table 2 "
+        f"{TABLE2_FORMULAS[name][0]} = {row['bubble']:.3g}), activations {t['activation_peak']} "
+        f"(Table 2 {row['activation']}), parameters {t['param_copies']}×, {t['devices']} devices"
+    )
+
+
+def pipeline_explorer(schedule: str = "dualpipe", pp: int = 8, n_micro: int = 20):
+    """Controls for the schedule, PP, micro-batches, F, B, W, the all-to-all per chunk and whether F&B pairs hide it;
+    redraws :func:`dsv3lab.viz.pipeline.plot_gantt` of the simulated timeline and a summary against Table 2.
+    Impossible combinations (DualPipe needs an even count >= 2·PP) show the error instead. Notebook: 08_dualpipe."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    from ..parallel.schedules import SCHEDULES, make_schedule
+    from ..parallel.simulator import Costs, simulate
+    from .pipeline import plot_gantt
+
+    name_w = w.Dropdown(options=list(SCHEDULES), value=schedule, description="schedule")
+    pp_w = w.IntSlider(value=pp, min=2, max=16, step=2, description="PP")
+    m_w = w.IntSlider(value=n_micro, min=2, max=48, step=2, description="micro-batches")
+    f_w = w.FloatSlider(value=1.0, min=0.2, max=3.0, step=0.1, description="F")
+    b_w = w.FloatSlider(value=2.0, min=0.2, max=6.0, step=0.1, description="B (full)")
+    w_w = w.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1, description="W")
+    a2a_w = w.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.1, description="all-to-all")
+    overlap_w = w.Checkbox(value=True, description="F&B hides the all-to-all")
+    summary = w.HTML()
+    out = w.Output()
+
+    def update(*_):
+        with out:
+            out.clear_output(wait=True)
+            try:
+                costs = Costs(
+                    f=f_w.value, b=b_w.value, w=min(w_w.value, b_w.value), a2a=a2a_w.value, overlap=overlap_w.value
+                )
+                timeline = simulate(make_schedule(name_w.value, pp_w.value, m_w.value), costs)
+                summary.value = f"<code>{pipeline_summary(name_w.value, pp_w.value, m_w.value, costs)}</code>"
+            except ValueError as err:
+                summary.value = f"<code>{err}</code>"
+                return
+            fig = plot_gantt(timeline, labels=m_w.value <= 24)
+            display(fig)
+            plt.close(fig)
+
+    for widget in (name_w, pp_w, m_w, f_w, b_w, w_w, a2a_w, overlap_w):
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([name_w, pp_w, m_w]), w.HBox([f_w, b_w, w_w]), w.HBox([a2a_w, overlap_w]), summary, out])
