@@ -147,3 +147,25 @@ def test_cli_pipeline_text_and_errors(capsys):
 def test_pipeline_report_matches_table2_at_the_defaults():
     r = pipeline_report("1f1b", 4, 8)
     assert r["bubble"] == r["table2"]["bubble"] == 9 and r["chunk_times"] == {"F": 1, "B": 2, "W": 1, "F&B": 3}
+
+
+def test_cli_pipeline_execute_refuses_what_it_cannot_do(capsys):
+    assert main(["pipeline", "zbv", "--pp", "4", "--micro", "8"]) == 2
+    assert "zbv runs with --execute only" in capsys.readouterr().err
+    assert main(["pipeline", "dualpipev", "--pp", "4", "--micro", "8", "--execute", "--json"]) == 2
+    assert "with --execute write the measured run with --out" in capsys.readouterr().err
+    assert main(["pipeline", "dualpipev", "--pp", "3", "--micro", "8", "--execute"]) == 2
+    assert "pp must be a multiple of 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_pipeline_execute_spawns_and_writes_the_run(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    argv = ["pipeline", "dualpipe", "--pp", "2", "--micro", "4", "--execute", "--steps", "2", "--seq-len", "8"]
+    assert main(argv + ["--set", "n_layers=2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "executed dualpipe: PP = 2 stages on 2 processes (dsv3lab's executor, gloo)" in text
+    assert "step 1: main loss" in text and "simulated" in text
+    data = json.loads(out.read_text())
+    assert data["spec"]["schedule"] == "dualpipe" and len(data["records"]) == 2
+    assert {e[0]["kind"] for r in data["records"] for e in r["steps"][1]["events"]} >= {"F", "FB", "B", "W", "BW"}
