@@ -14,7 +14,7 @@ from dsv3lab.parallel.overlap import (
     overlapped_forward_backward,
     supports_parts,
 )
-from dsv3lab.parallel.pipeline import attach_aux
+from dsv3lab.parallel.stages import attach_aux
 
 
 @pytest.fixture

@@ -17,10 +17,9 @@ from dsv3lab.parallel.pipeline import (
     make_layout,
     pipeline_worker_many,
     reference_run,
-    split_model,
-    stage_layers,
 )
 from dsv3lab.parallel.schedules import make_schedule
+from dsv3lab.parallel.stages import split_model, stage_layers
 
 BASE = dict(preset="tiny", overrides=dict(n_layers=4, seq_aux_loss_alpha=0.01), n_micro=4, seq_len=12, steps=2)
 # every schedule the engines run with 2 ranks; dsv3lab's ZB1P and DualPipe without the F&B overlap are slow tests

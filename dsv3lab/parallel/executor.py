@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .overlap import BlockBackward, BlockChunk, BlockForward, Part, backward_weight, supports_parts
 from .schedules import Action, check_schedule, make_schedule, with_comms
+from .stages import attach_aux
 
 
 def _params(*modules) -> list:
@@ -43,7 +44,7 @@ class StageChunk:
 
 
 class StageRunner:
-    """Forward and backward of one :class:`~dsv3lab.parallel.pipeline.StageModule`, unit by unit, as generators that
+    """Forward and backward of one :class:`~dsv3lab.parallel.stages.StageModule`, unit by unit, as generators that
     yield after every piece (so that two of them can be interleaved)."""
 
     def __init__(self, stage, loss_fn, overlap: bool = True):
@@ -64,8 +65,6 @@ class StageRunner:
         chunk.with_emb = emb is not None
         for i, block in enumerate(st.layers):
             if self.overlap and supports_parts(block):
-                from .pipeline import attach_aux
-
                 fwd = BlockForward(block, h, *st.rope(h.shape[1]), attach_aux)
                 for _ in range(4):
                     fwd.step()
