@@ -232,7 +232,7 @@ def pipeline_worker(rank: int, world_size: int, spec: PipelineSpec) -> dict:
     """Run ``spec`` as ``rank`` of ``world_size`` (``torch.distributed`` already initialised: by
     :func:`dsv3lab.parallel.spawn` or torchrun). Returns what this rank measured: per step the losses of the
     micro-batches whose loss it computed, balance-loss parts per stage, chunk events, step time, selection-bias
-    counts and (``return_grads``) the gradients; then the updated selection biases, by model name."""
+    counts and (``return_grads``) the gradients and the updated selection biases, by model name."""
     run = _worker_steps(rank, world_size, spec)
     while True:
         try:
@@ -269,6 +269,7 @@ def _worker_steps(rank: int, world_size: int, spec: PipelineSpec):
     else:
         runner = ScheduleExecutor(spec.schedule, layout, mine, pp_rank, pp_group, loss_fn, spec.n_micro, spec.overlap)
     names = {id(p): n for n, p in model.named_parameters()}
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("gate.bias") and _held(n, model, mine)}
     record: dict = {"rank": rank, "pp_rank": pp_rank, "stages": layout.stages[pp_rank], "steps": []}
     if spec.measure_p2p:
         shape = (spec.micro_batch, spec.seq_len, cfg.dim)
@@ -304,11 +305,10 @@ def _worker_steps(rank: int, world_size: int, spec: PipelineSpec):
                 "seconds": t1 - t0,
                 "counts": counts,
                 "grads": grads,
+                "bias": {n: b.clone() for n, b in biases.items()} if spec.return_grads else None,
             }
         )
         yield
-    if spec.return_grads:
-        record["bias"] = {n: b for n, b in model.named_buffers() if n.endswith("gate.bias") and _held(n, model, mine)}
     return _portable(record)
 
 
@@ -451,8 +451,8 @@ def sequential_step(model: DeepSeekV3, tokens: torch.Tensor, targets: torch.Tens
 
 def reference_run(spec: PipelineSpec) -> dict:
     """:func:`sequential_step` for every step of ``spec`` (all replicas' micro-batches in one process, with the same
-    AdamW), for comparison with :func:`pipeline_worker`. Returns per-step losses and gradients and the final
-    biases."""
+    AdamW), for comparison with :func:`pipeline_worker`. Returns per step the losses, gradients, counts and the
+    selection biases after the update."""
     cfg = spec.model_config()
     model = build_model(cfg, seed=spec.seed)
     model.train()
@@ -463,9 +463,9 @@ def reference_run(spec: PipelineSpec) -> dict:
         losses, grads, counts = sequential_step(model, tokens, targets, spec.dp * spec.n_micro, spec.gamma)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        steps.append({"losses": losses, "grads": grads, "counts": counts})
-    bias = {n: b.clone() for n, b in model.named_buffers() if n.endswith("gate.bias")}
-    return {"steps": steps, "bias": bias, "spec": asdict(spec)}
+        bias = {n: b.clone() for n, b in model.named_buffers() if n.endswith("gate.bias")}
+        steps.append({"losses": losses, "grads": grads, "counts": counts, "bias": bias})
+    return {"steps": steps, "spec": asdict(spec)}
 
 
 # ---------------------------------------------------------------------------------------------- launching
