@@ -369,7 +369,6 @@ def _pipeline_execute(args: argparse.Namespace) -> int:
         measure_p2p=True,
         device=args.device,
     )
-    spec.model_config()  # validate before any process starts
     world = devices_for(args.schedule, args.pp)
     records = run_pipeline(spec, world)
     if records is None:  # a torchrun rank other than 0

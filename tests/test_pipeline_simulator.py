@@ -156,6 +156,15 @@ def test_cli_pipeline_execute_refuses_what_it_cannot_do(capsys):
     assert "with --execute write the measured run with --out" in capsys.readouterr().err
     assert main(["pipeline", "dualpipev", "--pp", "3", "--micro", "8", "--execute"]) == 2
     assert "pp must be a multiple of 2" in capsys.readouterr().err
+    # refused before any process starts
+    assert main(["pipeline", "dualpipe", "--pp", "2", "--micro", "3", "--execute"]) == 2
+    assert "n_micro must be even" in capsys.readouterr().err
+    assert main(["pipeline", "dualpipev", "--pp", "4", "--micro", "3", "--execute", "--set", "n_layers=4"]) == 2
+    assert "n_micro must be >= the 4 stages" in capsys.readouterr().err
+    assert main(["pipeline", "1f1b", "--pp", "4", "--micro", "4", "--execute"]) == 2  # tiny has 2 layers
+    assert "n_stages must be in 1..n_layers=2" in capsys.readouterr().err
+    assert main(["pipeline", "1f1b", "--pp", "2", "--micro", "4", "--execute", "--seq-len", "0"]) == 2
+    assert "seq_len must be an integer >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -40,8 +40,8 @@ from ..balance import update_selection_bias
 from ..config import ModelConfig
 from ..model import DeepSeekV3, build_model
 from .executor import ScheduleExecutor
-from .schedules import Action, Schedule
-from .stages import PipelineLoss, StageModule, split_model
+from .schedules import Action, Schedule, make_schedule
+from .stages import PipelineLoss, StageModule, split_model, stage_layers
 
 # schedule -> (engine, placement, virtual stages per rank). Placement "loop": stage v on rank v mod R;
 # "v": rank r holds stages r and 2R-1-r; "dual": rank r holds model stage r (direction 0) and PP-1-r (direction 1).
@@ -195,6 +195,25 @@ class PipelineSpec:
     def model_config(self) -> ModelConfig:
         return ModelConfig.preset(self.preset, **self.overrides)
 
+    def check(self, world_size: int) -> Layout:
+        """Raise ``ValueError`` naming the field unless this run can start on ``world_size`` processes (checked
+        before any process starts); returns the layout."""
+        for name in ("n_micro", "micro_batch", "seq_len", "steps", "dp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        cfg = self.model_config()
+        if self.seq_len > cfg.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the preset's max_seq_len {cfg.max_seq_len}")
+        layout = make_layout(self.schedule, world_size, self.dp)
+        stage_layers(cfg.n_layers, layout.n_stages)  # every stage needs a block
+        if RUNTIMES[self.schedule][0] == "dsv3lab":
+            make_schedule(self.schedule, layout.n_stages, self.n_micro)  # DualPipe: even and >= 2·PP, ...
+        elif self.schedule == "dualpipev" and self.n_micro < layout.n_stages:
+            raise ValueError(f"dualpipev: n_micro must be >= the {layout.n_stages} stages, got {self.n_micro}")
+        elif self.schedule == "interleaved_zb" and self.n_micro % max(1, self.n_micro // layout.pp):
+            raise ValueError(f"interleaved_zb: n_micro must be a multiple of {max(1, self.n_micro // layout.pp)}")
+        return layout
+
 
 def global_batch(spec: PipelineSpec, cfg: ModelConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's tokens and targets for all replicas: [dp · n_micro · micro_batch, seq_len] each (seeded)."""
@@ -245,7 +264,7 @@ def _worker_steps(rank: int, world_size: int, spec: PipelineSpec):
     """:func:`pipeline_worker` as a generator that yields after every optimizer step (so that several runs can take
     turns) and returns the record."""
     cfg = spec.model_config()
-    layout = make_layout(spec.schedule, world_size, spec.dp)
+    layout = spec.check(world_size)
     device = _device(spec)
     model = build_model(cfg, device=device, seed=spec.seed)  # the same weights on every rank; each keeps its stages
     model.train()
@@ -490,6 +509,7 @@ def run_pipeline(spec: PipelineSpec, world_size: int) -> list[dict] | None:
 
     from .launch import spawn
 
+    spec.check(world_size)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return spawn(pipeline_worker, world_size, spec, backend="nccl" if spec.device == "cuda" else "gloo")
     if int(os.environ["WORLD_SIZE"]) != world_size:
