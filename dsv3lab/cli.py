@@ -386,7 +386,8 @@ def _pipeline_execute(args: argparse.Namespace) -> int:
         print(
             f"step {step}: main loss {sum(losses) / len(losses):.4f} over {len(losses)} micro-batches, {seconds:.3f} s"
         )
-    rows = pd.DataFrame(executed_vs_simulated(records, spec))
+    comparison = executed_vs_simulated(records, spec)
+    rows = pd.DataFrame(comparison)
     table = rows.groupby(["rank", "source"])[["busy_s", "idle_s", "makespan_s"]].mean().unstack("source")
     first = 1 if spec.steps > 1 else 0
     print(
@@ -397,7 +398,7 @@ def _pipeline_execute(args: argparse.Namespace) -> int:
     if args.out:
         from pathlib import Path
 
-        Path(args.out).write_text(json.dumps(records_to_json(spec, records), indent=1))
+        Path(args.out).write_text(json.dumps(records_to_json(spec, records, comparison), indent=1))
         print(f"wrote {args.out}")
     return 0
 

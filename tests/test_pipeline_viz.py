@@ -4,12 +4,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import json
 from fractions import Fraction
 
 import pytest
 from matplotlib.patches import Rectangle
 
-from dsv3lab.parallel.pipeline import PipelineSpec, action_from_json, action_to_json, records_from_json, records_to_json
+from dsv3lab.parallel.pipeline import PipelineSpec, records_from_json, records_to_json
 from dsv3lab.parallel.schedules import Action, dualpipe, one_f_one_b
 from dsv3lab.parallel.simulator import (
     Costs,
@@ -101,7 +102,8 @@ def test_measured_timeline_recovers_the_costs_it_was_measured_under():
 
 def test_records_json_round_trip():
     pair = Action("FB", pair=(Action("F", 0, 3), Action("BW", 7, 5)))
-    assert action_from_json(action_to_json(pair)) == pair
+    assert Action.from_json(pair.to_json()) == pair
+    assert Action.from_json(Action("SEND_F", 1, 2, peer=0).to_json()) == Action("SEND_F", 1, 2, peer=0)
     spec = PipelineSpec(schedule="dualpipe", n_micro=4)
     records = [
         {
@@ -112,6 +114,9 @@ def test_records_json_round_trip():
             "steps": [{"losses": [{"main": 1.0}], "loss_mbs": [2], "seconds": 0.5, "events": [(pair, 0.0, 0.25)]}],
         }
     ]
-    spec2, back = records_from_json(records_to_json(spec, records))
-    assert spec2 == spec and back[0]["steps"][0]["events"] == [(pair, 0.0, 0.25)]
+    data = records_to_json(spec, records, comparison=[{"rank": 0}])
+    spec2, back = records_from_json(json.loads(json.dumps(data)))
+    assert (
+        spec2 == spec and back[0]["steps"][0]["events"] == [(pair, 0.0, 0.25)] and data["comparison"] == [{"rank": 0}]
+    )
     assert back[0]["p2p_seconds"] == 0.001

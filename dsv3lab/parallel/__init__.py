@@ -11,12 +11,14 @@ Modules, one concept each:
 * ``executor``  dsv3lab's pipeline engine for any schedule of ``schedules`` (DualPipe: two directions, two copies)
 * ``overlap``   a DeepSeek-V3 block's forward overlapped with another micro-batch's backward (Fig. 4)
 
+``pipeline`` and ``executor`` load ``torch.distributed.pipelining`` (seconds of imports): import them explicitly,
+``from dsv3lab.parallel.pipeline import PipelineSpec, run_pipeline``.
+
 Everything here runs on a CPU with gloo; the same code runs on NCCL GPUs under ``torchrun``. Notebooks: 08, 09, 11.
 """
 
 from .launch import free_port, spawn
 from .overlap import overlapped_forward_backward
-from .pipeline import PipelineSpec, pipeline_worker, run_pipeline
 from .schedules import Action, Schedule, ScheduleError, check_schedule, make_schedule, with_comms
 from .simulator import Costs, Timeline, simulate, table2
 from .stages import StageModule, split_model

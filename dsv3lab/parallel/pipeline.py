@@ -528,22 +528,9 @@ def run_pipeline(spec: PipelineSpec, world_size: int) -> list[dict] | None:
         dist.destroy_process_group()
 
 
-def action_to_json(a: Action) -> dict:
-    if a.pair is not None:
-        return {"kind": "FB", "pair": [action_to_json(p) for p in a.pair]}
-    return {"kind": a.kind, "stage": a.stage, "mb": a.mb}
-
-
-def action_from_json(d: dict) -> Action:
-    if d["kind"] == "FB":
-        f, b = (action_from_json(p) for p in d["pair"])
-        return Action("FB", pair=(f, b))
-    return Action(d["kind"], d["stage"], d["mb"])
-
-
-def records_to_json(spec: PipelineSpec, records: list[dict]) -> dict:
+def records_to_json(spec: PipelineSpec, records: list[dict], comparison: list[dict] | None = None) -> dict:
     """A JSON-ready copy of a run: the spec and, per rank and step, losses, step time and the chunk events
-    (arrays as lists; gradients left out)."""
+    (gradients and counts left out); ``comparison``: the rows of :func:`executed_vs_simulated`, if given."""
     out = []
     for r in records:
         steps = []
@@ -553,13 +540,13 @@ def records_to_json(spec: PipelineSpec, records: list[dict]) -> dict:
                     "losses": st["losses"],
                     "loss_mbs": st["loss_mbs"],
                     "seconds": st["seconds"],
-                    "events": [[action_to_json(a), start, end] for a, start, end in st["events"]],
+                    "events": [[a.to_json(), start, end] for a, start, end in st["events"]],
                 }
             )
         out.append({k: r[k] for k in ("rank", "pp_rank", "stages") if k in r} | {"steps": steps})
         if "p2p_seconds" in r:
             out[-1]["p2p_seconds"] = r["p2p_seconds"]
-    return {"spec": asdict(spec), "records": out}
+    return {"spec": asdict(spec), "records": out} | ({"comparison": comparison} if comparison is not None else {})
 
 
 def records_from_json(data: dict) -> tuple[PipelineSpec, list[dict]]:
@@ -568,7 +555,7 @@ def records_from_json(data: dict) -> tuple[PipelineSpec, list[dict]]:
     records = []
     for r in data["records"]:
         steps = [
-            dict(st, events=[(action_from_json(a), start, end) for a, start, end in st["events"]]) for st in r["steps"]
+            dict(st, events=[(Action.from_json(a), start, end) for a, start, end in st["events"]]) for st in r["steps"]
         ]
         records.append(dict(r, steps=steps))
     return spec, records

@@ -60,6 +60,20 @@ class Action:
         """The compute actions inside: the pair's two for FB, else the action itself."""
         return self.pair if self.pair is not None else (self,)
 
+    def to_json(self) -> dict:
+        """A JSON-ready dict (``kind``, ``stage``, ``mb``; an FB pair as ``pair``)."""
+        if self.pair is not None:
+            return {"kind": "FB", "pair": [p.to_json() for p in self.pair]}
+        out = {"kind": self.kind, "stage": self.stage, "mb": self.mb}
+        return out if self.peer is None else out | {"peer": self.peer}
+
+    @staticmethod
+    def from_json(d: dict) -> Action:
+        if d["kind"] == "FB":
+            f, b = (Action.from_json(p) for p in d["pair"])
+            return Action("FB", pair=(f, b))
+        return Action(d["kind"], d["stage"], d["mb"], peer=d.get("peer"))
+
     def __str__(self) -> str:
         if self.pair is not None:
             return f"({self.pair[0]};{self.pair[1]})"
