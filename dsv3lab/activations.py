@@ -93,98 +93,73 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
-_EAGER_FP32 = dict(
-    weight=4.0,
-    master=0.0,
-    grad=4.0,
-    moment=4.0,
-    weight_cast=0.0,
-    fp8_weight=0.0,
-    stream=4.0,
-    stream_norm=4.0,
-    norm_out=4.0,
-    latent=4.0,
-    latent_norm=4.0,
-    up=4.0,
-    probs=4.0,
-    lse=0.0,
-    attn_out=4.0,
-    swiglu_in=4.0,
-    swiglu_mid=4.0,
-    swiglu_out=4.0,
-    dispatch=4.0,
-    expert_out=4.0,
-)
-# BF16 autocast on CUDA over FP32 weights: the residual stream and norms stay FP32, a norm over a BF16 latent keeps
-# an FP32 copy of it, GEMM inputs are BF16 copies, SDPA runs a memory-efficient kernel in BF16 (log-sum-exp kept).
-_EAGER_BF16 = dict(
-    _EAGER_FP32,
-    weight_cast=2.0,
-    norm_out=2.0,
-    latent_norm=2.0,
-    up=2.0,
-    probs=0.0,
-    lse=4.0,
-    attn_out=2.0,
-    swiglu_in=2.0,
-    swiglu_mid=2.0,
-    swiglu_out=2.0,
-    dispatch=2.0,
-    expert_out=3.0,  # the BF16 output, and its FP32 weighted copy added into the FP32 result
-)
-
-RECIPES: dict[str, Recipe] = {
-    "fp32": Recipe(
-        "fp32",
-        "dsv3lab's trainer in FP32 (dtype=fp32): FP32 weights, gradients and AdamW moments, every activation FP32, "
-        "attention probabilities kept (SDPA's math path, as on a CPU)",
-        **_EAGER_FP32,
-    ),
-    "bf16": Recipe(
-        "bf16",
-        "dsv3lab's trainer with dtype=bf16 on CUDA: BF16 autocast over FP32 weights, FP32 AdamW moments, "
-        "memory-efficient attention",
-        **_EAGER_BF16,
-    ),
-    "fp8": Recipe(
-        "fp8",
-        "dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16: projections cache their inputs and "
-        "weights as FP8 values held in FP32 tensors, BF16 AdamW moments",
-        # dsv3lab.fp8.quantize keeps FP8 values in FP32 tensors (QuantizedTensor.values): 4 bytes, not 1, per cached
-        # input (1x128 tiles) and per weight copy (128x128 blocks)
-        **dict(_EAGER_BF16, moment=2.0, fp8_weight=FP32_HELD_FP8_WEIGHT)
-        | dict(norm_out=FP32_HELD_FP8, attn_out=FP32_HELD_FP8, swiglu_out=FP32_HELD_FP8, dispatch=FP32_HELD_FP8),
-        fp8_roles=("norm_out", "attn_out", "swiglu_out", "dispatch"),
-    ),
-    "paper": Recipe(
-        "paper",
-        "DeepSeek-V3 (§3.2.3, §3.3): BF16 weights, FP32 gradients and master weights, BF16 AdamW moments; RMSNorm "
-        "and the MLA up-projections recomputed; FP8 caches for the SwiGLU and expert inputs, E5M6 for the input "
-        "of wo",
-        weight=2.0,
-        master=4.0,
-        grad=4.0,
-        moment=2.0,
-        weight_cast=0.0,
-        fp8_weight=FP8_WEIGHT,
-        stream=2.0,
-        stream_norm=0.0,
-        norm_out=0.0,
-        latent=2.0,
-        latent_norm=0.0,
-        up=0.0,
-        probs=0.0,
-        lse=4.0,
-        attn_out=E5M6,
-        swiglu_in=FP8,
-        swiglu_mid=0.0,
-        swiglu_out=0.0,
-        dispatch=FP8,
-        expert_out=0.0,
-        logits=2.0,  # the head's BF16 output; the cross-entropy works in FP32 on the fly (loss_transient_bytes)
-        fp8_roles=("attn_out", "swiglu_in", "dispatch"),
-    ),
+# Bytes per element, one column per recipe (names: the per-element sizes defined above).
+#   fp32   dsv3lab's trainer in FP32 (dtype=fp32): every activation FP32, attention probabilities kept (SDPA's math
+#          path, as on a CPU)
+#   bf16   dsv3lab's trainer with dtype=bf16 on CUDA: BF16 autocast over FP32 weights (the residual stream and norms
+#          stay FP32, a norm over a BF16 latent keeps an FP32 copy, GEMM inputs are BF16 copies), memory-efficient
+#          attention (log-sum-exp kept); expert_out 3 = the BF16 output and its FP32 gate-weighted copy
+#   fp8    dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16: dsv3lab.fp8.quantize keeps FP8 values in
+#          FP32 tensors (QuantizedTensor.values), so a cached input or weight copy costs 4 bytes per element, not 1
+#   paper  DeepSeek-V3 (§3.2.3, §3.3): BF16 weights, FP32 gradients and master weights, BF16 AdamW moments; RMSNorm
+#          and the MLA up-projections recomputed; FP8 caches for the SwiGLU and expert inputs, E5M6 for wo's input;
+#          logits 2 = the head's BF16 output (the cross-entropy works in FP32 on the fly: loss_transient_bytes)
+RECIPE_TABLE = """
+role          fp32   bf16   fp8                    paper
+weight        4      4      4                      2
+master        0      0      0                      4
+grad          4      4      4                      4
+moment        4      4      2                      2
+weight_cast   0      2      2                      0
+fp8_weight    0      0      FP32_HELD_FP8_WEIGHT   FP8_WEIGHT
+stream        4      4      4                      2
+stream_norm   4      4      4                      0
+norm_out      4      2      FP32_HELD_FP8          0
+latent        4      4      4                      2
+latent_norm   4      2      2                      0
+up            4      2      2                      0
+probs         4      0      0                      0
+lse           0      4      4                      4
+attn_out      4      2      FP32_HELD_FP8          E5M6
+swiglu_in     4      2      2                      FP8
+swiglu_mid    4      2      2                      0
+swiglu_out    4      2      FP32_HELD_FP8          0
+dispatch      4      2      FP32_HELD_FP8          FP8
+expert_out    4      3      3                      0
+router        4      4      4                      4
+logits        4      4      4                      2
+"""
+RECIPE_DESCRIPTIONS = {
+    "fp32": "dsv3lab's trainer in FP32 (dtype=fp32)",
+    "bf16": "dsv3lab's trainer with dtype=bf16 on CUDA (BF16 autocast over FP32 weights)",
+    "fp8": "dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16 (FP8 values held in FP32 tensors)",
+    "paper": "DeepSeek-V3 (§3.2.3, §3.3): recomputation, FP8 and E5M6 activation caches, BF16 moments",
 }
+FP8_ROLES = {
+    "fp8": ("norm_out", "attn_out", "swiglu_out", "dispatch"),
+    "paper": ("attn_out", "swiglu_in", "dispatch"),
+}
+_SIZES = {
+    "FP8": FP8,
+    "E5M6": E5M6,
+    "FP8_WEIGHT": FP8_WEIGHT,
+    "FP32_HELD_FP8": FP32_HELD_FP8,
+    "FP32_HELD_FP8_WEIGHT": FP32_HELD_FP8_WEIGHT,
+}
+
+
+def parse_recipe_table(text: str) -> dict[str, Recipe]:
+    """The recipes of a table like :data:`RECIPE_TABLE`: one column per recipe, one row per role."""
+    rows = [line.split() for line in text.strip().splitlines()]
+    names = rows[0][1:]
+    values = {name: {} for name in names}
+    for role, *cells in rows[1:]:
+        for name, cell in zip(names, cells):
+            values[name][role] = _SIZES[cell] if cell in _SIZES else float(cell)
+    return {n: Recipe(n, RECIPE_DESCRIPTIONS[n], **values[n], fp8_roles=FP8_ROLES.get(n, ())) for n in names}
+
+
+RECIPES: dict[str, Recipe] = parse_recipe_table(RECIPE_TABLE)
 # What the paper's recipe would keep without its recomputation: the memo items of a plan compare against it.
 PAPER_WITHOUT_RECOMPUTATION = RECIPES["paper"].replace(
     name="paper-no-recompute", stream_norm=4.0, norm_out=FP8, latent_norm=2.0, up=2.0, swiglu_mid=2.0, swiglu_out=FP8

@@ -63,18 +63,21 @@ def bias_delta(counts: torch.Tensor, gamma: float, rule: str = "sign") -> torch.
 
 
 @torch.no_grad()
-def update_selection_bias(moes: list, gamma: float, rule: str = "sign") -> torch.Tensor:
+def update_selection_bias(moes: list, gamma: float, rule: str = "sign", group=None) -> torch.Tensor:
     """Once per optimizer step (after gradient accumulation): read and reset every MoE's ``tokens_per_expert``, and
     move its selection bias by :func:`bias_delta` (γ = 0 only reads and resets).
 
-    The counts are summed over all ranks first when ``torch.distributed`` is initialised, so every rank applies the
-    same update. Returns the step's counts [n_layers, E] (int64), the input of the load metrics.
+    The counts are summed over the ranks of ``group`` (default: all ranks) first when ``torch.distributed`` is
+    initialised, so every rank applies the same update. Under pipeline parallelism each rank holds other layers: pass
+    the group of ranks holding these same layers (data-parallel replicas, DualPipe's mirror copies), with ``moes``
+    in the same order on each of them. Returns the step's counts [n_layers, E] (int64), the input of the load
+    metrics.
     """
     if not moes:
         return torch.zeros(0, 0, dtype=torch.int64)
     counts = torch.stack([moe.tokens_per_expert for moe in moes])  # [L, E]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(counts, group=group)
     for moe, c in zip(moes, counts):
         if gamma > 0:
             if moe.gate.bias is None:

@@ -10,17 +10,22 @@ Commands::
     dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
     dsv3lab plan PRESET [--gpus N] [--gpu-mem 80GB] [--pp P] [--ep E] [--zero Z] [--micro-batch B] [--seq T] [--json]
                  [--infer --tp 4 --redundant-experts 32] [--paper]
+    dsv3lab pipeline SCHEDULE --pp N --micro M [--f F --b B --w W --fb FB] [--p2p T --a2a T --no-overlap] [--json]
+    dsv3lab pipeline SCHEDULE --pp N --micro M --execute [--preset P] [--steps S] [--out FILE]   (also under torchrun)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import traceback
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors import SafetensorError
 
@@ -29,9 +34,12 @@ from .accounting import kv_cache_bytes_per_token, max_context, model_stats
 from .config import PRESETS, ModelConfig
 from .infer import convert, generate, load_any, load_tokenizer
 from .infer.generation import decode
+from .parallel.schedules import SCHEDULES, make_schedule
+from .parallel.simulator import TABLE2_FORMULAS, Costs, chunk_times, simulate, table2, table2_assumptions
 from .plan import GPUS, Layout, gpu_spec, paper_checks, plan, plan_inference
 from .train import TrainConfig, TrainingDiverged, latest_checkpoint, train
 from .utils import check_device, env_flag, parse_size
+from .viz.pipeline import plot_gantt
 
 
 def _human(n: float) -> str:
@@ -313,18 +321,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         return 0
     if args.infer:
-        result = plan_inference(
-            cfg,
-            gpus=args.gpus,
-            gpu_mem=mem,
-            tp=args.tp,
-            ep=args.ep,
-            redundant_experts=args.redundant_experts,
-            shared_as_routed=args.shared_as_routed,
-            dense_tp=args.dense_tp,
-            mtp=args.mtp,
-            seq=args.seq,
-        )
+        names = ("gpus", "tp", "ep", "redundant_experts", "shared_as_routed", "dense_tp", "mtp", "seq")
+        result = plan_inference(cfg, gpu_mem=mem, **{k: getattr(args, k) for k in names})
         if args.json:
             print(json.dumps(result, indent=2))
             return 0
@@ -336,16 +334,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"of {args.seq}) -> {'fits' if result['fits'] else 'does NOT fit'}"
         )
         return 0
-    layout = Layout(
-        gpus=args.gpus,
-        pp=args.pp,
-        ep=args.ep,
-        zero=args.zero,
-        micro_batch=args.micro_batch,
-        seq=args.seq,
-        schedule=args.schedule,
-        global_batch=args.global_batch,
-    )
+    layout = Layout(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Layout)})
     result = plan(cfg, layout, gpu=gpu, gpu_mem=mem, rec=args.recipe, mfu=args.mfu, peak=args.peak)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -367,6 +356,110 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{result['gpu_hours_per_trillion_tokens'] / 1e3:,.1f}K GPU-hours per 10^12 tokens at MFU {result['mfu']:.1%} "
         f"({result['mfu_source']}; {result['flops_per_token'] / 1e9:.1f} GFLOP/token, main model + MTP)"
     )
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+
+    if args.execute:
+        return _pipeline_execute(args)
+    if args.schedule not in SCHEDULES:
+        raise ValueError(f"the simulator knows {', '.join(SCHEDULES)}; {args.schedule} runs with --execute only")
+
+    costs = Costs(f=args.f, b=args.b, w=args.w, fb=args.fb, p2p=args.p2p, a2a=args.a2a, overlap=not args.no_overlap)
+    timeline = simulate(make_schedule(args.schedule, args.pp, args.micro), costs)
+    summary = timeline.summary()
+    if args.plot:
+        plot_gantt(timeline).savefig(args.plot, dpi=110, bbox_inches="tight")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    row, formula = table2(args.schedule, args.pp, costs), TABLE2_FORMULAS[args.schedule]
+    t = chunk_times(costs)
+    broken = table2_assumptions(args.schedule, costs)
+    print(
+        f"{args.schedule}: PP = {args.pp} stages on {summary['devices']} devices, {args.micro} micro-batches; chunk "
+        f"times F = {t['F']:g}, B = {t['B']:g}, W = {t['W']:g}, F&B = {t['F&B']:g} (p2p {args.p2p:g}, a2a "
+        f"{args.a2a:g}, overlap {'off' if args.no_overlap else 'on'})"
+    )
+    verdict = "equal" if math.isclose(summary["bubble"], row["bubble"], rel_tol=1e-9, abs_tol=1e-9) else "differs"
+    print(f"makespan     {summary['makespan']:g}")
+    print(
+        f"bubble       {summary['bubble']:g} per device (largest over devices); Table 2 {formula[0]} = "
+        f"{row['bubble']:g} ({verdict})"
+    )
+    print(
+        f"activations  {summary['activation_peak']} micro-batch activations per device; "
+        f"Table 2 {formula[2]} = {row['activation']}"
+    )
+    print(f"parameters   {summary['param_copies']}x per device; Table 2 {formula[1]}")
+    if broken:
+        print("Table 2's formula is exact only when: " + "; ".join(broken) + " (not met here)")
+    print(f"{'rank':>4s} {'busy':>10s} {'bubble':>10s} {'activations':>12s} {'params':>7s}")
+    for r in summary["per_rank"]:
+        print(
+            f"{r['rank']:>4d} {r['busy']:>10g} {r['bubble']:>10g} {r['activation_peak']:>12d} {r['param_copies']:>6d}x"
+        )
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _pipeline_execute(args: argparse.Namespace) -> int:
+
+    from .parallel.pipeline import (  # torch.distributed.pipelining takes seconds to import: --execute only
+        RUNTIMES,
+        PipelineSpec,
+        devices_for,
+        executed_vs_simulated,
+        records_to_json,
+        run_pipeline,
+    )
+
+    if args.json:
+        raise ValueError("--json prints the simulation; with --execute write the measured run with --out FILE")
+    base = ModelConfig.preset(args.preset).to_dict()
+    changed = ModelConfig.preset(args.preset).with_overrides(args.set).to_dict()
+    overrides = {k: v for k, v in changed.items() if base.get(k) != v}
+    spec = PipelineSpec(
+        schedule=args.schedule,
+        preset=args.preset,
+        overrides=overrides,
+        n_micro=args.micro,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        measure_p2p=True,
+        device=args.device,
+    )
+    world = devices_for(args.schedule, args.pp)
+    records = run_pipeline(spec, world)
+    if records is None:  # a torchrun rank other than 0
+        return 0
+    engine = "torch.distributed.pipelining" if RUNTIMES[args.schedule][0] == "torch" else "dsv3lab's executor"
+    cfg = spec.model_config()
+    print(
+        f"executed {args.schedule}: PP = {args.pp} stages on {world} processes ({engine}, "
+        f"{'nccl' if args.device == 'cuda' else 'gloo'}), {args.micro} micro-batches of {args.micro_batch} x "
+        f"{args.seq_len} tokens, {args.preset} preset ({cfg.n_layers} layers, MTP D = {cfg.n_mtp}), {args.steps} steps"
+    )
+    for step in range(spec.steps):
+        losses = [t["main"] for r in records for t in r["steps"][step]["losses"]]
+        seconds = max(r["steps"][step]["seconds"] for r in records)
+        print(
+            f"step {step}: main loss {sum(losses) / len(losses):.4f} over {len(losses)} micro-batches, {seconds:.3f} s"
+        )
+    comparison = executed_vs_simulated(records, spec)
+    rows = pd.DataFrame(comparison)
+    table = rows.groupby(["rank", "source"])[["busy_s", "idle_s", "makespan_s"]].mean().unstack("source")
+    first = 1 if spec.steps > 1 else 0
+    print(
+        f"busy and idle seconds per rank, mean over steps {first}..{spec.steps - 1}: measured, and simulated for the "
+        f"same order with the measured chunk times and p2p {records[0].get('p2p_seconds', 0.0) * 1e3:.2f} ms"
+    )
+    print(table.round(4).to_string())
+    if args.out:
+        Path(args.out).write_text(json.dumps(records_to_json(spec, records, comparison), indent=1))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -516,6 +609,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "pipeline",
+        help="simulate a pipeline schedule (1F1B, ZB1P, DualPipe, DualPipeV): bubble, makespan, memory vs Table 2",
+    )
+    p.add_argument(
+        "schedule",
+        choices=["1f1b", "zb1p", "dualpipe", "dualpipev", "interleaved_zb", "zbv"],
+        help="the last two with --execute only",
+    )
+    p.add_argument("--pp", type=int, required=True, help="pipeline stages as in Table 2 (DualPipeV: on pp/2 devices)")
+    p.add_argument("--micro", type=int, required=True, help="micro-batches per optimizer step")
+    p.add_argument("--f", type=float, default=1.0, help="forward chunk time (default 1)")
+    p.add_argument("--b", type=float, default=2.0, help="full backward chunk time (default 2)")
+    p.add_argument("--w", type=float, default=1.0, help="weight-gradient part of the backward (default 1)")
+    p.add_argument("--fb", type=float, default=None, help="an overlapped F&B pair (default F + B)")
+    p.add_argument("--p2p", type=float, default=0.0, help="point-to-point transfer time between ranks (default 0)")
+    p.add_argument("--a2a", type=float, default=0.0, help="all-to-all time per chunk, hidden in F&B (default 0)")
+    p.add_argument("--no-overlap", action="store_true", help="F&B pairs do not hide their all-to-all")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write the Gantt chart to this file")
+    p.add_argument("--json", action="store_true", help="print bubble, makespan, activation_peak, param_copies, ...")
+    p.add_argument(
+        "--execute",
+        action="store_true",
+        help="train on real processes instead (spawned, or this rank under torchrun) and compare with the simulator",
+    )
+    p.add_argument("--preset", default="tiny", help="--execute: model preset (default tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--execute: a ModelConfig field")
+    p.add_argument("--steps", type=int, default=3, help="--execute: optimizer steps (default 3)")
+    p.add_argument("--micro-batch", type=int, default=2, help="--execute: sequences per micro-batch (default 2)")
+    p.add_argument("--seq-len", type=int, default=32, help="--execute: tokens per sequence (default 32)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--execute: cpu (gloo) or cuda (NCCL)")
+    p.add_argument("--out", default=None, metavar="JSON", help="--execute: write the measured run (events) here")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

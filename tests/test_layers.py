@@ -64,6 +64,7 @@ LAZY_ALLOWED = {
     "datasets": "optional: a user corpus saved with datasets.save_to_disk",
     "ipywidgets": "widgets are built only inside a notebook",
     "IPython": "display() exists only inside a notebook",
+    "dsv3lab.parallel.pipeline": "imports torch.distributed.pipelining (seconds): the CLI needs it for --execute only",
 }
 
 

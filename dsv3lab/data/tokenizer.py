@@ -119,11 +119,15 @@ class Tokenizer:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"no tokenizer at {str(p)!r}; expected a tokenizer.json file or a folder with one")
-        try:
-            hf = HFTokenizer.from_file(str(p))
-        except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
-            raise ValueError(f"{p} is not a readable tokenizer.json ({err})") from None
-        return cls(hf)
+        return cls(read_tokenizer_json(p))
+
+
+def read_tokenizer_json(path: str | os.PathLike) -> HFTokenizer:
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file; a corrupt file is a ``ValueError`` naming it."""
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
+        raise ValueError(f"{path} is not a readable tokenizer.json ({err})") from None
 
 
 def _new_hf_tokenizer() -> HFTokenizer:

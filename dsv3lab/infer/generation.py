@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer as HFTokenizer
 
 from ..data import Tokenizer
+from ..data.tokenizer import read_tokenizer_json
 from ..model import DeepSeekV3
 from ..model.mla import cache_layout as cache_layout_of
 from .sampling import TokenCallback, make_generator, sample
@@ -57,10 +57,7 @@ def load_tokenizer(path: str | os.PathLike):
         p = p / "tokenizer.json" if (p / "tokenizer.json").exists() else p / "tokenizer" / "tokenizer.json"
     if not p.exists():
         raise FileNotFoundError(f"no tokenizer.json in {path}; pass token ids instead of text (--ids)")
-    try:
-        hf = HFTokenizer.from_file(str(p))
-    except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
-        raise ValueError(f"{p} is not a readable tokenizer.json ({err})") from None
+    hf = read_tokenizer_json(p)
     try:
         return Tokenizer(hf)
     except ValueError:  # not one of dsv3lab's tokenizers: no bos/eos/FIM specials

@@ -211,9 +211,11 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std)
         self.tokens_per_expert.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, d = x.shape
-        flat = x.reshape(b * s, d)  # [T, dim]
+    def route(self, flat: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router with its bookkeeping, for tokens ``flat`` [T = b·s, dim]: gate weights [T, K] and expert indices
+        [T, K]; records ``last_counts``, ``last_indices``, the training counts for the bias update, and the
+        α-weighted balance losses in ``last_aux_loss``. ``forward`` and the expert-parallel and pipeline-overlap
+        layers (``dsv3lab.parallel``) all route through here."""
         weights, indices, scores = self.gate(flat)  # [T, K], [T, K], [T, E]
         with torch.no_grad():
             counts = expert_counts(indices, self.cfg.n_routed_experts)
@@ -230,6 +232,12 @@ class MoE(nn.Module):
             if self.cfg.seq_aux_loss_alpha > 0:
                 aux = aux + self.cfg.seq_aux_loss_alpha * balance_loss(scores_bs, idx_bs, per_sequence=True)
             self.last_aux_loss = aux
+        return weights, indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d)  # [T, dim]
+        weights, indices = self.route(flat, b, s)  # [T, K], [T, K]
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

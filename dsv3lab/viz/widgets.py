@@ -7,6 +7,8 @@ that function first, so executed and exported notebooks keep a result even where
   (wraps :func:`dsv3lab.viz.plot_plan_memory` over :func:`dsv3lab.plan.plan`). Notebook: 11_scale_to_full.
 * :func:`yarn_explorer` — YaRN's scale s and ramp bounds β (``beta_fast``) and α (``beta_slow``) against the
   wavelength of every rotary pair (wraps :func:`dsv3lab.viz.plot_yarn`). Notebook: 01_building_blocks.
+* :func:`pipeline_explorer` — a pipeline schedule's simulated Gantt chart under chosen PP, micro-batches, chunk
+  costs and all-to-all overlap, against Table 2 (wraps :func:`dsv3lab.viz.pipeline.plot_gantt`). Notebook: 08_dualpipe.
 * :func:`accumulation_explorer` — the FP8 GEMM's accumulator bits and promotion interval N_C against the error over
   K (wraps :func:`dsv3lab.viz.fp8.plot_accumulation_vs_k`). Notebook: 07_fp8.
 
@@ -29,9 +31,12 @@ from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
 from ..fp8.accum import N_C, accumulation_sweep
 from ..model.rope import rope_frequencies, yarn_correction_range
+from ..parallel.schedules import SCHEDULES, make_schedule
+from ..parallel.simulator import TABLE2_FORMULAS, Costs, simulate, table2
 from ..plan import PAPER_TRAINING, Layout, plan, plan_table
 from .architecture import plot_kv_vs_rank, plot_yarn
 from .fp8 import plot_accumulation_vs_k
+from .pipeline import plot_gantt
 from .plan import plot_plan_memory
 
 RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
@@ -256,3 +261,50 @@ def accumulation_explorer(ks=(256, 512, 1024, 2048, 4096), m: int = 8, n: int = 
         widget.observe(redraw, names="value")
     redraw()
     return w.VBox([w.HBox([bits_w, nc_w, dist_w]), summary, out])
+
+
+def pipeline_summary(name: str, pp: int, n_micro: int, costs) -> str:
+    """One line: the simulated bubble, activations and devices against Table 2's row."""
+    t = simulate(make_schedule(name, pp, n_micro), costs).summary()
+    row = table2(name, pp, costs)
+    return (
+        f"{name}: makespan {t['makespan']:.3g}, bubble {t['bubble']:.3g} per device (Table 2 "
+        f"{TABLE2_FORMULAS[name][0]} = {row['bubble']:.3g}), activations {t['activation_peak']} "
+        f"(Table 2 {row['activation']}), parameters {t['param_copies']}×, {t['devices']} devices"
+    )
+
+
+def pipeline_explorer(schedule: str = "dualpipe", pp: int = 8, n_micro: int = 20):
+    """Controls for the schedule, PP, micro-batches, F, B, W, the all-to-all per chunk and whether F&B pairs hide it;
+    redraws :func:`dsv3lab.viz.pipeline.plot_gantt` of the simulated timeline and a summary against Table 2.
+    Impossible combinations (DualPipe needs an even count >= 2·PP) show the error instead. Notebook: 08_dualpipe."""
+    import ipywidgets as w
+
+    name_w = w.Dropdown(options=list(SCHEDULES), value=schedule, description="schedule")
+    pp_w = w.IntSlider(value=pp, min=2, max=16, step=2, description="PP")
+    m_w = w.IntSlider(value=n_micro, min=2, max=48, step=2, description="micro-batches")
+    f_w = w.FloatSlider(value=1.0, min=0.2, max=3.0, step=0.1, description="F")
+    b_w = w.FloatSlider(value=2.0, min=0.2, max=6.0, step=0.1, description="B (full)")
+    w_w = w.FloatSlider(value=1.0, min=0.0, max=3.0, step=0.1, description="W")
+    a2a_w = w.FloatSlider(value=0.0, min=0.0, max=3.0, step=0.1, description="all-to-all")
+    overlap_w = w.Checkbox(value=True, description="F&B hides the all-to-all")
+    summary = w.HTML()
+    out = w.Output()
+
+    def update(*_):
+        try:
+            costs = Costs(
+                f=f_w.value, b=b_w.value, w=min(w_w.value, b_w.value), a2a=a2a_w.value, overlap=overlap_w.value
+            )
+            timeline = simulate(make_schedule(name_w.value, pp_w.value, m_w.value), costs)
+            summary.value = f"<code>{pipeline_summary(name_w.value, pp_w.value, m_w.value, costs)}</code>"
+        except ValueError as err:
+            summary.value = f"<code>{err}</code>"
+            out.outputs = ()
+            return
+        show_figure(out, plot_gantt(timeline, labels=m_w.value <= 24))
+
+    for widget in (name_w, pp_w, m_w, f_w, b_w, w_w, a2a_w, overlap_w):
+        widget.observe(update, names="value")
+    update()
+    return w.VBox([w.HBox([name_w, pp_w, m_w]), w.HBox([f_w, b_w, w_w]), w.HBox([a2a_w, overlap_w]), summary, out])
