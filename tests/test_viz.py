@@ -139,6 +139,19 @@ def test_text_overlaps_finds_the_colorbar_label_on_the_next_panel():
     assert found["constrained"] == []
 
 
+def test_text_overlaps_ignores_what_is_not_drawn():
+    """A twin's shared x axis is hidden (its labels still say visible), an axes switched off draws no ticks."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, off) = plt.subplots(1, 2, figsize=(6, 2.5), layout="constrained")
+    ax.plot([0, 1], [0, 1])
+    ax.twinx().plot([0, 1], [1, 0])
+    off.axis("off")
+    off.set_xticks([0.5], ["a long label that would run into the panel on the left"])
+    assert layout.text_overlaps(fig) == []
+    plt.close(fig)
+
+
 def test_figure_hook_warns_on_overlapping_labels():
     import matplotlib.pyplot as plt
 

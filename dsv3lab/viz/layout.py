@@ -33,20 +33,26 @@ def _labelled_texts(fig: Figure, renderer) -> list[tuple[str, str, Text]]:
     if suptitle is not None:
         found.append(("figure", "suptitle", suptitle))
     for i, ax in enumerate(fig.axes):
+        if not ax.get_visible():
+            continue
         owner = f"axes {i} ({ax.get_label() or ax.get_title() or 'untitled'})"
         for loc in ("left", "center", "right"):
             found.append((owner, "title", ax.title if loc == "center" else getattr(ax, f"_{loc}_title")))
-        found.append((owner, "xlabel", ax.xaxis.label))
-        found.append((owner, "ylabel", ax.yaxis.label))
+        if not ax.axison:  # ax.axis("off"): no labels or ticks are drawn
+            continue
         box = ax.get_window_extent(renderer)
-        for t in ax.get_xticklabels():
-            x = t.get_window_extent(renderer).x0 + t.get_window_extent(renderer).width / 2
-            if box.x0 - TOLERANCE_PX <= x <= box.x1 + TOLERANCE_PX:
-                found.append((owner, "xtick", t))
-        for t in ax.get_yticklabels():
-            y = t.get_window_extent(renderer).y0 + t.get_window_extent(renderer).height / 2
-            if box.y0 - TOLERANCE_PX <= y <= box.y1 + TOLERANCE_PX:
-                found.append((owner, "ytick", t))
+        if ax.xaxis.get_visible():  # a twin's shared axis is hidden, its labels still report visible
+            found.append((owner, "xlabel", ax.xaxis.label))
+            for t in ax.get_xticklabels():
+                e = t.get_window_extent(renderer)
+                if box.x0 - TOLERANCE_PX <= (e.x0 + e.x1) / 2 <= box.x1 + TOLERANCE_PX:
+                    found.append((owner, "xtick", t))
+        if ax.yaxis.get_visible():
+            found.append((owner, "ylabel", ax.yaxis.label))
+            for t in ax.get_yticklabels():
+                e = t.get_window_extent(renderer)
+                if box.y0 - TOLERANCE_PX <= (e.y0 + e.y1) / 2 <= box.y1 + TOLERANCE_PX:
+                    found.append((owner, "ytick", t))
     return [(o, r, t) for o, r, t in found if t.get_visible() and t.get_text().strip()]
 
 
