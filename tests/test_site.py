@@ -195,8 +195,13 @@ def _crawl(chromium, server: str, shots: Path) -> dict[str, dict]:
         if page.locator(f'script[type="{WIDGET_VIEW}"]').count():  # the widget manager renders after load
             page.wait_for_selector(".jupyter-widgets", timeout=20_000)
         state = page.evaluate(PAGE_STATE)
+        name = rel.replace("/", "__").removesuffix(".html")
         if not rel.startswith("api/"):  # the module pages are text: one screenshot of the API index is enough
-            page.screenshot(path=str(shots / (rel.replace("/", "__").removesuffix(".html") + ".png")))
+            page.screenshot(path=str(shots / f"{name}.png"))
+        widget_figures = page.locator(".cell_output", has=page.locator(".jupyter-widgets img"))
+        if widget_figures.count():  # the last saved widget that shows a figure, alone
+            widget_figures.last.scroll_into_view_if_needed()
+            widget_figures.last.screenshot(path=str(shots / f"{name}__widget.png"))
         state["problems"] = watch.take()
         results[rel] = state
         for link in state.pop("links"):
