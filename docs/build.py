@@ -145,7 +145,8 @@ def executed_notebooks(mode: str, reuse: bool, jobs: int) -> dict[Path, object]:
 
 
 def assemble(src: Path, mode: str, reuse: bool, jobs: int) -> None:
-    """The Sphinx source folder: index (README + table of contents), figures/, notebooks/, api, conf, _static."""
+    """The Sphinx source folder: index (README + table of contents, docs/*.png), figures/, notebooks/, api, conf,
+    _static."""
     if src.exists():
         shutil.rmtree(src)
     src.mkdir(parents=True)
@@ -158,6 +159,9 @@ def assemble(src: Path, mode: str, reuse: bool, jobs: int) -> None:
     shutil.copytree(ROOT / "figures", src / "figures", ignore=shutil.ignore_patterns("*.csv", "*.json", "sections"))
     toc = "\n".join(f"notebooks/{p.relative_to(NOTEBOOKS).with_suffix('')}" for p in notebooks)
     (src / "index.md").write_text((ROOT / "README.md").read_text() + INDEX_TOC.format(notebooks=toc))
+    (src / "docs").mkdir()
+    for png in (ROOT / "docs").glob("*.png"):  # the README's screenshot
+        shutil.copyfile(png, src / "docs" / png.name)
     (src / "api.rst").write_text(API_PAGE)
     shutil.copyfile(ROOT / "docs" / "conf.py", src / "conf.py")
     shutil.copytree(ROOT / "docs" / "_static", src / "_static")

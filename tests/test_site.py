@@ -213,9 +213,8 @@ def _crawl(chromium, server: str, shots: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def crawled(chromium, server):
-    mode = "default" if os.environ.get("DSV3LAB_SITE") else "fast"
-    shots = ROOT / "data" / "cache" / "site-check" / mode
+def crawled(chromium, server, site):
+    shots = ROOT / "data" / "cache" / "site-check" / site.parent.name  # default or fast for the sites docs.build makes
     shutil.rmtree(shots, ignore_errors=True)
     shots.mkdir(parents=True)
     t0 = time.perf_counter()
