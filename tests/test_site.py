@@ -7,7 +7,7 @@
 * JupyterLab, headless on a local port: notebook 04 runs top to bottom (Run All) without an error output, its
   scrubber renders its figure and draws a new one, inside itself, when the step and the run change; notebook 02's
   rank explorer does the same after a slider move and a preset change; nothing lands in the log console (where a
-  figure printed outside its widget goes).
+  figure printed outside its widget goes); a probe widget that does print outside proves the log check can fail.
 
 Which site: ``DSV3LAB_SITE=<folder with index.html>`` (``make site-check`` after ``make site``); otherwise the fast
 site is built from the notebooks tests/test_notebooks.py executed (``python -m docs.build --mode fast --reuse``).
@@ -422,3 +422,40 @@ def _shots() -> Path:
     shots = ROOT / "data" / "cache" / "site-check" / "jupyterlab"
     shots.mkdir(parents=True, exist_ok=True)
     return shots
+
+
+PROBE = """import ipywidgets as w
+import matplotlib.pyplot as plt
+from IPython.display import display
+
+probe = w.IntSlider(description="probe")
+
+
+def escape(change):
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, change["new"]])
+    display(fig)  # inside no Output widget: JupyterLab sends it to the log console
+    plt.close(fig)
+
+
+probe.observe(escape, names="value")
+probe"""
+
+
+def test_jupyterlab_log_console_check_sees_an_escaped_figure(chromium, lab):
+    """The check above can fail: a slider whose callback displays a figure outside any output widget puts an entry
+    in the log console, and _log_entries counts it."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PROBE)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, lab[2] / "notebooks" / "escape_probe.ipynb")
+    page, _ = _open_notebook(chromium, lab, "escape_probe.ipynb")
+    page.locator(".jp-Cell .jp-InputArea-editor").first.click()
+    page.keyboard.press("Shift+Enter")
+    slider = page.locator(".jp-OutputArea-output .widget-hslider").first
+    slider.wait_for(timeout=60_000)
+    _settle(page)
+    slider.locator(".noUi-handle, .ui-slider-handle").first.focus()
+    page.keyboard.press("ArrowRight")
+    _settle(page)
+    assert _log_entries(page) >= 1, "the escaped figure did not reach the log console: the check would see nothing"
+    page.close()
