@@ -350,10 +350,23 @@ def _settle(page, timeout_ms: int = 120_000):
     page.wait_for_timeout(300)  # the last state update reaches the widget view
 
 
+ERROR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"] .ansi-red-fg'
+
+
+def _wait_for_widget_or_error(page, widget, timeout_s: float = 240):
+    """Run All stops at a cell that raises: wait for the widget, but fail at once on an error output."""
+    t0 = time.time()
+    while widget.count() == 0:
+        errors = page.locator(ERROR_OUTPUT)
+        assert errors.count() == 0, f"a cell raised: {errors.first.inner_text()[:2000]}"
+        assert time.time() - t0 < timeout_s, f"no widget after {timeout_s:.0f} s"
+        page.wait_for_timeout(500)
+
+
 def _no_error_outputs(page):
     errors = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
     texts = [t for t in errors.all_inner_texts() if any(b in t for b in BAD_TEXT)]
-    tracebacks = page.locator(".jp-OutputArea-output .ansi-red-fg, .jp-RenderedText[data-mime-type*='error']")
+    tracebacks = page.locator(ERROR_OUTPUT)
     assert not texts and tracebacks.count() == 0, texts or tracebacks.first.inner_text()[:2000]
 
 
@@ -362,8 +375,8 @@ def test_jupyterlab_runs_04_and_its_scrubber_responds(chromium, lab):
     t0 = time.perf_counter()
     _menu(page, "Run", "Run All Cells")
     scrubber = page.locator(".jp-OutputArea-output .widget-vbox", has=page.locator(".widget-label", has_text="step"))
-    scrubber.wait_for(timeout=180_000)
-    page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=180_000)
+    _wait_for_widget_or_error(page, scrubber)
+    _settle(page)
     print(f"\nJupyterLab: notebook 04 ran in {time.perf_counter() - t0:.0f} s")
     _no_error_outputs(page)
     scrubber.scroll_into_view_if_needed()
@@ -442,10 +455,11 @@ probe.observe(escape, names="value")
 probe"""
 
 
-def test_jupyterlab_log_console_check_sees_an_escaped_figure(chromium, lab):
-    """The check above can fail: a slider whose callback displays a figure outside any output widget puts an entry
-    in the log console, and _log_entries counts it."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PROBE)])
+def test_jupyterlab_checks_see_an_escaped_figure_and_an_error(chromium, lab):
+    """The checks above can fail: a slider whose callback displays a figure outside any output widget puts an entry
+    in the log console, and _log_entries counts it; a cell that raises is seen by _no_error_outputs."""
+    cells = [nbformat.v4.new_code_cell(PROBE), nbformat.v4.new_code_cell('raise ValueError("probe error")')]
+    nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, lab[2] / "notebooks" / "escape_probe.ipynb")
     page, _ = _open_notebook(chromium, lab, "escape_probe.ipynb")
@@ -458,4 +472,9 @@ def test_jupyterlab_log_console_check_sees_an_escaped_figure(chromium, lab):
     page.keyboard.press("ArrowRight")
     _settle(page)
     assert _log_entries(page) >= 1, "the escaped figure did not reach the log console: the check would see nothing"
+    page.locator(".jp-Cell .jp-InputArea-editor").last.click()  # the second cell raises
+    page.keyboard.press("Shift+Enter")
+    _settle(page)
+    with pytest.raises(AssertionError, match="probe error"):
+        _no_error_outputs(page)
     page.close()
