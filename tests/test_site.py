@@ -117,7 +117,10 @@ def site() -> Path:
         html = Path(os.environ["DSV3LAB_SITE"])
         assert (html / "index.html").exists(), f"DSV3LAB_SITE={html} has no index.html: run `make site` first"
         return html
-    subprocess.run([sys.executable, "-m", "docs.build", "--mode", "fast", "--reuse"], cwd=ROOT, check=True)
+    build = [sys.executable, "-m", "docs.build", "--mode", "fast", "--reuse"]
+    done = subprocess.run(build, cwd=ROOT, capture_output=True, text=True)  # Sphinx's docstring warnings: on failure
+    assert done.returncode == 0, f"{' '.join(build)} failed:\n{(done.stdout + done.stderr)[-5000:]}"
+    print("\n" + "\n".join(line for line in done.stdout.splitlines() if line.startswith(("notebooks:", "site:"))))
     return ROOT / "data" / "cache" / "site" / "fast" / "html"
 
 
@@ -317,7 +320,7 @@ def _open_notebook(chromium, lab, name: str):
     base, token, _ = lab
     page = chromium.new_page()
     watch = PageWatch(page, base)
-    page.goto(f"{base}/lab/tree/notebooks/{name}?token={token}")
+    page.goto(f"{base}/lab/tree/notebooks/{name}?reset&token={token}")  # reset: no layout from an earlier page
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=60_000)  # the kernel is up
     return page, watch
@@ -330,8 +333,10 @@ def _menu(page, menu: str, item: str):
 
 def _log_entries(page) -> int:
     """Entries in JupyterLab's log console (outputs that belong to no cell: a figure printed outside its widget)."""
-    _menu(page, "View", "Show Log Console")
-    page.wait_for_selector(".jp-LogConsolePanel", timeout=10_000)
+    panel = page.locator(".jp-LogConsolePanel")
+    if not panel.is_visible():  # the menu item toggles the panel
+        _menu(page, "View", "Show Log Console")
+    panel.wait_for(timeout=10_000)
     page.wait_for_timeout(300)
     return page.locator(".jp-LogConsolePanel .jp-OutputArea-child").count()
 
