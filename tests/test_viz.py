@@ -4,13 +4,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from dsv3lab import ModelConfig, viz
+from dsv3lab.accounting import kv_cache_comparison
 from dsv3lab.utils import time_alternating
+from dsv3lab.viz import layout, training
 
 
 def test_plot_bars_draws_one_bar_per_case_and_variant():
@@ -40,6 +43,12 @@ def test_plot_gate_scores_mean_of_sorted_affinities():
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.6, 0.25, 0.15], rtol=1e-6)
 
 
+def _png(out) -> str:
+    """The one PNG an Output widget shows (base64)."""
+    assert len(out.outputs) == 1, out.outputs
+    return out.outputs[0]["data"]["image/png"]
+
+
 def test_kv_rank_widget_redraws_on_change():
     pytest.importorskip("ipywidgets")
     from dsv3lab.viz.widgets import kv_rank_explorer, kv_rank_summary
@@ -47,13 +56,129 @@ def test_kv_rank_widget_redraws_on_change():
     cfg = ModelConfig.preset("671B")
     assert "MLA 70,272 B/token" in kv_rank_summary(cfg) and "2.25 groups" in kv_rank_summary(cfg)
     box = kv_rank_explorer("671B")
-    summary = box.children[2]
+    summary, out = box.children[2], box.children[3]
     assert "d_c=512" in summary.value
+    before = _png(out)
     rank = box.children[1].children[0]
     rank.value = 256
     assert "d_c=256" in summary.value
     bytes_256 = (256 + 64) * 61 * 2
     assert f"MLA {bytes_256:,} B/token" in summary.value
+    assert _png(out) != before  # the figure was redrawn into the widget's own output
+
+
+def test_kv_rank_widget_preset_change_sets_the_presets_ranks():
+    """Issue 16 §5: after a slider move and a preset change, d_c and d_h^R kept the previous preset's values (the
+    summary then said "0.4× more"), and the redraw escaped the widget's output."""
+    pytest.importorskip("ipywidgets")
+    from dsv3lab.viz.widgets import kv_rank_explorer
+
+    box = kv_rank_explorer("671B")
+    (preset, groups), (rank, rope), summary, out = *(c.children for c in box.children[:2]), *box.children[2:]
+    rank.value = 1024
+    moved = _png(out)
+    preset.value = "toy"
+    toy = ModelConfig.preset("toy")
+    assert (rank.value, rope.value) == (toy.kv_lora_rank, toy.qk_rope_head_dim)
+    assert groups.max == toy.n_heads and groups.value == min(8, toy.n_heads)
+    kv = kv_cache_comparison(toy, groups.value)
+    mla, mha = kv["MLA (latent)"], kv["MHA"]
+    assert f"MLA {mla:,} B/token; MHA {mha:,} = {mha / mla:.1f}× MLA" in summary.value
+    assert _png(out) != moved
+
+
+def test_kv_summary_never_says_more_for_less():
+    from dsv3lab.viz.widgets import kv_rank_summary
+
+    cfg = ModelConfig.preset("toy").replace(kv_lora_rank=512, qk_rope_head_dim=64)  # MLA > MHA here
+    assert "MHA 2,048 = 0.44× MLA" in kv_rank_summary(cfg, 4)
+
+
+def test_kv_vs_rank_baselines_each_have_their_own_style():
+    ax = viz.plot_kv_vs_rank(ModelConfig.preset("671B")).axes[0]
+    styles = {
+        line.get_label(): (matplotlib.colors.to_hex(line.get_color()), line.get_linestyle())
+        for line in ax.lines
+        if line.get_label() in ("MHA", "GQA", "MQA")
+    }
+    assert len(styles) == 3 and len(set(styles.values())) == 3, styles
+
+
+def _loads(steps=12, layers=2, experts=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 40, (steps, layers, experts)), rng.normal(0, 0.01, (steps, layers, experts))
+
+
+def test_plot_load_step_draws_the_window_and_marks_the_step():
+    counts, bias = _loads()
+    fig = training.plot_load_step(counts, bias, step=7, layer=1, window=3)
+    heat, traj = fig.axes[0], fig.axes[1]
+    c = counts[5:8].sum(axis=0)
+    np.testing.assert_allclose(heat.images[0].get_array(), c / c.mean(axis=-1, keepdims=True))
+    np.testing.assert_allclose(traj.lines[0].get_ydata(), bias[:, 1, 0])
+    assert any(np.allclose(line.get_xdata(), 7) for line in traj.lines)
+    assert layout.text_overlaps(fig) == []
+    with pytest.raises(ValueError, match="step"):
+        training.plot_load_step(counts, bias, step=12)
+
+
+def test_text_overlaps_finds_the_colorbar_label_on_the_next_panel():
+    """Notebook 04's scrubber before the fix: two panels without a layout engine, the left one's colorbar label and
+    ticks under the right one's y label. The check must see it; constrained layout must clear it."""
+    import matplotlib.pyplot as plt
+
+    counts, bias = _loads()
+    found = {}
+    for engine in (None, "constrained"):
+        fig, axes = plt.subplots(1, 2, figsize=(13, 3), layout=engine)
+        training.plot_load_heatmap(training.relative_load_window(counts, 0, 5), ax=axes[0])
+        training.plot_bias_trajectories(bias, ax=axes[1])
+        found[engine] = layout.text_overlaps(fig)
+        plt.close(fig)
+    assert any("bias $b_i$" in p and "<colorbar>" in p for p in found[None]), found[None]
+    assert found["constrained"] == []
+
+
+def test_text_overlaps_ignores_what_is_not_drawn():
+    """A twin's shared x axis is hidden (its labels still say visible), an axes switched off draws no ticks."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax, off) = plt.subplots(1, 2, figsize=(6, 2.5), layout="constrained")
+    ax.plot([0, 1], [0, 1])
+    ax.twinx().plot([0, 1], [1, 0])
+    off.axis("off")
+    off.set_xticks([0.5], ["a long label that would run into the panel on the left"])
+    assert layout.text_overlaps(fig) == []
+    plt.close(fig)
+
+
+def test_figure_hook_warns_on_overlapping_labels():
+    import matplotlib.pyplot as plt
+
+    with matplotlib.rc_context({"figure.hooks": ["dsv3lab.viz.layout:warn_on_overlaps"]}):
+        fig, axes = plt.subplots(1, 2, figsize=(3, 2))
+        for ax in axes:  # each x tick label wider than its panel
+            ax.set_xticks([0.5], ["a tick label wider than its panel"])
+        with pytest.warns(layout.LayoutWarning, match="overlapping labels"):
+            fig.canvas.draw()
+        plt.close(fig)
+
+
+def test_load_scrubber_redraws_into_its_output():
+    pytest.importorskip("ipywidgets")
+    from dsv3lab.viz.widgets import load_scrubber
+
+    a, b = _loads(seed=0), _loads(seed=1)
+    box = load_scrubber({"none": a[0], "aux_free": b[0]}, {"none": a[1], "aux_free": b[1]})
+    (run, step, layer), out = box.children[0].children, box.children[1]
+    assert (run.value, step.value, layer.value) == ("none", 11, 0)
+    seen = {_png(out)}
+    for widget, value in ((step, 3), (layer, 1), (run, "aux_free")):
+        widget.value = value
+        seen.add(_png(out))
+    assert len(seen) == 4  # each change drew a new figure into the same output
+    with pytest.raises(ValueError, match="same runs"):
+        load_scrubber({"none": a[0]}, {"x": a[1]})
 
 
 def test_time_alternating_reports_every_function():

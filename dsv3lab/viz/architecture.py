@@ -68,6 +68,10 @@ def plot_params(table: pd.DataFrame, ax=None) -> Figure:
     return fig
 
 
+# The attention variants MLA is compared with: each its own colour and line style (MHA and MQA were once alike).
+BASELINE_STYLES = {"MHA": dict(color="C1", ls="--"), "GQA": dict(color="C2", ls="-."), "MQA": dict(color="C3", ls=":")}
+
+
 def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups: int = 8, ax=None) -> Figure:
     """KV bytes per token as the latent rank d_c varies, against MHA/GQA/MQA lines for ``cfg``'s heads."""
     fig, ax = fig_ax(ax)
@@ -75,8 +79,8 @@ def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups
     mla = [kv_cache_comparison(cfg.replace(kv_lora_rank=r), gqa_groups)["MLA (latent)"] for r in ranks]
     ax.plot(ranks, mla, "o-", label="MLA latent (d_c + d_h^R)")
     for name, value in kv_cache_comparison(cfg, gqa_groups).items():
-        if not name.startswith("MLA"):
-            ax.axhline(value, ls="--", lw=1, label=name, color={"M": "C1", "G": "C2"}.get(name[0], "C3"))
+        if name in BASELINE_STYLES:
+            ax.axhline(value, lw=1.2, label=name, **BASELINE_STYLES[name])
     ax.axvline(cfg.kv_lora_rank, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

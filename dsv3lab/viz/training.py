@@ -166,6 +166,30 @@ def plot_bias_trajectories(bias: np.ndarray, layer: int = 0, ax=None, title: str
     return fig
 
 
+def plot_load_step(
+    counts: np.ndarray, bias: np.ndarray, step: int, layer: int = 0, window: int = 5, name: str = ""
+) -> Figure:
+    """One step of a run, as notebook 04's scrubber shows it: the relative load of every MoE layer summed over the
+    ``window`` steps up to ``step`` (left), and the selection bias of MoE layer ``layer`` over the whole run with
+    ``step`` marked (right). ``counts`` and ``bias`` are ``loads.npz`` arrays [steps, layers, experts]. Constrained
+    layout keeps the colorbar's label clear of the right panel's ticks."""
+    if not 0 <= step < counts.shape[0]:
+        raise ValueError(f"step must be in [0, {counts.shape[0] - 1}], got {step}")
+    if not 0 <= layer < bias.shape[1]:
+        raise ValueError(f"layer must be in [0, {bias.shape[1] - 1}], got {layer}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    start = max(0, step - window + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), layout="constrained")
+    prefix = f"{name}: " if name else ""
+    plot_load_heatmap(
+        relative_load_window(counts, start, step + 1), ax=axes[0], title=f"{prefix}relative load, steps {start}-{step}"
+    )
+    plot_bias_trajectories(bias, layer=layer, ax=axes[1], title=f"{prefix}bias of MoE layer {layer}")
+    axes[1].axvline(step, color="k", ls="--", lw=0.8)
+    return fig
+
+
 def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str = "", vmax: float = 4.0) -> Figure:
     """Fig. 9: relative expert load per domain (rows) and expert (columns) in one layer (``expert_load.csv`` rows of
     one evaluation)."""
