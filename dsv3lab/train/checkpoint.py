@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import without_later_defaults
 from ..files import atomic_folder, atomic_write_json, atomic_write_text
 from .config import config_differences
 
@@ -114,13 +115,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_FILE)), state
 
 
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: saved -> current`` between two ``ModelConfig.to_dict()`` (``name`` and later fields at their
+    defaults left out)."""
+    saved, current = ({k: v for k, v in without_later_defaults(d).items() if k != "name"} for d in (saved, current))
+    return config_differences(saved, current)
+
+
 def check_config(state: dict[str, Any], train_identity: dict[str, Any], model_cfg: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint written by another configuration, naming every mismatched field."""
     diffs = [f"train.{d}" for d in config_differences(state.get("train_config", {}), train_identity)]
-    saved_model = {k: v for k, v in state.get("model_config", {}).items() if k != "name"}
-    diffs += [
-        f"model.{d}" for d in config_differences(saved_model, {k: v for k, v in model_cfg.items() if k != "name"})
-    ]
+    diffs += [f"model.{d}" for d in model_differences(state.get("model_config", {}), model_cfg)]
     if diffs:
         raise ValueError(
             f"{where} was written by another configuration; mismatched fields (saved -> now): " + "; ".join(diffs)

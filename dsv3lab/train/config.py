@@ -38,6 +38,7 @@ from ..config import (
     _check_keys,
     check_fields,
     parse_value,
+    without_later_defaults,
 )
 
 BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
@@ -265,7 +266,9 @@ class TrainConfig:
     def hash(self) -> str:
         """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""
         blob = json.dumps(
-            {"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True, default=str
+            {"train": self.identity(), "model": without_later_defaults(self.model_config().to_dict())},
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -45,6 +45,7 @@ from .checkpoint import (
     check_config,
     latest_checkpoint,
     load_optimizer_state,
+    model_differences,
     read_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -143,9 +144,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             shutil.rmtree(out)
         else:
             diffs = [f"train.{d}" for d in config_differences(saved.get("train_config", {}), cfg.identity())]
-            saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "name"}
-            now_model = {k: v for k, v in model_cfg.to_dict().items() if k != "name"}
-            diffs += [f"model.{d}" for d in config_differences(saved_model, now_model)]
+            diffs += [f"model.{d}" for d in model_differences(saved.get("model_config", {}), model_cfg.to_dict())]
             if not resume:
                 what = ("a different run (" + "; ".join(diffs) + ")") if diffs else "this run already"
                 raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to replace it")
