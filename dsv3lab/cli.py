@@ -4,6 +4,7 @@ Commands::
 
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
+    dsv3lab train --from RUN_OR_CKPT [--steps N] [--set key=value ...] --out NEW_DIR     (a new stage)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
@@ -26,6 +27,7 @@ from .infer import convert, generate, load_any, load_tokenizer
 from .infer.checkpoint import parse_size
 from .infer.generation import decode
 from .train import TrainConfig, TrainingDiverged, train
+from .train.stages import stage_config
 
 
 def _human(n: float) -> str:
@@ -68,10 +70,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(preset=args.preset, out=args.out, device=args.device, progress=not args.quiet)
-    if args.steps is not None:
-        cfg = cfg.replace(steps=args.steps)
-    cfg = cfg.with_overrides(args.set)
+    env = dict(out=args.out, device=args.device, progress=not args.quiet)
+    if args.init_from:  # a new stage: the parent run's settings, then --steps and --set
+        if args.preset is not None:
+            raise ValueError("--from continues the parent's model: drop --preset (change settings with --set)")
+        cfg = stage_config(args.init_from, args.set, **env, **({"steps": args.steps} if args.steps else {}))
+    else:
+        cfg = TrainConfig(preset=args.preset or "toy", **env)
+        if args.steps is not None:
+            cfg = cfg.replace(steps=args.steps)
+        cfg = cfg.with_overrides(args.set)
     cfg.model_config()  # validate the model settings before any data is built
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -265,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model; metrics, checkpoints and the tokenizer go to --out")
-    p.add_argument("--preset", default="toy", help=f"model preset, one of: {', '.join(PRESETS)} (default toy)")
+    p.add_argument("--preset", default=None, help=f"model preset, one of: {', '.join(PRESETS)} (default toy)")
+    p.add_argument(
+        "--from",
+        dest="init_from",
+        default="",
+        metavar="RUN_OR_CKPT",
+        help="start a new stage from this run's latest checkpoint (or this ckpt-* folder): its weights and settings, "
+        "changed by --set (RoPE/YaRN, sequence length, data, schedule ...); writes a new run folder --out",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: TrainConfig.steps)")
     p.add_argument(
         "--set",

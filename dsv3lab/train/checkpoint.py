@@ -29,6 +29,7 @@ from ..config import without_later_defaults
 from ..files import atomic_folder, atomic_write_json, atomic_write_text
 from .config import config_differences
 
+RUN_FILE = "run.json"  # a run folder's configs (and, for a stage, its parent)
 LATEST = "latest"
 PREFIX = "ckpt-"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"

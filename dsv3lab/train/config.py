@@ -47,7 +47,7 @@ ADAM_MOMENTS = ("fp32", "bf16")
 
 # Fields added after runs were first cached: part of a run's identity only when they differ from their default (which
 # reproduces the earlier behaviour), so adding an option does not invalidate cached runs or refuse their resumption.
-LATER_FIELDS = ("adam_moments",)
+LATER_FIELDS = ("adam_moments", "init_from")
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
@@ -75,7 +75,7 @@ TRAIN_RULES: dict[str, Rule] = {
     **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
     **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
     **dict.fromkeys(("log_loads", "progress"), BOOL),
-    **dict.fromkeys(("corpus", "out", "device"), Rule(str)),
+    **dict.fromkeys(("corpus", "out", "device", "init_from"), Rule(str)),
 }
 
 
@@ -86,6 +86,7 @@ class TrainConfig:
     # --- model ---
     preset: str = "toy"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_mtp": 0, "fp8": True}
+    init_from: str = ""  # a stage: start from this run's latest checkpoint (or this ckpt folder); see train/stages.py
     # --- load balancing (§2.1.2, §4.5) ---
     balance: str = "aux_free"  # none | aux_loss | aux_free | aux_free_seq
     bias_update_speed: float = 1e-3  # γ

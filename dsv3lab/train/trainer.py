@@ -42,6 +42,7 @@ from ..model import DeepSeekV3, build_model
 from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
 from ..utils import versions
 from .checkpoint import (
+    RUN_FILE,
     check_config,
     latest_checkpoint,
     load_optimizer_state,
@@ -53,8 +54,7 @@ from .checkpoint import (
 from .config import TrainConfig, config_differences
 from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
-
-RUN_FILE = "run.json"
+from .stages import Parent, check_same_parent, load_parent
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,8 +131,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 # ---------------------------------------------------------------------- the run folder
-def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``)."""
+def prepare_run_dir(
+    out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool, parent: Parent | None = None
+) -> None:
+    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``).
+
+    ``parent``: the checkpoint a stage starts from (recorded in ``run.json``; a resumed stage must find the same)."""
     run_file = out / RUN_FILE
     if out.exists() and any(out.iterdir()):
         if not run_file.exists():
@@ -151,8 +155,11 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             if diffs:
                 raise ValueError(
                     f"cannot resume {out}: it was started with another configuration; mismatched "
-                    "fields (saved -> now): " + "; ".join(diffs)
+                    "fields (saved -> now): " + "; ".join(diffs) + f". To continue its weights with new settings, "
+                    f"start a new stage: --from {out} --out NEW_FOLDER (dsv3lab.train.stages)"
                 )
+            if parent is not None:
+                check_same_parent(saved.get("parent"), parent, out)
             return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
@@ -162,6 +169,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             "model_config": model_cfg.to_dict(),
             "environment": {k: getattr(cfg, k) for k in ("out", "device")},
             "versions": versions(),
+            **({"parent": parent.record()} if parent is not None else {}),
         },
     )
 
@@ -339,8 +347,11 @@ def train(
     out = Path(cfg.out) if cfg.out else None
     if out is None and resume:
         raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    parent = None  # a stage starts from its parent's weights, unless it resumes from a checkpoint of its own
+    if cfg.init_from and not (resume and out is not None and latest_checkpoint(out) is not None):
+        parent = load_parent(cfg.init_from, model_cfg)
     if out is not None:
-        prepare_run_dir(out, cfg, model_cfg, resume, overwrite)
+        prepare_run_dir(out, cfg, model_cfg, resume, overwrite, parent)
     if data is None:
         data = make_data(cfg, model_cfg)
     _check_data(data, cfg, model_cfg)
@@ -349,6 +360,8 @@ def train(
             data.tokenizer.save(tmp)
 
     model = build_model(model_cfg, device=device, seed=cfg.seed)
+    if parent is not None:
+        load_state_dict_strict(model, parent.weights, where=str(parent.checkpoint))
     model.train()
     optimizer = make_optimizer(model, cfg)
     start, tokens_seen, metrics = 0, 0, RunMetrics()
