@@ -4,7 +4,7 @@ Commands::
 
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
-    dsv3lab train --from RUN_OR_CKPT [--steps N] [--set key=value ...] --out NEW_DIR     (a new stage)
+    dsv3lab train --from RUN_OR_CKPT [--stage sft|grpo] [--steps N] [--set key=value ...] --out NEW_DIR  (a stage)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
@@ -27,6 +27,7 @@ from .infer import convert, generate, load_any, load_tokenizer
 from .infer.checkpoint import parse_size
 from .infer.generation import decode
 from .train import TrainConfig, TrainingDiverged, train
+from .train.grpo import train_grpo
 from .train.stages import stage_config
 
 
@@ -80,13 +81,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.steps is not None:
             cfg = cfg.replace(steps=args.steps)
         cfg = cfg.with_overrides(args.set)
+    if args.stage:
+        cfg = cfg.replace(stage=args.stage)
     cfg.model_config()  # validate the model settings before any data is built
     try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        if cfg.stage == "grpo":
+            result = train_grpo(cfg, resume=args.resume, overwrite=args.overwrite)
+        else:
+            result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as err:
         print(f"dsv3lab train: {err}", file=sys.stderr)
         return 3
     m = result.metrics
+    if cfg.stage == "grpo":
+        last = m.iloc[-1] if len(m) else None
+        if last is not None:
+            print(
+                f"step {int(last.step) + 1}/{cfg.steps}: reward {last.reward:.3f}, correct {last.correct:.3f}, "
+                f"format {last.format:.3f}, KL {last.kl:.4f}"
+            )
+        if len(result.val):
+            v = result.val.iloc[-1]
+            print(f"held-out problems (greedy): accuracy {v.accuracy:.3f}, format {v.format:.3f} (n={int(v.n)})")
+        print(f"run folder: {args.out} (metrics.csv, val.csv, checkpoint, reference/, tokenizer)")
+        return 0
     last = m.iloc[-1] if len(m) else None
     if last is not None:
         print(
@@ -289,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a TrainConfig or ModelConfig field, e.g. balance=aux_loss, n_mtp=0, lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--stage",
+        choices=("pretrain", "sft", "grpo"),
+        default=None,
+        help="what the run trains (TrainConfig.stage): pretrain (default), sft (worked math solutions, the prompt "
+        "masked), grpo (§5.2.2, rule-based rewards); post-training usually starts --from a run",
     )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

@@ -54,6 +54,7 @@ from .checkpoint import (
 from .config import TrainConfig, config_differences
 from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
+from .sft import make_sft_data
 from .stages import Parent, check_same_parent, load_parent
 
 
@@ -84,7 +85,10 @@ class RunResult:
 
 # ---------------------------------------------------------------------- data
 def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
-    """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
+    """The data of this run: the multi-domain corpus of :mod:`dsv3lab.data` (tokenizer vocabulary = the model's), or
+    for ``stage="sft"`` the worked math solutions of :mod:`dsv3lab.train.sft`."""
+    if cfg.stage == "sft":
+        return make_sft_data(cfg, model_cfg)
     kwargs: dict[str, Any] = dict(
         corpus=cfg.corpus,
         vocab_size=model_cfg.vocab_size,
@@ -235,7 +239,6 @@ def optimizer_step(
     model.check_tokens(tokens, 0, targets)  # on the host: no device synchronisation
     tokens, targets = tokens.to(device), targets.to(device)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
-    moes = model.moe_layers()
     main_moes = model.moe_layers(include_mtp=False)
     n_experts = model.cfg.n_routed_experts
     bs = tokens.shape[0]
@@ -255,22 +258,43 @@ def optimizer_step(
             if main_moes:
                 per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
                 seq_vio = seq_vio + torch.stack(per_layer).mean() * tok.shape[0]
+    extra = {"correct": correct, "n_tok": n_tok, "seq_vio": seq_vio}
+    host, grad, counts = apply_gradients(model, optimizer, cfg, {**sums, **extra}, gamma, step, on_diverged)
+    losses = {name: host[name] for name in sums}
+    n_correct, n_valid, vio = (host[k] for k in extra)
+    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+
+
+def apply_gradients(
+    model: DeepSeekV3,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    values: dict[str, torch.Tensor],
+    gamma: float,
+    step: int,
+    on_diverged: Callable[[int, str, float], str],
+) -> tuple[dict[str, float], float, torch.Tensor]:
+    """The end of every optimizer step, once the gradients are accumulated: clip the global norm → read ``values``
+    and the norm in one device → host transfer → refuse a non-finite ``values["total"]`` or norm
+    (:class:`TrainingDiverged`) → AdamW → the bias update from the step's counts (γ).
+
+    Returns (``values`` on the host, the gradient norm before clipping, the step's expert counts)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    names = list(sums)
-    host = torch.stack([sums[n] for n in names] + [grad_norm.float(), correct.float(), n_tok.float(), seq_vio.float()])
+    names = list(values)
+    host = torch.stack([values[n].float() for n in names] + [grad_norm.float()])
     host = host.double().cpu().tolist()  # the step's one device -> host transfer
-    losses = dict(zip(names, host[: len(names)]))
-    grad, n_correct, n_valid, vio = host[len(names) :]
-    if not math.isfinite(losses["total"]):
-        raise TrainingDiverged(on_diverged(step, "loss", losses["total"]))
+    out = dict(zip(names, host[:-1]))
+    grad = host[-1]
+    if not math.isfinite(out["total"]):
+        raise TrainingDiverged(on_diverged(step, "loss", out["total"]))
     if not math.isfinite(grad):
         raise TrainingDiverged(on_diverged(step, "gradient norm", grad))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    counts = update_selection_bias(moes, gamma, cfg.bias_update_rule)  # once per optimizer step
-    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+    counts = update_selection_bias(model.moe_layers(), gamma, cfg.bias_update_rule)  # once per optimizer step
+    return out, grad, counts
 
 
 # ---------------------------------------------------------------------- the metrics row
@@ -326,6 +350,46 @@ def schedule_at(step: int, cfg: TrainConfig) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------- opening a run (shared by every stage)
+def open_run_dir(
+    cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool
+) -> tuple[Path | None, Parent | None]:
+    """The run folder (prepared: created, checked for resuming, or replaced) and, for a stage that does not resume
+    from a checkpoint of its own, its parent (weights checked against ``model_cfg``)."""
+    out = Path(cfg.out) if cfg.out else None
+    if out is None and resume:
+        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    parent = None  # a stage starts from its parent's weights, unless it resumes from a checkpoint of its own
+    if cfg.init_from and not (resume and out is not None and latest_checkpoint(out) is not None):
+        parent = load_parent(cfg.init_from, model_cfg)
+    if out is not None:
+        prepare_run_dir(out, cfg, model_cfg, resume, overwrite, parent)
+    return out, parent
+
+
+def save_tokenizer(out: Path | None, tokenizer) -> None:
+    """``out/tokenizer`` (atomically, once), when the run has a folder and the tokenizer can save itself."""
+    if out is not None and hasattr(tokenizer, "save") and not (out / "tokenizer").exists():
+        with atomic_folder(out / "tokenizer") as tmp:
+            tokenizer.save(tmp)
+
+
+def build_run_model(
+    cfg: TrainConfig, model_cfg: ModelConfig, out: Path | None, parent: Parent | None, resume: bool
+) -> tuple[DeepSeekV3, torch.optim.Optimizer, int, int, RunMetrics]:
+    """The model (fresh, or the parent's weights), its optimizer, and — when resuming — the state of the latest
+    checkpoint. Returns (model, optimizer, completed steps, tokens seen, metrics so far)."""
+    model = build_model(model_cfg, device=torch.device(cfg.device), seed=cfg.seed)
+    if parent is not None:
+        load_state_dict_strict(model, parent.weights, where=str(parent.checkpoint))
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    start, tokens_seen, metrics = 0, 0, RunMetrics()
+    if out is not None and resume:
+        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
+    return model, optimizer, start, tokens_seen, metrics
+
+
 # ---------------------------------------------------------------------- the loop
 def train(
     cfg: TrainConfig,
@@ -343,30 +407,14 @@ def train(
     every optimizer step with the metrics row (live plots, tests).
     """
     model_cfg = cfg.model_config()
-    device = torch.device(cfg.device)
-    out = Path(cfg.out) if cfg.out else None
-    if out is None and resume:
-        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
-    parent = None  # a stage starts from its parent's weights, unless it resumes from a checkpoint of its own
-    if cfg.init_from and not (resume and out is not None and latest_checkpoint(out) is not None):
-        parent = load_parent(cfg.init_from, model_cfg)
-    if out is not None:
-        prepare_run_dir(out, cfg, model_cfg, resume, overwrite, parent)
+    if cfg.stage == "grpo":
+        raise ValueError("stage='grpo' trains with dsv3lab.train.grpo.train_grpo (dsv3lab train --stage grpo)")
+    out, parent = open_run_dir(cfg, model_cfg, resume, overwrite)
     if data is None:
         data = make_data(cfg, model_cfg)
     _check_data(data, cfg, model_cfg)
-    if out is not None and hasattr(data.tokenizer, "save") and not (out / "tokenizer").exists():
-        with atomic_folder(out / "tokenizer") as tmp:
-            data.tokenizer.save(tmp)
-
-    model = build_model(model_cfg, device=device, seed=cfg.seed)
-    if parent is not None:
-        load_state_dict_strict(model, parent.weights, where=str(parent.checkpoint))
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    start, tokens_seen, metrics = 0, 0, RunMetrics()
-    if out is not None and resume:
-        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
+    save_tokenizer(out, data.tokenizer)
+    model, optimizer, start, tokens_seen, metrics = build_run_model(cfg, model_cfg, out, parent, resume)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
     moes = model.moe_layers()
 
