@@ -4,6 +4,7 @@ Commands::
 
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
+    dsv3lab train --from RUN_OR_CKPT [--stage sft|grpo] [--steps N] [--set key=value ...] --out NEW_DIR  (a stage)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
@@ -38,6 +39,8 @@ from .parallel.schedules import SCHEDULES, make_schedule
 from .parallel.simulator import TABLE2_FORMULAS, Costs, chunk_times, simulate, table2, table2_assumptions
 from .plan import GPUS, Layout, gpu_spec, paper_checks, plan, plan_inference
 from .train import TrainConfig, TrainingDiverged, latest_checkpoint, train
+from .train.grpo import train_grpo
+from .train.stages import stage_config
 from .utils import check_device, env_flag, parse_size
 from .viz.pipeline import plot_gantt
 
@@ -90,13 +93,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: choose one")
     set_threads(args.threads)
     check_device(args.device)
-    cfg = TrainConfig(preset=args.preset, out=args.out, device=args.device, progress=not args.quiet)
-    if args.steps is not None:
-        cfg = cfg.replace(steps=args.steps)
-    cfg = cfg.with_overrides(args.set)
+    env = dict(out=args.out, device=args.device, progress=not args.quiet)
+    if args.init_from:  # a new stage: the parent run's settings, then --steps and --set
+        if args.preset is not None:
+            raise ValueError("--from continues the parent's model: drop --preset (change settings with --set)")
+        cfg = stage_config(args.init_from, args.set, **env, **({"steps": args.steps} if args.steps else {}))
+    else:
+        cfg = TrainConfig(preset=args.preset or "toy", **env)
+        if args.steps is not None:
+            cfg = cfg.replace(steps=args.steps)
+        cfg = cfg.with_overrides(args.set)
+    if args.stage:
+        cfg = cfg.replace(stage=args.stage)
     cfg.model_config()  # validate the model settings before any data is built
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    run = train_grpo if cfg.stage == "grpo" else train
+    result = run(cfg, resume=args.resume, overwrite=args.overwrite)
     m = result.metrics
+    if cfg.stage == "grpo":
+        last = m.iloc[-1] if len(m) else None
+        if last is not None:
+            print(
+                f"step {int(last.step) + 1}/{cfg.steps}: reward {last.reward:.3f}, correct {last.correct:.3f}, "
+                f"format {last.format:.3f}, KL {last.kl:.4f}"
+            )
+        if len(result.val):
+            v = result.val.iloc[-1]
+            print(f"held-out problems (greedy): accuracy {v.accuracy:.3f}, format {v.format:.3f} (n={int(v.n)})")
+        print(f"run folder: {args.out} (metrics.csv, val.csv, checkpoint, reference/, tokenizer)")
+        return 0
     last = m.iloc[-1] if len(m) else None
     if last is not None:
         print(
@@ -475,7 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("train", help="train a model; metrics, checkpoints and the tokenizer go to --out")
-    p.add_argument("--preset", default="toy", help=f"model preset, one of: {', '.join(PRESETS)} (default toy)")
+    p.add_argument("--preset", default=None, help=f"model preset, one of: {', '.join(PRESETS)} (default toy)")
+    p.add_argument(
+        "--from",
+        dest="init_from",
+        default="",
+        metavar="RUN_OR_CKPT",
+        help="start a new stage from this run's latest checkpoint (or this ckpt-* folder): its weights and settings, "
+        "changed by --set (RoPE/YaRN, sequence length, data, schedule ...); writes a new run folder --out",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: TrainConfig.steps)")
     p.add_argument(
         "--set",
@@ -483,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a TrainConfig or ModelConfig field, e.g. balance=aux_loss, n_mtp=0, lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--stage",
+        choices=("pretrain", "sft", "grpo"),
+        default=None,
+        help="what the run trains (TrainConfig.stage): pretrain (default), sft (worked math solutions, the prompt "
+        "masked), grpo (§5.2.2, rule-based rewards); post-training usually starts --from a run",
     )
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

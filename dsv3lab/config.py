@@ -34,6 +34,11 @@ ATTN_IMPLS = ("naive", "absorb")
 MOE_IMPLS = ("loop", "grouped")
 FP8_GEMMS = ("auto", "emulate", "kernel")
 FP8_SCALE_FMTS = ("fp32", "ue8m0")
+ROPE_TYPES = ("yarn", "linear")
+
+# Fields added after runs were first saved: left out of a saved config's comparison (resume, stages, the run cache)
+# when they hold this default, which reproduces the behaviour from before the field existed.
+MODEL_LATER_FIELDS: dict[str, Any] = {"rope_type": "yarn"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class ModelConfig:
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0  # softmax-scale correction: scale *= (0.1 * mscale * ln s + 1)^2
+    rope_type: str = "yarn"  # how a longer context is reached: "yarn" (§4.3) or "linear" (position interpolation)
     norm_eps: float = 1e-6
     max_batch_size: int = 8  # default cache batch size for generation
     # --- dsv3lab switches (no switch lives anywhere else) ---
@@ -169,13 +175,20 @@ class ModelConfig:
         return self.n_routed_experts // self.n_expert_groups
 
     @property
-    def yarn_enabled(self) -> bool:
-        """YaRN is on when the model is meant for longer contexts than it was pre-trained on (official rule)."""
+    def rope_scaled(self) -> bool:
+        """The RoPE frequencies are rescaled when the model is meant for longer contexts than it was pre-trained on
+        (the official rule): ``max_seq_len > original_seq_len`` and ``rope_factor > 1``; ``rope_type`` says how."""
         return self.max_seq_len > self.original_seq_len and self.rope_factor > 1.0
 
     @property
+    def yarn_enabled(self) -> bool:
+        """YaRN is on: the frequencies are rescaled (:attr:`rope_scaled`) the YaRN way (``rope_type="yarn"``)."""
+        return self.rope_scaled and self.rope_type == "yarn"
+
+    @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R), times the YaRN mscale² when YaRN is on (0.135234 for V3)."""
+        """1/sqrt(d_h + d_h^R), times the YaRN mscale² when YaRN is on (0.135234 for V3); position interpolation
+        (``rope_type="linear"``) leaves the scale alone."""
         scale = self.qk_head_dim**-0.5
         if self.yarn_enabled:
             m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
@@ -307,6 +320,7 @@ MODEL_RULES: dict[str, Rule] = {
     **dict.fromkeys(("route_scale", "rope_theta", "norm_eps", "init_std"), POS_FLOAT),
     **dict.fromkeys(("mscale", "mtp_lambda", "aux_loss_alpha", "seq_aux_loss_alpha"), NONNEG_FLOAT),
     "rope_factor": Rule(float, lo=1),
+    "rope_type": Rule(str, choices=ROPE_TYPES),
     "score_func": Rule(str, choices=SCORE_FUNCS),
     "attn_impl": Rule(str, choices=ATTN_IMPLS),
     "moe_impl": Rule(str, choices=MOE_IMPLS),
@@ -319,6 +333,12 @@ MODEL_RULES: dict[str, Rule] = {
 
 
 # ---------------------------------------------------------------------- helpers
+def without_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``ModelConfig.to_dict()`` without the :data:`MODEL_LATER_FIELDS` that hold their default: what two
+    configs are compared on, so that a field added later does not make older runs look different."""
+    return {k: v for k, v in d.items() if not (k in MODEL_LATER_FIELDS and v == MODEL_LATER_FIELDS[k])}
+
+
 def _check_keys(d: dict[str, Any], allowed: list[str], what: str) -> None:
     unknown = [k for k in d if k not in allowed]
     if unknown:

@@ -246,6 +246,7 @@ class RunLock:
             fd, depth = RunLock._held[self.key]
             RunLock._held[self.key] = (fd, depth + 1)
             return self
+        self.created = not self.folder.exists()  # a run refused before writing anything leaves no folder behind
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / ".lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -270,6 +271,9 @@ class RunLock:
             RunLock._held[self.key] = (fd, depth - 1)
             return
         del RunLock._held[self.key]
+        if getattr(self, "created", False) and os.listdir(self.folder) == [".lock"]:
+            os.unlink(self.folder / ".lock")  # nothing but the lock: the folder this lock made goes too
+            self.folder.rmdir()
         os.close(fd)  # closing the descriptor releases the flock
 
 

@@ -316,7 +316,7 @@ def test_fp8_weight_without_its_scale_is_an_error(tiny_model, tmp_path):
     [
         ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
         ({"quantization_config": {"quant_method": "awq"}}, "quant_method='awq' is not supported"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
         ({"num_key_value_heads": 2}, "num_key_value_heads"),
     ],
 )

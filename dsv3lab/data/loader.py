@@ -171,6 +171,27 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits ``n`` rows, seeded by ``(seed, epoch)``."""
+    return np.random.default_rng((seed, 0xDA7A, epoch)).permutation(n)
+
+
+def sample_rows(n: int, step: int, batch_size: int, perm: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Row indices ``[B]`` of batch ``step`` over ``n`` rows: sample ``k = step·B + b`` is row ``perm(e)[k mod n]`` of
+    epoch ``e = k // n`` — a pure function of ``(step, batch_size)``, so a resumed run sees the same batches."""
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)  # global sample numbers
+    epochs, pos = k // n, k % n
+    rows = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        rows[sel] = perm(int(e))[pos[sel]]
+    return rows
+
+
 @dataclass
 class Datasets:
     """Packed training rows, per-domain validation rows, and the tokenizer that made them."""
@@ -189,23 +210,12 @@ class Datasets:
         if epoch not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = np.random.default_rng((self.seed, 0xDA7A, epoch)).permutation(len(self.train))
+            self._perms[epoch] = epoch_permutation(len(self.train), self.seed, epoch)
         return self._perms[epoch]
 
     def batch_rows(self, step: int, batch_size: int) -> np.ndarray:
         """Row indices ``[B]`` of batch ``step`` (see the module docstring)."""
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        n = len(self.train)
-        k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)  # global sample numbers
-        epochs, pos = k // n, k % n
-        rows = np.empty(batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            rows[sel] = self._perm(int(e))[pos[sel]]
-        return rows
+        return sample_rows(len(self.train), step, batch_size, self._perm)
 
     def batch(
         self, step: int, batch_size: int, device: torch.device | str | None = None

@@ -23,14 +23,25 @@ from fractions import Fraction
 
 @dataclass(frozen=True)
 class MathProblem:
-    kind: str  # the template name, e.g. "linear"
+    kind: str  # the template name, e.g. "linear" (one of KINDS)
     question: str
     solution: str  # worked steps, one per line
     answer: str  # the final answer as printed after "Answer:"
 
     @property
     def text(self) -> str:
+        """The document: ``prompt + completion``."""
         return f"Problem: {self.question}\nSolution: {self.solution}\nAnswer: {self.answer}\n"
+
+    @property
+    def prompt(self) -> str:
+        """What a model is asked in post-training (§5): the problem, up to ``Solution:``."""
+        return f"Problem: {self.question}\nSolution:"
+
+    @property
+    def completion(self) -> str:
+        """What it should answer: the worked solution and the final ``Answer:`` line."""
+        return f" {self.solution}\nAnswer: {self.answer}\n"
 
 
 def _frac(q: Fraction) -> str:
@@ -302,6 +313,28 @@ TEMPLATES: dict[str, Callable[[random.Random], MathProblem]] = {
     "statistics": statistics_,
     "word": word_problem,
 }
+
+
+# every MathProblem.kind the templates produce (word problems and powers have several)
+KINDS = (
+    "arithmetic",
+    "division",
+    "fractions",
+    "percent",
+    "discount",
+    "linear",
+    "system",
+    "quadratic",
+    "gcd_lcm",
+    "power",
+    "sqrt",
+    "mean_median",
+    "word_shopping",
+    "word_travel",
+    "word_work",
+    "word_ages",
+    "word_sharing",
+)
 
 
 def math_problem(seed: int, index: int) -> MathProblem:

@@ -169,10 +169,16 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any], **overrides
         )
         if max_pos <= d["original_seq_len"]:
             raise ValueError("rope_scaling type yarn needs max_position_embeddings > original_max_position_embeddings")
+    elif rope_type == "linear":  # position interpolation: every frequency / factor, no softmax correction
+        factor = float(rope["factor"])
+        original = rope.get("original_max_position_embeddings") or max(1, round(max_pos / factor))
+        d.update(max_seq_len=max_pos, original_seq_len=original, rope_factor=factor, rope_type="linear")
+        if max_pos <= original:
+            raise ValueError("rope_scaling type linear needs max_position_embeddings > the original context")
     elif rope_type in ("default", None):
         d.update(max_seq_len=max_pos, original_seq_len=max_pos, rope_factor=1.0)
     else:
-        raise ValueError(f"rope type {rope_type!r} is not supported; allowed: 'yarn' or none")
+        raise ValueError(f"rope type {rope_type!r} is not supported; allowed: 'yarn', 'linear' or none")
     d.update(overrides)
     try:
         return ModelConfig.from_dict(d)
@@ -233,7 +239,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "torch_dtype": "bfloat16",
         "use_cache": True,
     }
-    if cfg.yarn_enabled:
+    if cfg.rope_scaled and cfg.rope_type == "linear":
+        hf["rope_scaling"] = {
+            "type": "linear",
+            "rope_type": "linear",
+            "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.original_seq_len,
+        }
+    elif cfg.yarn_enabled:
         hf["rope_scaling"] = {
             "type": "yarn",
             "rope_type": "yarn",

@@ -11,6 +11,7 @@ from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import BALANCE_VARIANTS, TrainConfig
 from .metrics import RunMetrics, evaluate
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at, schedule_table
+from .stages import stage_config
 from .trainer import RunResult, TrainingDiverged, load_run, make_data, train
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "RunMetrics",
     "TrainingDiverged",
     "train",
+    "stage_config",
     "load_run",
     "make_data",
     "evaluate",

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import without_later_defaults
 from ..files import atomic_folder, atomic_write_json, atomic_write_text, read_json, recover
 from .config import config_differences
 
+RUN_FILE = "run.json"  # a run folder's configs (and, for a stage, its parent)
 LATEST = "latest"
 PREFIX = "ckpt-"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -114,13 +116,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     return load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_FILE)), state
 
 
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: saved -> current`` between two ``ModelConfig.to_dict()`` (``name`` and later fields at their
+    defaults left out)."""
+    saved, current = ({k: v for k, v in without_later_defaults(d).items() if k != "name"} for d in (saved, current))
+    return config_differences(saved, current)
+
+
 def check_config(state: dict[str, Any], train_identity: dict[str, Any], model_cfg: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint written by another configuration, naming every mismatched field."""
     diffs = [f"train.{d}" for d in config_differences(state.get("train_config", {}), train_identity)]
-    saved_model = {k: v for k, v in state.get("model_config", {}).items() if k != "name"}
-    diffs += [
-        f"model.{d}" for d in config_differences(saved_model, {k: v for k, v in model_cfg.items() if k != "name"})
-    ]
+    diffs += [f"model.{d}" for d in model_differences(state.get("model_config", {}), model_cfg)]
     if diffs:
         raise ValueError(
             f"{where} was written by another configuration; mismatched fields (saved -> now): " + "; ".join(diffs)

@@ -38,15 +38,32 @@ from ..config import (
     _check_keys,
     check_fields,
     parse_value,
+    without_later_defaults,
 )
+from ..data.math_problems import KINDS as MATH_KINDS
 
 BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
 DTYPES = ("fp32", "bf16")
+STAGES = ("pretrain", "sft", "grpo")
 ADAM_MOMENTS = ("fp32", "bf16")
 
 # Fields added after runs were first cached: part of a run's identity only when they differ from their default (which
 # reproduces the earlier behaviour), so adding an option does not invalidate cached runs or refuse their resumption.
-LATER_FIELDS = ("adam_moments",)
+LATER_FIELDS = (
+    "adam_moments",
+    "init_from",
+    "stage",
+    "math_kinds",
+    "group_size",
+    "max_new_tokens",
+    "temperature",
+    "clip_eps",
+    "kl_coef",
+    "grpo_iterations",
+    "reward_correct",
+    "reward_format",
+    "eval_problems",
+)
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
@@ -63,6 +80,13 @@ TRAIN_RULES: dict[str, Rule] = {
     "bias_update_rule": Rule(str, choices=BIAS_RULES),
     "dtype": Rule(str, choices=DTYPES),
     "adam_moments": Rule(str, choices=ADAM_MOMENTS),
+    "stage": Rule(str, choices=STAGES),
+    "math_kinds": Rule(str),
+    **dict.fromkeys(("group_size",), Rule(int, lo=2)),
+    **dict.fromkeys(("max_new_tokens", "grpo_iterations", "eval_problems"), POS_INT),
+    "temperature": POS_FLOAT,
+    "clip_eps": Rule(float, lo=0, hi=1, lo_open=True, hi_open=True),
+    **dict.fromkeys(("kl_coef", "reward_correct", "reward_format"), NONNEG_FLOAT),
     **dict.fromkeys(("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"), POS_INT),
     **dict.fromkeys(("batch_size_start", "eval_every", "checkpoint_every", "max_chars_per_domain"), NONNEG_INT),
     **dict.fromkeys(("val_seqs_per_domain", "data_seed", "seed"), NONNEG_INT),
@@ -74,7 +98,7 @@ TRAIN_RULES: dict[str, Rule] = {
     **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
     **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
     **dict.fromkeys(("log_loads", "progress"), BOOL),
-    **dict.fromkeys(("corpus", "out", "device"), Rule(str)),
+    **dict.fromkeys(("corpus", "out", "device", "init_from"), Rule(str)),
 }
 
 
@@ -85,6 +109,7 @@ class TrainConfig:
     # --- model ---
     preset: str = "toy"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_mtp": 0, "fp8": True}
+    init_from: str = ""  # a stage: start from this run's latest checkpoint (or this ckpt folder); see train/stages.py
     # --- load balancing (§2.1.2, §4.5) ---
     balance: str = "aux_free"  # none | aux_loss | aux_free | aux_free_seq
     bias_update_speed: float = 1e-3  # γ
@@ -121,6 +146,18 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_final: float = 0.1
     mtp_lambda_switch_frac: float = 10.0 / 14.8
+    # --- post-training (§5; dsv3lab.train.sft and dsv3lab.train.grpo) ---
+    stage: str = "pretrain"  # pretrain | sft (worked math solutions, prompt masked) | grpo (§5.2.2)
+    math_kinds: str = ""  # sft/grpo problems: comma-separated MathProblem kinds (e.g. "sqrt,power"); "" = all
+    group_size: int = 8  # G: sampled completions per prompt (grpo; batch_size = prompts per step)
+    max_new_tokens: int = 64  # longest sampled completion (grpo, and the accuracy evaluation)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    clip_eps: float = 0.2  # ε of the clipped ratio
+    kl_coef: float = 0.04  # β of the KL term to the reference model
+    grpo_iterations: int = 1  # μ: policy updates per batch of rollouts (1: π_old = π_θ, the ratio is 1)
+    reward_correct: float = 1.0  # rule-based reward for a correct final answer
+    reward_format: float = 0.5  # ... and for the format: one final "Answer: ..." line, then end of sequence
+    eval_problems: int = 64  # held-out problems scored by greedy decoding at every evaluation (sft, grpo)
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 50  # also at the last step; 0 = only at the end
     log_loads: bool = True  # per-layer per-expert loads and biases every step (loads.npz)
@@ -147,6 +184,9 @@ class TrainConfig:
                 f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
                 f"{self.lr_decay_end_frac}, {self.lr_final_frac}"
             )
+        unknown = [k for k in self.kinds if k not in MATH_KINDS]
+        if unknown:
+            raise ValueError(f"math_kinds: unknown kind(s) {unknown}; the kinds are {', '.join(MATH_KINDS)}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a dict of ModelConfig overrides, got {type(self.model).__name__}")
         _check_keys(self.model, ModelConfig.field_names(), what="ModelConfig field")
@@ -198,6 +238,11 @@ class TrainConfig:
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) must be <= the model's max_seq_len ({cfg.max_seq_len})")
         return cfg
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """``math_kinds`` as a tuple (empty: every kind)."""
+        return tuple(k.strip() for k in self.math_kinds.split(",") if k.strip())
 
     @property
     def bias_updated(self) -> bool:
@@ -265,7 +310,9 @@ class TrainConfig:
     def hash(self) -> str:
         """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""
         blob = json.dumps(
-            {"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True, default=str
+            {"train": self.identity(), "model": without_later_defaults(self.model_config().to_dict())},
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -118,7 +118,8 @@ def evaluate(
 ) -> tuple[list[dict], list[dict]]:
     """Validation per domain in eval mode (the selection bias and the training counters are not touched).
 
-    ``val`` maps domain -> LongTensor [n, T+1] (tokens = row[:, :-1], targets = row[:, 1:]). Returns the rows of
+    ``val`` maps domain -> LongTensor [n, T+1] (tokens = row[:, :-1], targets = row[:, 1:]), or -> a pair
+    (tokens [n, T], targets [n, T]) whose targets may hold IGNORE_INDEX (e.g. SFT's masked prompts). Returns the rows of
     ``val.csv`` (loss, acc, mtp_k_loss, mtp_k_acc, maxvio …) and of ``expert_load.csv`` (relative load per layer and
     expert, from each forward's ``last_counts``).
     """
@@ -132,16 +133,16 @@ def evaluate(
     val_rows, load_rows = [], []
     try:
         for domain, rows in val.items():
-            if rows.numel() == 0:
+            all_tokens, all_targets = rows if isinstance(rows, tuple) else (rows[:, :-1], rows[:, 1:])
+            if all_tokens.numel() == 0:
                 continue
             loss_sum = torch.zeros(depth + 1, dtype=torch.float64)
             correct = torch.zeros(depth + 1, dtype=torch.float64)
             n_tok = torch.zeros(depth + 1, dtype=torch.float64)
             counts = torch.zeros(len(moes), n_experts, dtype=torch.int64)
             seq_vio, n_seq = 0.0, 0
-            for chunk in rows.split(batch_size):
-                chunk = chunk.to(device)
-                tokens, targets = chunk[:, :-1], chunk[:, 1:]
+            for tokens, targets in zip(all_tokens.split(batch_size), all_targets.split(batch_size)):
+                tokens, targets = tokens.to(device), targets.to(device)
                 s = tokens.shape[1]
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None

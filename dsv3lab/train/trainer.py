@@ -42,9 +42,11 @@ from ..model import DeepSeekV3, build_model
 from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
 from ..utils import versions
 from .checkpoint import (
+    RUN_FILE,
     check_config,
     latest_checkpoint,
     load_optimizer_state,
+    model_differences,
     read_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -52,8 +54,9 @@ from .checkpoint import (
 from .config import TrainConfig, config_differences
 from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
+from .sft import make_sft_data
+from .stages import Parent, check_same_parent, load_parent
 
-RUN_FILE = "run.json"
 LOCK_FILE = ".lock"  # dsv3lab.files.RunLock: one process per run folder
 
 
@@ -89,7 +92,10 @@ class RunResult:
 
 # ---------------------------------------------------------------------- data
 def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
-    """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
+    """The data of this run: the multi-domain corpus of :mod:`dsv3lab.data` (tokenizer vocabulary = the model's), or
+    for ``stage="sft"`` the worked math solutions of :mod:`dsv3lab.train.sft`."""
+    if cfg.stage == "sft":
+        return make_sft_data(cfg, model_cfg)
     kwargs: dict[str, Any] = dict(
         corpus=cfg.corpus,
         vocab_size=model_cfg.vocab_size,
@@ -136,8 +142,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 # ---------------------------------------------------------------------- the run folder
-def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``)."""
+def prepare_run_dir(
+    out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool, parent: Parent | None = None
+) -> None:
+    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``).
+
+    ``parent``: the checkpoint a stage starts from (recorded in ``run.json``; a resumed stage must find the same)."""
     run_file = out / RUN_FILE
     if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not run_file.exists():
@@ -152,17 +162,18 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         else:
             diffs = [f"train.{d}" for d in config_differences(saved.get("train_config", {}), cfg.identity())]
-            saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "name"}
-            now_model = {k: v for k, v in model_cfg.to_dict().items() if k != "name"}
-            diffs += [f"model.{d}" for d in config_differences(saved_model, now_model)]
+            diffs += [f"model.{d}" for d in model_differences(saved.get("model_config", {}), model_cfg.to_dict())]
             if not resume:
                 what = ("a different run (" + "; ".join(diffs) + ")") if diffs else "this run already"
                 raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to replace it")
             if diffs:
                 raise ValueError(
                     f"cannot resume {out}: it was started with another configuration; mismatched "
-                    "fields (saved -> now): " + "; ".join(diffs)
+                    "fields (saved -> now): " + "; ".join(diffs) + f". To continue its weights with new settings, "
+                    f"start a new stage: --from {out} --out NEW_FOLDER (dsv3lab.train.stages)"
                 )
+            if parent is not None:
+                check_same_parent(saved.get("parent"), parent, out)
             return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
@@ -172,6 +183,7 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             "model_config": model_cfg.to_dict(),
             "environment": {k: getattr(cfg, k) for k in ("out", "device")},
             "versions": versions(),
+            **({"parent": parent.record()} if parent is not None else {}),
         },
     )
 
@@ -237,7 +249,6 @@ def optimizer_step(
     model.check_tokens(tokens, 0, targets)  # on the host: no device synchronisation
     tokens, targets = tokens.to(device), targets.to(device)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
-    moes = model.moe_layers()
     main_moes = model.moe_layers(include_mtp=False)
     n_experts = model.cfg.n_routed_experts
     bs = tokens.shape[0]
@@ -257,22 +268,43 @@ def optimizer_step(
             if main_moes:
                 per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
                 seq_vio = seq_vio + torch.stack(per_layer).mean() * tok.shape[0]
+    extra = {"correct": correct, "n_tok": n_tok, "seq_vio": seq_vio}
+    host, grad, counts = apply_gradients(model, optimizer, cfg, {**sums, **extra}, gamma, step, on_diverged)
+    losses = {name: host[name] for name in sums}
+    n_correct, n_valid, vio = (host[k] for k in extra)
+    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+
+
+def apply_gradients(
+    model: DeepSeekV3,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    values: dict[str, torch.Tensor],
+    gamma: float,
+    step: int,
+    on_diverged: Callable[[int, str, float], str],
+) -> tuple[dict[str, float], float, torch.Tensor]:
+    """The end of every optimizer step, once the gradients are accumulated: clip the global norm → read ``values``
+    and the norm in one device → host transfer → refuse a non-finite ``values["total"]`` or norm
+    (:class:`TrainingDiverged`) → AdamW → the bias update from the step's counts (γ).
+
+    Returns (``values`` on the host, the gradient norm before clipping, the step's expert counts)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    names = list(sums)
-    host = torch.stack([sums[n] for n in names] + [grad_norm.float(), correct.float(), n_tok.float(), seq_vio.float()])
+    names = list(values)
+    host = torch.stack([values[n].float() for n in names] + [grad_norm.float()])
     host = host.double().cpu().tolist()  # the step's one device -> host transfer
-    losses = dict(zip(names, host[: len(names)]))
-    grad, n_correct, n_valid, vio = host[len(names) :]
-    if not math.isfinite(losses["total"]):
-        raise TrainingDiverged(on_diverged(step, "loss", losses["total"]))
+    out = dict(zip(names, host[:-1]))
+    grad = host[-1]
+    if not math.isfinite(out["total"]):
+        raise TrainingDiverged(on_diverged(step, "loss", out["total"]))
     if not math.isfinite(grad):
         raise TrainingDiverged(on_diverged(step, "gradient norm", grad))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    counts = update_selection_bias(moes, gamma, cfg.bias_update_rule)  # once per optimizer step
-    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+    counts = update_selection_bias(model.moe_layers(), gamma, cfg.bias_update_rule)  # once per optimizer step
+    return out, grad, counts
 
 
 # ---------------------------------------------------------------------- the metrics row
@@ -328,6 +360,46 @@ def schedule_at(step: int, cfg: TrainConfig) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------------- opening a run (shared by every stage)
+def open_run_dir(
+    cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool
+) -> tuple[Path | None, Parent | None]:
+    """The run folder (prepared: created, checked for resuming, or replaced) and, for a stage that does not resume
+    from a checkpoint of its own, its parent (weights checked against ``model_cfg``)."""
+    out = Path(cfg.out) if cfg.out else None
+    if out is None and resume:
+        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    parent = None  # a stage starts from its parent's weights, unless it resumes from a checkpoint of its own
+    if cfg.init_from and not (resume and out is not None and latest_checkpoint(out) is not None):
+        parent = load_parent(cfg.init_from, model_cfg)
+    if out is not None:
+        prepare_run_dir(out, cfg, model_cfg, resume, overwrite, parent)
+    return out, parent
+
+
+def save_tokenizer(out: Path | None, tokenizer) -> None:
+    """``out/tokenizer`` (atomically, once), when the run has a folder and the tokenizer can save itself."""
+    if out is not None and hasattr(tokenizer, "save") and not (out / "tokenizer").exists():
+        with atomic_folder(out / "tokenizer") as tmp:
+            tokenizer.save(tmp)
+
+
+def build_run_model(
+    cfg: TrainConfig, model_cfg: ModelConfig, out: Path | None, parent: Parent | None, resume: bool
+) -> tuple[DeepSeekV3, torch.optim.Optimizer, int, int, RunMetrics]:
+    """The model (fresh, or the parent's weights), its optimizer, and — when resuming — the state of the latest
+    checkpoint. Returns (model, optimizer, completed steps, tokens seen, metrics so far)."""
+    model = build_model(model_cfg, device=torch.device(cfg.device), seed=cfg.seed)
+    if parent is not None:
+        load_state_dict_strict(model, parent.weights, where=str(parent.checkpoint))
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    start, tokens_seen, metrics = 0, 0, RunMetrics()
+    if out is not None and resume:
+        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
+    return model, optimizer, start, tokens_seen, metrics
+
+
 # ---------------------------------------------------------------------- the loop
 def train(
     cfg: TrainConfig,
@@ -344,31 +416,25 @@ def train(
     (identical loss trajectory); ``overwrite`` replaces whatever run is there. ``on_step(row, model)`` is called after
     every optimizer step with the metrics row (live plots, tests).
     """
-    out = Path(cfg.out) if cfg.out else None
-    if out is None and resume:
-        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
-    with RunLock(out) if out is not None else contextlib.nullcontext():  # one process per run folder
-        return _train(cfg, data, out, resume, overwrite, on_step)
+    with run_lock(cfg):  # one process per run folder
+        return _train(cfg, data, resume, overwrite, on_step)
 
 
-def _train(cfg, data, out: Path | None, resume: bool, overwrite: bool, on_step) -> RunResult:
+def run_lock(cfg: TrainConfig):
+    """The run folder's lock (:class:`dsv3lab.files.RunLock`) for the lifetime of a run, or nothing without a folder."""
+    return RunLock(cfg.out) if cfg.out else contextlib.nullcontext()
+
+
+def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> RunResult:
     model_cfg = cfg.model_config()
-    device = torch.device(cfg.device)
-    if out is not None:
-        prepare_run_dir(out, cfg, model_cfg, resume, overwrite)
+    if cfg.stage == "grpo":
+        raise ValueError("stage='grpo' trains with dsv3lab.train.grpo.train_grpo (dsv3lab train --stage grpo)")
+    out, parent = open_run_dir(cfg, model_cfg, resume, overwrite)
     if data is None:
         data = make_data(cfg, model_cfg)
     _check_data(data, cfg, model_cfg)
-    if out is not None and hasattr(data.tokenizer, "save") and not (out / "tokenizer").exists():
-        with atomic_folder(out / "tokenizer") as tmp:
-            data.tokenizer.save(tmp)
-
-    model = build_model(model_cfg, device=device, seed=cfg.seed)
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    start, tokens_seen, metrics = 0, 0, RunMetrics()
-    if out is not None and resume:
-        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
+    save_tokenizer(out, data.tokenizer)
+    model, optimizer, start, tokens_seen, metrics = build_run_model(cfg, model_cfg, out, parent, resume)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
     moes = model.moe_layers()
 
