@@ -294,3 +294,79 @@ def test_accumulation_summary_reads_the_largest_k():
     assert (
         accumulation_summary(df) == "14-bit accumulator, K = 512, max_rel_error — none: 2.00e-02, every 128: 2.00e-03"
     )
+
+
+def test_relative_load_heatmaps_are_centred_at_one():
+    """Every relative-load heatmap maps 1 (balanced) to the middle of the diverging colormap, 0 and vmax to its
+    ends, whatever vmax is (issue 15 §5)."""
+    import matplotlib.pyplot as plt
+
+    counts, _ = _loads()
+    load = training.relative_load_window(counts, 0, 4)
+    expert_load = pd.DataFrame(
+        {"layer": 1, "domain": ["code"] * 4 + ["math"] * 4, "expert": list(range(4)) * 2, "relative_load": 1.0}
+    )
+    figs = [
+        training.plot_load_heatmap(load, vmax=4.0),
+        training.plot_load_heatmaps({"none": counts, "aux_free": counts}, points=[0.5, 1.0], vmax=8.0),
+        training.plot_domain_load(expert_load, layer=1, vmax=3.0),
+    ]
+    for fig, vmax in zip(figs, (4.0, 8.0, 3.0)):
+        images = [im for ax in fig.axes for im in ax.images]
+        assert images
+        for im in images:
+            assert im.get_cmap().name == "RdBu_r"
+            np.testing.assert_allclose(im.norm([0.0, 1.0, vmax]), [0.0, 0.5, 1.0])
+        plt.close(fig)
+    with pytest.raises(ValueError, match="vmax"):
+        training.relative_load_norm(1.0)
+
+
+def test_plot_bias_update_draws_maxvio_and_the_bias():
+    from dsv3lab.balance import max_violation
+
+    counts, bias = _loads(steps=6, layers=1, experts=8)
+    counts, bias = counts[:, 0], bias[:, 0]
+    fig = training.plot_bias_update(counts, bias, gamma=1e-3, rule="sign_centered")
+    vio_ax, bias_ax = fig.axes
+    np.testing.assert_allclose(vio_ax.lines[0].get_ydata(), max_violation(torch.as_tensor(counts)).numpy())
+    np.testing.assert_allclose(bias_ax.lines[3].get_ydata(), bias[:, 3])
+    assert "γ = 0.001" in vio_ax.get_title() and f"{bias[-1].sum():+.3f}" in bias_ax.get_title()
+    assert layout.text_overlaps(fig) == []
+    with pytest.raises(ValueError, match="steps, experts"):
+        training.plot_bias_update(counts, bias[:, :4])
+
+
+def test_bias_update_widget_redraws_inside_its_output_on_change():
+    pytest.importorskip("ipywidgets")
+    from dsv3lab.balance import simulate_bias_update
+    from dsv3lab.viz.widgets import bias_update_explorer, bias_update_summary
+
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(1, 32, 8, generator=g) + torch.linspace(1, 0, 8)).sigmoid().expand(60, -1, -1)
+    box = bias_update_explorer(scores, k=2)
+    (gamma_w, rule_w), summary, out = box.children[0].children, box.children[1], box.children[2]
+    assert (gamma_w.value, rule_w.value) == (1e-3, "sign")
+    assert summary.value == f"<code>{bias_update_summary(*simulate_bias_update(scores, 2, 1e-3), 1e-3, 'sign')}</code>"
+    assert "the paper's γ" in summary.value
+    first = _shown_png(out)
+    gamma_w.value = 1e-2
+    assert "10× the paper's 0.001" in summary.value and _shown_png(out) != first
+    rule_w.value = "sign_centered"
+    assert "Σ b_i = +0.000" in summary.value or "Σ b_i = -0.000" in summary.value
+    gamma_w.value = 0.0  # no update: the first load stays, the bias stays 0
+    vio0 = summary.value.split("MaxVio ")[1].split(" at")[0]
+    assert f"{vio0} over the last" in summary.value and "Σ b_i = +0.000" in summary.value
+    with pytest.raises(ValueError, match="gamma must be one of"):
+        bias_update_explorer(scores, k=2, gamma=0.5)
+
+
+def test_bias_update_summary_finds_the_first_balanced_update():
+    from dsv3lab.viz.widgets import bias_update_summary
+
+    counts = torch.tensor([[8, 0, 0, 0], [4, 4, 0, 0], [3, 2, 2, 1], [2, 2, 2, 2]])  # MaxVio 3, 1, 0.5, 0
+    bias = torch.zeros(4, 4)
+    line = bias_update_summary(counts, bias, 3e-3, "sign", window=2)
+    assert line.startswith("γ = 0.003 (3× the paper's 0.001), rule sign: MaxVio 3.00 at the first update")
+    assert "0.25 over the last 2 of 4" in line and "first under 0.5 after update 3" in line
+    assert "never under 0.5" in bias_update_summary(counts[:2], bias[:2], 1e-3, "sign")

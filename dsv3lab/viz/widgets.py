@@ -12,6 +12,9 @@ that function first, so executed and exported notebooks keep a result even where
 * :func:`accumulation_explorer` — the FP8 GEMM's accumulator bits and promotion interval N_C against the error over
   K (wraps :func:`dsv3lab.viz.fp8.plot_accumulation_vs_k`). Notebook: 07_fp8.
 
+* :func:`bias_update_explorer` — the auxiliary-loss-free bias update's speed γ and rule (``sign``, ``sign_centered``)
+  on a fixed router's affinities (wraps :func:`dsv3lab.viz.training.plot_bias_update` over
+  :func:`dsv3lab.balance.simulate_bias_update`). Notebook: 04_load_balancing.
 * :func:`load_scrubber` — step and layer sliders over the expert loads and selection biases of trained runs (wraps
   :func:`dsv3lab.viz.training.plot_load_step`). Notebook: 04_load_balancing.
 
@@ -32,6 +35,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..accounting import kv_cache_comparison
+from ..balance import BIAS_RULES, PAPER_GAMMA, max_violation, simulate_bias_update
 from ..config import ModelConfig
 from ..fp8.accum import N_C, accumulation_sweep
 from ..model.rope import rope_frequencies, yarn_correction_range
@@ -42,7 +46,7 @@ from .architecture import plot_kv_vs_rank, plot_yarn
 from .fp8 import plot_accumulation_vs_k
 from .pipeline import plot_gantt
 from .plan import plot_plan_memory
-from .training import plot_load_step
+from .training import plot_bias_update, plot_load_step
 
 RANKS = [16, 32, 64, 128, 256, 512, 1024, 2048]
 ROPE_DIMS = [16, 32, 64, 128]
@@ -329,6 +333,51 @@ def pipeline_explorer(schedule: str = "dualpipe", pp: int = 8, n_micro: int = 20
         widget.observe(update, names="value")
     update()
     return w.VBox([w.HBox([name_w, pp_w, m_w]), w.HBox([f_w, b_w, w_w]), w.HBox([a2a_w, overlap_w]), summary, out])
+
+
+BIAS_GAMMAS = [0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+
+
+def bias_update_summary(counts, bias, gamma: float, rule: str, window: int = 10, target: float = 0.5) -> str:
+    """One line from :func:`~dsv3lab.balance.simulate_bias_update`'s counts and bias [steps, E]: γ beside the paper's,
+    MaxVio at the first update and over the last ``window``, the first update whose MaxVio is under ``target``, and
+    Σ b_i at the end."""
+    vio = max_violation(counts)
+    under = (vio < target).nonzero()
+    first = f"first under {target:g} after update {int(under[0])}" if len(under) else f"never under {target:g}"
+    paper = "the paper's γ" if gamma == PAPER_GAMMA else f"{gamma / PAPER_GAMMA:g}× the paper's {PAPER_GAMMA:g}"
+    return (
+        f"γ = {gamma:g} ({paper}), rule {rule}: MaxVio {float(vio[0]):.2f} at the first update, "
+        f"{float(vio[-window:].mean()):.2f} over the last {window} of {len(vio)}; {first}; "
+        f"Σ b_i = {float(bias[-1].sum()):+.3f}"
+    )
+
+
+def bias_update_explorer(scores, k: int, gamma: float = PAPER_GAMMA, rule: str = "sign"):
+    """A γ slider and a rule picker over the bias update of a fixed router: ``scores`` [steps, T, E] are its
+    affinities, ``k`` its top-K. Each change reruns :func:`~dsv3lab.balance.simulate_bias_update` (milliseconds for
+    a few hundred updates of a small batch) and redraws :func:`plot_bias_update` with a :func:`bias_update_summary`
+    line. Returns the widget (``.children``: [γ, rule], summary, plot)."""
+    import ipywidgets as w
+
+    if gamma not in BIAS_GAMMAS:
+        raise ValueError(f"gamma must be one of {BIAS_GAMMAS}, got {gamma}")
+    if rule not in BIAS_RULES:
+        raise ValueError(f"rule must be one of {BIAS_RULES}, got {rule!r}")
+    gamma_w = w.SelectionSlider(options=[(f"{g:g}", g) for g in BIAS_GAMMAS], value=gamma, description="γ")
+    rule_w = w.Dropdown(options=list(BIAS_RULES), value=rule, description="rule")
+    summary = w.HTML()
+    out = w.Output()
+
+    def redraw(*_):
+        counts, bias = simulate_bias_update(scores, k, gamma_w.value, rule_w.value)
+        summary.value = f"<code>{bias_update_summary(counts, bias, gamma_w.value, rule_w.value)}</code>"
+        show_figure(out, plot_bias_update(counts.numpy(), bias.numpy(), gamma_w.value, rule_w.value))
+
+    for widget in (gamma_w, rule_w):
+        widget.observe(redraw, names="value")
+    redraw()
+    return w.VBox([w.HBox([gamma_w, rule_w]), summary, out])
 
 
 def load_scrubber(counts: dict[str, np.ndarray], bias: dict[str, np.ndarray], window: int = 5):
