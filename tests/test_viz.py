@@ -370,3 +370,28 @@ def test_bias_update_summary_finds_the_first_balanced_update():
     assert line.startswith("γ = 0.003 (3× the paper's 0.001), rule sign: MaxVio 3.00 at the first update")
     assert "0.25 over the last 2 of 4" in line and "first under 0.5 after update 3" in line
     assert "never under 0.5" in bias_update_summary(counts[:2], bias[:2], 1e-3, "sign")
+
+
+def test_widget_callbacks_draw_with_pyplot_interactive_mode_off(monkeypatch):
+    """A figure made while pyplot is interactive is queued for the inline backend, which in JupyterLab shows it a
+    second time in the log console after a slider change; every widget callback draws with interactive mode off."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from dsv3lab.viz import widgets
+
+    seen = []
+    real = widgets.plot_yarn
+
+    def recording(*args, **kwargs):
+        seen.append(matplotlib.is_interactive())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(widgets, "plot_yarn", recording)
+    plt.ion()
+    try:
+        box = widgets.yarn_explorer("toy")
+        box.children[0].children[0].value = 8  # s: a change runs the callback again
+    finally:
+        plt.ioff()
+    assert seen == [False, False] and not matplotlib.is_interactive()

@@ -26,6 +26,7 @@ kernel's message routing does, and the saved widget state carries the figure int
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 
@@ -61,6 +62,20 @@ def figure_output(fig: Figure, dpi: int = 80) -> dict:
         "data": {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(fig)},
         "metadata": {},
     }
+
+
+def redraws(callback):
+    """A widget callback that draws with pyplot's interactive mode off. A figure made while pyplot is interactive is
+    also queued for the inline backend, which shows it again wherever the kernel's next output goes — in JupyterLab
+    the log console, after a slider or dropdown change. The callback shows its figure in its own Output by state
+    (:func:`show_figure`) instead."""
+
+    @functools.wraps(callback)
+    def quiet(*args, **kwargs):
+        with plt.ioff():
+            return callback(*args, **kwargs)
+
+    return quiet
 
 
 def show_figure(out, fig: Figure) -> None:
@@ -110,6 +125,7 @@ def kv_rank_explorer(preset: str = "671B", presets: tuple[str, ...] = ("toy", "s
     out = w.Output()
     busy = [False]  # a preset change moves three sliders: draw once, after all of them
 
+    @redraws
     def redraw(*_):
         if busy[0]:
             return
@@ -165,6 +181,7 @@ def plan_explorer(preset: str = "671B", gpu: str = "H800", recipe: str = "paper"
     summary = w.HTML()
     out = w.Output()
 
+    @redraws
     def update(*_):
         layout = Layout(
             gpus=gpus_w.value, pp=pp_w.value, ep=ep_w.value, zero=zero_w.value, micro_batch=mb_w.value, seq=seq_w.value
@@ -226,6 +243,7 @@ def yarn_explorer(preset: str = "671B"):
     summary = w.HTML()
     out = w.Output()
 
+    @redraws
     def redraw(*_):
         if beta_w.value <= alpha_w.value:
             summary.value = f"<code>β must be larger than α (got β={beta_w.value}, α={alpha_w.value})</code>"
@@ -268,6 +286,7 @@ def accumulation_explorer(ks=(256, 512, 1024, 2048, 4096), m: int = 8, n: int = 
     summary = w.HTML()
     out = w.Output()
 
+    @redraws
     def redraw(*_):
         sweep = accumulation_sweep(
             ks=tuple(ks),
@@ -316,6 +335,7 @@ def pipeline_explorer(schedule: str = "dualpipe", pp: int = 8, n_micro: int = 20
     summary = w.HTML()
     out = w.Output()
 
+    @redraws
     def update(*_):
         try:
             costs = Costs(
@@ -369,6 +389,7 @@ def bias_update_explorer(scores, k: int, gamma: float = PAPER_GAMMA, rule: str =
     summary = w.HTML()
     out = w.Output()
 
+    @redraws
     def redraw(*_):
         counts, bias = simulate_bias_update(scores, k, gamma_w.value, rule_w.value)
         summary.value = f"<code>{bias_update_summary(counts, bias, gamma_w.value, rule_w.value)}</code>"
@@ -395,6 +416,7 @@ def load_scrubber(counts: dict[str, np.ndarray], bias: dict[str, np.ndarray], wi
     layer_w = w.IntSlider(value=0, min=0, max=layers - 1, description="MoE layer")
     out = w.Output()
 
+    @redraws
     def redraw(*_):
         c, b = counts[run_w.value], bias[run_w.value]
         step, layer = min(step_w.value, c.shape[0] - 1), min(layer_w.value, b.shape[1] - 1)
