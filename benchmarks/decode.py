@@ -1,6 +1,6 @@
 """Decode speed: dsv3lab's absorbed (latent) cache vs its naive (per-head K/V) cache vs transformers' ``generate``.
 
-Same process, same config and weights (``dsv3lab.hf.to_transformers``), greedy decoding after a prompt of each
+Same process, same config and weights (``dsv3lab.infer.hf.to_transformers``), greedy decoding after a prompt of each
 context length. Runs alternate between the methods (the order rotates every repeat) so that load on a shared machine
 hits all of them alike; each run times the decode phase only — from the first new token to the last, taken by a
 streamer callback — and the report gives medians and ratios. Every method must produce the same tokens.
@@ -73,7 +73,7 @@ def run_once(method: str, model, hf, prompt: torch.Tensor, new_tokens: int) -> t
             max_new_tokens=new_tokens,
             stop_at_eos=False,
             on_token=stamps,
-            attn_impl=method.removeprefix("dsv3lab_"),
+            cache_layout={"absorb": "latent", "naive": "per_head"}[method.removeprefix("dsv3lab_")],
         )
     if len(stamps.times) != new_tokens:
         raise RuntimeError(f"{method} produced {len(stamps.times)} tokens, expected {new_tokens}")
@@ -89,7 +89,7 @@ def benchmark(
     threads: int = 2,
     seed: int = 0,
 ) -> dict:
-    from dsv3lab.hf import to_transformers
+    from dsv3lab.infer.hf import to_transformers
 
     torch.set_num_threads(threads)
     cfg = dsv3lab.ModelConfig.preset(preset)

@@ -9,7 +9,7 @@ One forward + backward (next-token cross-entropy, gradients set to None between 
   ``experts_implementation`` left unset resolve to sdpa and grouped_mm in transformers 5.x);
 * ``transformers[sdpa,eager]``: the same with its per-expert loop (``experts_implementation="eager"``).
 
-All models hold the same weights (``dsv3lab.hf.to_transformers``) and the same configuration. transformers has no
+All models hold the same weights (``dsv3lab.infer.hf.to_transformers``) and the same configuration. transformers has no
 multi-token-prediction module, so the preset runs with ``n_mtp=0`` on both sides; the selection bias is set to small
 random values so that it takes part in routing. Before timing, the logits of every variant are compared with
 dsv3lab's reference path (``parity_max_abs_diff``).
@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 import dsv3lab
-from dsv3lab.utils import versions
+from dsv3lab.utils import peak_step_memory, versions
 
 IMPLS = [("naive", "loop"), ("naive", "grouped"), ("absorb", "loop"), ("absorb", "grouped")]
 
@@ -75,7 +75,7 @@ def build_variants(
         m.load_state_dict(base.state_dict())
         models[f"dsv3lab[{attn_impl},{moe_impl}]"] = m
     if with_transformers:
-        from dsv3lab.hf import to_transformers
+        from dsv3lab.infer.hf import to_transformers
 
         hf = to_transformers(base)  # transformers' defaults: sdpa attention, grouped_mm experts
         models[f"transformers[{hf.config._attn_implementation},{hf.config._experts_implementation}]"] = hf
@@ -119,30 +119,6 @@ def logits_of(name: str, model: torch.nn.Module, tokens: torch.Tensor) -> torch.
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_step_memory(step: Callable[[], float], device: torch.device) -> float:
-    """Peak bytes allocated during one step above the bytes live at its start (see the module docstring)."""
-    if device.type == "cuda":
-        sync(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        sync(device)
-        return float(torch.cuda.max_memory_allocated(device) - start)
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        if e.device_type() == DeviceType.CPU:  # allocations on the CPU
-            live += e.nbytes()
-            peak = max(peak, live)
-    return float(peak)
 
 
 def flops_per_step(step: Callable[[], float]) -> dict:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ModelConfig
+import pandas as pd
+
+from .config import PRESETS, ModelConfig
 
 
 def mla_params(cfg: ModelConfig) -> int:
@@ -132,16 +134,33 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     return pc["activated_params"] - pc["embedding"] - norms
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True, causal: bool = True) -> float:
+def mtp_matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Weights a token multiplies with in one MTP module: ``eh_proj`` (2d → d), its block's activated projections and
+    router, and the shared output head (norms and the shared embedding lookup left out)."""
+    block = block_params(cfg, cfg.n_layers, activated=True)
+    block -= 2 * cfg.dim + cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank else 0)  # its norms
+    return 2 * cfg.dim * cfg.dim + block + cfg.vocab_size * cfg.dim
+
+
+def _attention_flops(cfg: ModelConfig, n_layers: int, seq_len: int, causal: bool) -> float:
+    t = seq_len / 2 if causal else seq_len  # keys a query sees on average
+    return 2 * n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * t
+
+
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int | None = None, training: bool = True, causal: bool = True, mtp: bool = False
+) -> float:
     """FLOPs per token of the main model at sequence length ``seq_len`` (default min(4096, max_seq_len)).
 
     forward = 2 · (weights a token multiplies with) + attention 2 · n_layers · n_h · (d_h + d_h^R + d_v) · t, with
-    t = seq_len / 2 keys on average under the causal mask (seq_len without it). Training = 3 × forward.
+    t = seq_len / 2 keys on average under the causal mask (seq_len without it). Training = 3 × forward. With
+    ``mtp=True`` the D multi-token-prediction modules are added (each: ``eh_proj``, one block, the shared head),
+    which training computes as well (§2.2).
     """
     seq_len = seq_len or min(4096, cfg.max_seq_len)
-    t = seq_len / 2 if causal else seq_len
-    attn = 2 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * t
-    fwd = 2 * matmul_params_per_token(cfg) + attn
+    fwd = 2 * matmul_params_per_token(cfg) + _attention_flops(cfg, cfg.n_layers, seq_len, causal)
+    if mtp:
+        fwd += cfg.n_mtp * (2 * mtp_matmul_params_per_token(cfg) + _attention_flops(cfg, 1, seq_len, causal))
     return 3 * fwd if training else fwd
 
 
@@ -165,3 +184,37 @@ def model_stats(cfg: ModelConfig) -> dict[str, Any]:
             if k not in ("total_params", "activated_params", "mtp_params", "mtp_activated_params")
         },
     }
+
+
+def preset_table() -> pd.DataFrame:
+    """One row per preset: parameters, activated parameters, MTP parameters, KV-cache bytes per token, FLOPs per
+    token (analytic; ``dsv3lab reproduce --only tour`` cross-checks the totals against models built on meta)."""
+    rows = []
+    for name in PRESETS:
+        cfg = ModelConfig.preset(name)
+        stats = model_stats(cfg)
+        rows.append(
+            {
+                "preset": name,
+                "total_params": stats["total_params"],
+                "activated_params": stats["activated_params"],
+                "mtp_params": stats["mtp_params"],
+                "kv_latent_bytes_per_token": stats["kv_cache_bytes_per_token"]["latent"],
+                "kv_materialized_bytes_per_token": stats["kv_cache_bytes_per_token"]["materialized"],
+                "flops_per_token": stats["flops_per_token"],
+                "layers": cfg.n_layers,
+                "dim": cfg.dim,
+                "routed_experts": cfg.n_routed_experts,
+                "activated_experts": cfg.n_activated_experts,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def kv_table() -> pd.DataFrame:
+    """Bytes per token of MLA's latent cache against MHA/GQA/MQA with the same heads, one row per preset and variant."""
+    rows = []
+    for name in PRESETS:
+        for variant, nbytes in kv_cache_comparison(ModelConfig.preset(name)).items():
+            rows.append({"preset": name, "variant": variant, "bytes_per_token": nbytes})
+    return pd.DataFrame(rows)

@@ -12,7 +12,8 @@ f carries no gradient; the loss pushes the affinities of overloaded experts down
 
 The *auxiliary-loss-free* strategy (V3) needs no loss: each expert's selection bias b_i (``Gate.bias``, a buffer used
 only to choose the top-K) moves by ±γ after every optimizer step, against that step's load
-(:func:`update_selection_bias`).
+(:func:`update_selection_bias`); :func:`simulate_bias_update` runs the same rule on a fixed router's affinities, without
+a model.
 The statistics at the end (MaxVio, relative load) are the measurements of §4.5 and Fig. 9.
 
 Notebook: 04_load_balancing.
@@ -44,6 +45,7 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, per_sequence: bool
 
 # ---------------------------------------------------------------------- auxiliary-loss-free bias update (§2.1.2)
 BIAS_RULES = ("sign", "sign_centered")
+PAPER_GAMMA = 1e-3  # γ of §4.2 for the first 14.3T tokens (0 for the last 500B)
 
 
 @torch.no_grad()
@@ -67,11 +69,12 @@ def update_selection_bias(moes: list, gamma: float, rule: str = "sign", group=No
     """Once per optimizer step (after gradient accumulation): read and reset every MoE's ``tokens_per_expert``, and
     move its selection bias by :func:`bias_delta` (γ = 0 only reads and resets).
 
-    The counts are summed over the ranks of ``group`` first when ``torch.distributed`` is initialised (default: all
-    ranks), so every rank applies the update of the whole batch. Each rank counts the choices of its *own* tokens, so
-    the default is right for data parallelism, expert parallelism (``dsv3lab.parallel.ExpertParallelMoE``) and
-    DP × EP; with pipeline stages pass the group of ranks that hold the same layers. Returns the step's counts
-    [n_layers, E] (int64), the input of the load metrics.
+    The counts are summed over the ranks of ``group`` (default: all ranks) first when ``torch.distributed`` is
+    initialised, so every rank applies the same update. Each rank counts the choices of its *own* tokens, so the
+    default is right for data parallelism, expert parallelism (``dsv3lab.parallel.ExpertParallelMoE``) and DP × EP.
+    Under pipeline parallelism each rank holds other layers: pass the group of ranks holding these same layers
+    (data-parallel replicas, DualPipe's mirror copies), with ``moes`` in the same order on each of them. Returns the
+    step's counts [n_layers, E] (int64), the input of the load metrics.
     """
     if not moes:
         return torch.zeros(0, 0, dtype=torch.int64)
@@ -85,6 +88,35 @@ def update_selection_bias(moes: list, gamma: float, rule: str = "sign", group=No
             moe.gate.bias += bias_delta(c, gamma, rule).to(moe.gate.bias.device)
         moe.tokens_per_expert.zero_()
     return counts.cpu()
+
+
+@torch.no_grad()
+def simulate_bias_update(
+    scores: torch.Tensor, k: int, gamma: float, rule: str = "sign", bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bias update of a fixed router, without a model: what :func:`update_selection_bias` does to one MoE layer
+    whose gate gives the affinities ``scores`` [steps, T, E] (one step's T tokens per row; sigmoid or softmax,
+    unbiased). Each step chooses the top-``k`` of s + b (Eq. 16, no expert groups), counts the tokens per expert and
+    moves b by :func:`bias_delta`. Starts from ``bias`` [E] (default zeros). Returns the counts of every step
+    [steps, E] (int64) and the bias after every step [steps, E]. Notebook 04's γ explorer runs it."""
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [steps, tokens, experts], got shape {tuple(scores.shape)}")
+    n_experts = scores.shape[-1]
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"k must be in [1, {n_experts}] (the number of experts), got {k}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    if rule not in BIAS_RULES:
+        raise ValueError(f"bias update rule must be one of {BIAS_RULES}, got {rule!r}")
+    b = torch.zeros(n_experts) if bias is None else bias.detach().float().clone()
+    all_counts, all_bias = [], []
+    for s in scores.float():  # [T, E]
+        idx = (s + b).topk(k, dim=-1).indices  # the bias only chooses
+        counts = torch.bincount(idx.flatten(), minlength=n_experts)  # [E]
+        b = b + bias_delta(counts, gamma, rule)
+        all_counts.append(counts)
+        all_bias.append(b)
+    return torch.stack(all_counts), torch.stack(all_bias)
 
 
 # ---------------------------------------------------------------------- load statistics

@@ -22,17 +22,79 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .files import read_json
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_IMPLS = ("naive", "absorb")
 MOE_IMPLS = ("loop", "grouped")
 FP8_GEMMS = ("auto", "emulate", "kernel")
 FP8_SCALE_FMTS = ("fp32", "ue8m0")
+ROPE_TYPES = ("yarn", "linear")
+
+# Fields added after runs were first saved: left out of a saved config's comparison (resume, stages, the run cache)
+# when they hold this default, which reproduces the behaviour from before the field existed.
+MODEL_LATER_FIELDS: dict[str, Any] = {"rope_type": "yarn"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config field may hold: its type, and for numbers a range (``lo``/``hi``, open or closed), or a tuple
+    of ``choices``. ``bool`` fields take only ``True``/``False`` (never a string or 0/1); numeric fields never a bool,
+    a string, NaN or ±inf; ``float`` fields take ints too (JSON writes ``40`` for ``40.0``)."""
+
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {self.choices}"
+        if self.kind is int and self.hi is None and self.lo in (0, 1) and not self.lo_open:
+            return "a positive integer" if self.lo == 1 else "a non-negative integer"
+        what = {int: "an integer", float: "a finite number", bool: "a bool (true/false)", str: "a string"}[self.kind]
+        bounds = []
+        if self.lo is not None:
+            bounds.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            bounds.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return what + (" " + " and ".join(bounds) if bounds else "")
+
+    def ok(self, value: Any) -> bool:
+        if self.choices is not None:
+            return isinstance(value, str) and value in self.choices
+        if self.kind is bool:
+            return isinstance(value, bool)
+        if self.kind is str:
+            return isinstance(value, str)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+
+def check_fields(obj: Any, rules: dict[str, Rule]) -> None:
+    """Check every field of ``obj`` named in ``rules``; the first violation is a ``ValueError`` naming the field,
+    the value and what is allowed."""
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if not rule.ok(value):
+            raise ValueError(f"{name} must be {rule.describe()}, got {value!r}")
+
+
+POS_INT, NONNEG_INT = Rule(int, lo=1), Rule(int, lo=0)
+POS_FLOAT, NONNEG_FLOAT = Rule(float, lo=0, lo_open=True), Rule(float, lo=0)
+BOOL = Rule(bool)
 
 
 @dataclass
@@ -72,6 +134,7 @@ class ModelConfig:
     beta_fast: int = 32
     beta_slow: int = 1
     mscale: float = 1.0  # softmax-scale correction: scale *= (0.1 * mscale * ln s + 1)^2
+    rope_type: str = "yarn"  # how a longer context is reached: "yarn" (§4.3) or "linear" (position interpolation)
     norm_eps: float = 1e-6
     max_batch_size: int = 8  # default cache batch size for generation
     # --- dsv3lab switches (no switch lives anywhere else) ---
@@ -112,13 +175,20 @@ class ModelConfig:
         return self.n_routed_experts // self.n_expert_groups
 
     @property
-    def yarn_enabled(self) -> bool:
-        """YaRN is on when the model is meant for longer contexts than it was pre-trained on (official rule)."""
+    def rope_scaled(self) -> bool:
+        """The RoPE frequencies are rescaled when the model is meant for longer contexts than it was pre-trained on
+        (the official rule): ``max_seq_len > original_seq_len`` and ``rope_factor > 1``; ``rope_type`` says how."""
         return self.max_seq_len > self.original_seq_len and self.rope_factor > 1.0
 
     @property
+    def yarn_enabled(self) -> bool:
+        """YaRN is on: the frequencies are rescaled (:attr:`rope_scaled`) the YaRN way (``rope_type="yarn"``)."""
+        return self.rope_scaled and self.rope_type == "yarn"
+
+    @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R), times the YaRN mscale² when YaRN is on (0.135234 for V3)."""
+        """1/sqrt(d_h + d_h^R), times the YaRN mscale² when YaRN is on (0.135234 for V3); position interpolation
+        (``rope_type="linear"``) leaves the scale alone."""
         scale = self.qk_head_dim**-0.5
         if self.yarn_enabled:
             m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
@@ -127,51 +197,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field and what is allowed for every inconsistent combination."""
-        positive = [
-            "vocab_size",
-            "dim",
-            "inter_dim",
-            "moe_inter_dim",
-            "n_layers",
-            "n_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_seq_len",
-            "original_seq_len",
-            "n_expert_groups",
-            "n_limited_groups",
-            "max_batch_size",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in (
-            "n_dense_layers",
-            "n_routed_experts",
-            "n_shared_experts",
-            "n_activated_experts",
-            "q_lora_rank",
-            "n_mtp",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
-        if not isinstance(self.fp8, bool):
-            raise ValueError(f"fp8 must be a bool (true/false), got {self.fp8!r}")
-        if self.fp8_gemm not in FP8_GEMMS:
-            raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
-        if self.fp8_scale_fmt not in FP8_SCALE_FMTS:
-            raise ValueError(f"fp8_scale_fmt must be one of {FP8_SCALE_FMTS}, got {self.fp8_scale_fmt!r}")
+        """Raise ``ValueError`` naming the field and what is allowed: first each field's type and range
+        (:data:`MODEL_RULES`: NaN and ±inf refused everywhere, bools only for bool fields), then the combinations."""
+        check_fields(self, MODEL_RULES)
         if self.n_dense_layers > self.n_layers:
             raise ValueError(
                 f"n_dense_layers ({self.n_dense_layers}) must be <= n_layers ({self.n_layers}): "
@@ -212,14 +240,6 @@ class ModelConfig:
                 )
         if self.beta_fast <= self.beta_slow:
             raise ValueError(f"beta_fast ({self.beta_fast}) must be > beta_slow ({self.beta_slow})")
-        if self.rope_factor < 1.0:
-            raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
-        if self.mtp_lambda < 0 or self.aux_loss_alpha < 0 or self.seq_aux_loss_alpha < 0:
-            raise ValueError("mtp_lambda, aux_loss_alpha and seq_aux_loss_alpha must be >= 0")
-        if self.route_scale <= 0:
-            raise ValueError(f"route_scale must be > 0, got {self.route_scale}")
         for name in ("bos_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {getattr(self, name)}")
@@ -271,176 +291,14 @@ class ModelConfig:
         d.setdefault("name", name)
         return cls(**d)
 
-    # ------------------------------------------------------------------ Hugging Face config.json
+    # ------------------------------------------------------------------ the official inference code's config
     @classmethod
     def from_official(cls, path_or_dict: str | os.PathLike | dict[str, Any], **overrides: Any) -> ModelConfig:
         """Read an official ``inference/configs/config_*.json`` (ModelArgs names; ``dtype`` is ignored)."""
-        d = _load_json(path_or_dict)
+        d = load_json(path_or_dict)
         d = {k: v for k, v in d.items() if k not in ("dtype", "scale_fmt")}
         d.update(overrides)
         return cls.from_dict(d)
-
-    @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Map a Hugging Face DeepSeek-V3 ``config.json`` (a path, a folder holding one, or a dict) to a ModelConfig.
-
-        Reads YaRN from ``rope_scaling`` (the official file) or ``rope_parameters`` (newer transformers). Settings
-        that dsv3lab's model cannot represent raise ``ValueError`` instead of being silently ignored.
-        """
-        hf = _load_json(path_or_dict)
-        arch = hf.get("architectures") or ["DeepseekV3ForCausalLM"]
-        model_type = hf.get("model_type", "deepseek_v3")
-        if model_type not in ("deepseek_v3", "deepseek_v2") or not any("Deepseek" in a for a in arch):
-            raise ValueError(
-                f"unsupported architecture {arch} / model_type {model_type!r}: dsv3lab reads "
-                "DeepseekV3ForCausalLM (and DeepseekV2ForCausalLM) configs"
-            )
-        if hf.get("attention_bias", False):
-            raise ValueError("attention_bias=true is not supported: DeepSeek-V3's projections have no bias")
-        if hf.get("tie_word_embeddings", False):
-            raise ValueError("tie_word_embeddings=true is not supported: DeepSeek-V3 has a separate output head")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {hf['hidden_act']!r}")
-        n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"])
-        if n_kv != hf["num_attention_heads"]:
-            raise ValueError(
-                f"num_key_value_heads ({n_kv}) must equal num_attention_heads "
-                f"({hf['num_attention_heads']}): MLA has no grouped K/V heads"
-            )
-        if hf.get("moe_layer_freq", 1) != 1:
-            raise ValueError(f"moe_layer_freq must be 1, got {hf['moe_layer_freq']}")
-        score_func = hf.get("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax")
-        norm_topk = hf.get("norm_topk_prob", score_func == "sigmoid")
-        if bool(norm_topk) != (score_func == "sigmoid"):
-            raise ValueError(
-                f"norm_topk_prob={norm_topk} with scoring_func={score_func!r} is not supported: "
-                "dsv3lab normalises the top-k gate weights exactly when scoring with sigmoid (official)"
-            )
-        topk_method = hf.get("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy")
-        q_lora = hf.get("q_lora_rank")
-        d: dict[str, Any] = dict(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            inter_dim=hf["intermediate_size"],
-            moe_inter_dim=hf["moe_intermediate_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_dense_layers=hf.get("first_k_dense_replace", 0),
-            n_heads=hf["num_attention_heads"],
-            n_routed_experts=hf.get("n_routed_experts") or 0,
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            n_activated_experts=hf.get("num_experts_per_tok") or 0,
-            n_expert_groups=hf.get("n_group") or 1,
-            n_limited_groups=hf.get("topk_group") or 1,
-            score_func=score_func,
-            route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-            q_lora_rank=q_lora or 0,
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            n_mtp=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
-            gate_bias=topk_method == "noaux_tc",
-            bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 0,
-            eos_token_id=_first(hf.get("eos_token_id"), 1),
-            name=hf.get("_name_or_path") or "hf",
-        )
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        rope_type = rope.get("type", rope.get("rope_type", "default"))
-        if "rope_theta" in rope:
-            d["rope_theta"] = float(rope["rope_theta"])
-        max_pos = hf.get("max_position_embeddings", 4096)
-        if rope_type == "yarn":
-            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-            if m is None or m_all is None or float(m) != float(m_all):
-                raise ValueError(
-                    f"YaRN with mscale={m} and mscale_all_dim={m_all} is not supported: dsv3lab (like "
-                    "the official code) scales only the softmax and needs both given and equal"
-                )
-            d.update(
-                max_seq_len=max_pos,
-                original_seq_len=rope["original_max_position_embeddings"],
-                rope_factor=float(rope["factor"]),
-                beta_fast=rope.get("beta_fast", 32),
-                beta_slow=rope.get("beta_slow", 1),
-                mscale=float(m_all),
-            )
-            if max_pos <= d["original_seq_len"]:
-                raise ValueError(
-                    "rope_scaling type yarn needs max_position_embeddings > original_max_position_embeddings"
-                )
-        elif rope_type in ("default", None):
-            d.update(max_seq_len=max_pos, original_seq_len=max_pos, rope_factor=1.0)
-        else:
-            raise ValueError(f"rope type {rope_type!r} is not supported; allowed: 'yarn' or none")
-        d.update(overrides)
-        return cls.from_dict(d)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face ``config.json`` dict (DeepseekV3ForCausalLM) for this config."""
-        if self.gate_bias:
-            topk_method = "noaux_tc"
-        else:
-            topk_method = "group_limited_greedy" if self.n_expert_groups > 1 else "greedy"
-        hf: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v3",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.inter_dim,
-            "moe_intermediate_size": self.moe_inter_dim,
-            "num_hidden_layers": self.n_layers,
-            "first_k_dense_replace": self.n_dense_layers,
-            "moe_layer_freq": 1,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_heads,
-            "n_routed_experts": self.n_routed_experts,
-            "n_shared_experts": self.n_shared_experts,
-            "num_experts_per_tok": self.n_activated_experts,
-            "n_group": self.n_expert_groups,
-            "topk_group": self.n_limited_groups,
-            "topk_method": topk_method,
-            "scoring_func": self.score_func,
-            "norm_topk_prob": self.score_func == "sigmoid",
-            "routed_scaling_factor": self.route_scale,
-            "q_lora_rank": self.q_lora_rank or None,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_interleave": True,
-            "max_position_embeddings": self.max_seq_len,
-            "num_nextn_predict_layers": self.n_mtp,
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "tie_word_embeddings": False,
-            "initializer_range": self.init_std,
-            "aux_loss_alpha": self.seq_aux_loss_alpha or self.aux_loss_alpha,
-            "seq_aux": bool(self.seq_aux_loss_alpha),
-            "ep_size": 1,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": "bfloat16",
-            "use_cache": True,
-        }
-        if self.yarn_enabled:
-            hf["rope_scaling"] = {
-                "type": "yarn",
-                "rope_type": "yarn",
-                "factor": self.rope_factor,
-                "original_max_position_embeddings": self.original_seq_len,
-                "beta_fast": self.beta_fast,
-                "beta_slow": self.beta_slow,
-                "mscale": self.mscale,
-                "mscale_all_dim": self.mscale,
-            }
-        else:
-            hf["rope_scaling"] = None
-        return hf
 
     def summary(self) -> str:
         """A one-line description for tables and logs."""
@@ -451,154 +309,36 @@ class ModelConfig:
         )
 
 
-# ---------------------------------------------------------------------- presets
-_V3_COMMON: dict[str, Any] = dict(score_func="sigmoid", gate_bias=True, n_mtp=1)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # < 1M parameters: every unit test builds it in milliseconds. YaRN is on so tests cover it.
-    "tiny": dict(
-        vocab_size=512,
-        dim=64,
-        inter_dim=128,
-        moe_inter_dim=32,
-        n_layers=2,
-        n_dense_layers=1,
-        n_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        n_activated_experts=2,
-        n_expert_groups=4,
-        n_limited_groups=2,
-        route_scale=2.5,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        max_seq_len=256,
-        original_seq_len=64,
-        rope_factor=4.0,
-        max_batch_size=4,
-        **_V3_COMMON,
+MODEL_RULES: dict[str, Rule] = {
+    **dict.fromkeys(
+        ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank"), POS_INT
     ),
-    # Notebooks and ablations: trains on a 2-core CPU in minutes; 16 routed experts in 4 groups, 1 shared, MTP.
-    "toy": dict(
-        vocab_size=8192,
-        dim=128,
-        inter_dim=384,
-        moe_inter_dim=64,
-        n_layers=4,
-        n_dense_layers=1,
-        n_heads=4,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        n_activated_experts=4,
-        n_expert_groups=4,
-        n_limited_groups=2,
-        route_scale=2.5,
-        q_lora_rank=64,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
-        max_seq_len=4096,
-        original_seq_len=4096,
-        rope_factor=1.0,
-        max_batch_size=8,
-        **_V3_COMMON,
-    ),
-    # ~200M total / ~60M activated: a GPU (or a patient CPU).
-    "small": dict(
-        vocab_size=32768,
-        dim=512,
-        inter_dim=1536,
-        moe_inter_dim=256,
-        n_layers=12,
-        n_dense_layers=1,
-        n_heads=8,
-        n_routed_experts=32,
-        n_shared_experts=1,
-        n_activated_experts=4,
-        n_expert_groups=4,
-        n_limited_groups=2,
-        route_scale=2.5,
-        q_lora_rank=256,
-        kv_lora_rank=128,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-        max_seq_len=4096,
-        original_seq_len=4096,
-        rope_factor=1.0,
-        **_V3_COMMON,
-    ),
-    # Official inference/configs/config_16B.json (DeepSeek-V2-Lite); unspecified fields take ModelArgs defaults.
-    "16B": dict(
-        vocab_size=102400,
-        dim=2048,
-        inter_dim=10944,
-        moe_inter_dim=1408,
-        n_layers=27,
-        n_dense_layers=1,
-        n_heads=16,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        n_activated_experts=6,
-        route_scale=1.0,
-        q_lora_rank=0,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        mscale=0.707,
-    ),
-    # Official config_236B.json (DeepSeek-V2).
-    "236B": dict(
-        vocab_size=102400,
-        dim=5120,
-        inter_dim=12288,
-        moe_inter_dim=1536,
-        n_layers=60,
-        n_dense_layers=1,
-        n_heads=128,
-        n_routed_experts=160,
-        n_shared_experts=2,
-        n_activated_experts=6,
-        n_expert_groups=8,
-        n_limited_groups=3,
-        route_scale=16.0,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-    ),
-    # Official config_671B.json (DeepSeek-V3) + the MTP module (D=1) of the released weights.
-    "671B": dict(
-        vocab_size=129280,
-        dim=7168,
-        inter_dim=18432,
-        moe_inter_dim=2048,
-        n_layers=61,
-        n_dense_layers=3,
-        n_heads=128,
-        n_routed_experts=256,
-        n_shared_experts=1,
-        n_activated_experts=8,
-        n_expert_groups=8,
-        n_limited_groups=4,
-        route_scale=2.5,
-        q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        **_V3_COMMON,
-    ),
+    **dict.fromkeys(("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"), POS_INT),
+    **dict.fromkeys(("n_expert_groups", "n_limited_groups", "max_batch_size", "beta_fast"), POS_INT),
+    **dict.fromkeys(("n_dense_layers", "n_routed_experts", "n_shared_experts", "n_activated_experts"), NONNEG_INT),
+    **dict.fromkeys(("q_lora_rank", "n_mtp", "beta_slow", "bos_token_id", "eos_token_id"), NONNEG_INT),
+    **dict.fromkeys(("route_scale", "rope_theta", "norm_eps", "init_std"), POS_FLOAT),
+    **dict.fromkeys(("mscale", "mtp_lambda", "aux_loss_alpha", "seq_aux_loss_alpha"), NONNEG_FLOAT),
+    "rope_factor": Rule(float, lo=1),
+    "rope_type": Rule(str, choices=ROPE_TYPES),
+    "score_func": Rule(str, choices=SCORE_FUNCS),
+    "attn_impl": Rule(str, choices=ATTN_IMPLS),
+    "moe_impl": Rule(str, choices=MOE_IMPLS),
+    "fp8_gemm": Rule(str, choices=FP8_GEMMS),
+    "fp8_scale_fmt": Rule(str, choices=FP8_SCALE_FMTS),
+    "gate_bias": BOOL,
+    "fp8": BOOL,
+    "name": Rule(str),
 }
 
 
 # ---------------------------------------------------------------------- helpers
+def without_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``ModelConfig.to_dict()`` without the :data:`MODEL_LATER_FIELDS` that hold their default: what two
+    configs are compared on, so that a field added later does not make older runs look different."""
+    return {k: v for k, v in d.items() if not (k in MODEL_LATER_FIELDS and v == MODEL_LATER_FIELDS[k])}
+
+
 def _check_keys(d: dict[str, Any], allowed: list[str], what: str) -> None:
     unknown = [k for k in d if k not in allowed]
     if unknown:
@@ -635,21 +375,67 @@ def parse_value(text: str, typ: Any) -> Any:
     return text
 
 
-def _load_json(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+def load_json(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     if isinstance(path_or_dict, dict):
         return dict(path_or_dict)
     path = os.fspath(path_or_dict)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config file at {path}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "a config.json object")
 
 
-def _first(value: Any, default: Any) -> Any:
-    if value is None:
-        return default
-    if isinstance(value, (list, tuple)):
-        return value[0] if value else default
-    return value
+# ---------------------------------------------------------------------- presets
+# One column per preset, one row per field; "·" keeps ModelConfig's default (the official ModelArgs default).
+#   tiny   < 1M parameters: every unit test builds it in milliseconds; YaRN on so that tests cover it
+#   toy    notebooks and ablations: trains on a 2-core CPU in minutes; 16 routed experts in 4 groups, 1 shared, MTP
+#   small  ~200M total / ~60M activated: a GPU (or a patient CPU)
+#   16B    official inference/configs/config_16B.json (DeepSeek-V2-Lite)
+#   236B   official config_236B.json (DeepSeek-V2)
+#   671B   official config_671B.json (DeepSeek-V3) + the MTP module (D = 1) of the released weights
+PRESET_TABLE = """
+field                 tiny     toy      small    16B      236B     671B
+vocab_size            512      8192     32768    102400   102400   129280
+dim                   64       128      512      2048     5120     7168
+inter_dim             128      384      1536     10944    12288    18432
+moe_inter_dim         32       64       256      1408     1536     2048
+n_layers              2        4        12       27       60       61
+n_dense_layers        1        1        1        1        1        3
+n_heads               4        4        8        16       128      128
+n_routed_experts      8        16       32       64       160      256
+n_shared_experts      1        1        1        2        2        1
+n_activated_experts   2        4        4        6        6        8
+n_expert_groups       4        4        4        ·        8        8
+n_limited_groups      2        2        2        ·        3        4
+route_scale           2.5      2.5      2.5      1.0      16.0     2.5
+q_lora_rank           32       64       256      0        1536     1536
+kv_lora_rank          32       64       128      512      512      512
+qk_nope_head_dim      16       32       64       128      128      128
+qk_rope_head_dim      8        16       32       64       64       64
+v_head_dim            16       32       64       128      128      128
+max_seq_len           256      4096     4096     ·        ·        ·
+original_seq_len      64       4096     4096     ·        ·        ·
+rope_factor           4.0      1.0      1.0      ·        ·        ·
+mscale                ·        ·        ·        0.707    ·        ·
+max_batch_size        4        8        ·        ·        ·        ·
+score_func            sigmoid  sigmoid  sigmoid  ·        ·        sigmoid
+gate_bias             true     true     true     ·        ·        true
+n_mtp                 1        1        1        ·        ·        1
+"""
+
+
+def parse_preset_table(text: str) -> dict[str, dict[str, Any]]:
+    """The presets of a table like :data:`PRESET_TABLE`, each value parsed by its ModelConfig field's type."""
+    rows = [line.split() for line in text.strip().splitlines()]
+    names = rows[0][1:]
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for field_name, *values in rows[1:]:
+        if field_name not in types or len(values) != len(names):
+            raise ValueError(f"preset table row {field_name!r}: an unknown field or {len(values)} values for {names}")
+        for name, value in zip(names, values):
+            if value != "·":
+                out[name][field_name] = parse_value(value, types[field_name])
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = parse_preset_table(PRESET_TABLE)

@@ -57,6 +57,22 @@ def test_forward_flops_match_torch_flop_counter():
     assert measured == pytest.approx(expected, rel=0.02), (measured, expected, router)
 
 
+def test_mtp_flops_match_torch_flop_counter():
+    """With targets the model also runs its MTP module (on T - 1 positions): flops_per_token(mtp=True) counts it."""
+    cfg = ModelConfig.preset("tiny")
+    model = dsv3lab.build_model(cfg, seed=0).eval()
+    seqlen = 32
+    tokens = torch.randint(0, cfg.vocab_size, (1, seqlen))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(tokens, tokens.roll(-1, 1))
+    main = flops_per_token(cfg, seq_len=seqlen, training=False, causal=False)
+    mtp = flops_per_token(cfg, seq_len=seqlen - 1, training=False, causal=False, mtp=True)
+    mtp -= flops_per_token(cfg, seq_len=seqlen - 1, training=False, causal=False)
+    expected = seqlen * main + (seqlen - 1) * mtp
+    assert counter.get_total_flops() == pytest.approx(expected, rel=0.02)
+    assert mtp > 0.1 * main  # the MTP module is a real share at this size, so a missing term would fail
+
+
 def test_max_context_fits_the_budget():
     cfg = ModelConfig.preset("671B")
     n = max_context(cfg, budget_bytes=80e9)

@@ -11,6 +11,7 @@ from dsv3lab.balance import (
     max_violation_per_sequence,
     relative_load,
     sequence_counts,
+    simulate_bias_update,
     update_selection_bias,
 )
 from dsv3lab.model.moe import MoE
@@ -103,6 +104,42 @@ def test_update_with_torch_distributed(tmp_path):
         assert torch.equal(counts[0], expected)  # one rank: the all-reduce sum is the local count
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", ["sign", "sign_centered"])
+def test_simulated_bias_update_equals_the_moe_layers(rule):
+    """simulate_bias_update on the gate's affinities follows MoE.forward + update_selection_bias step for step."""
+    cfg, moe = skewed_moe()
+    moe.train()
+    xs = [inputs(cfg, step) for step in range(40)]
+    scores = torch.stack([torch.sigmoid(x[0] @ moe.gate.weight.T) for x in xs])  # [steps, T, E]
+    counts, bias = simulate_bias_update(scores, cfg.n_activated_experts, 1e-2, rule)
+    for step, x in enumerate(xs):
+        moe(x)
+        assert torch.equal(update_selection_bias([moe], 1e-2, rule)[0], counts[step]), step
+        torch.testing.assert_close(moe.gate.bias, bias[step])
+    assert max_violation(counts[-5:]).mean() < max_violation(counts[:1]).mean()  # the skew is being corrected
+
+
+def test_simulated_bias_update_by_hand_and_bad_input():
+    scores = torch.tensor([[[0.9, 0.5, 0.1]], [[0.9, 0.5, 0.1]], [[0.9, 0.5, 0.1]]])  # 3 steps of one token, top-1
+    counts, bias = simulate_bias_update(scores, 1, 0.3)
+    # step 0: expert 0 chosen (mean load 1/3) -> b = [-0.3, 0.3, 0.3]; step 1: 0.6 vs 0.8 vs 0.4 -> expert 1 ...
+    assert counts.tolist() == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
+    torch.testing.assert_close(bias, torch.tensor([[-0.3, 0.3, 0.3], [0.0, 0.0, 0.6], [-0.3, 0.3, 0.9]]))
+    _, centered = simulate_bias_update(scores, 1, 0.3, "sign_centered")
+    torch.testing.assert_close(centered.sum(-1), torch.zeros(3), atol=1e-6, rtol=0)  # Σ b stays 0
+    torch.testing.assert_close(centered - centered.mean(-1, keepdim=True), bias - bias.mean(-1, keepdim=True))
+    _, frozen = simulate_bias_update(scores, 1, 0.0)
+    assert torch.equal(frozen, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="scores must be"):
+        simulate_bias_update(scores[0], 1, 0.1)
+    with pytest.raises(ValueError, match="k must be"):
+        simulate_bias_update(scores, 4, 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        simulate_bias_update(scores, 1, -0.1)
+    with pytest.raises(ValueError, match="rule"):
+        simulate_bias_update(scores, 1, 0.1, "adaptive")
 
 
 def test_sequence_wise_loss_equals_a_hand_computation():

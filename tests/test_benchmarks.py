@@ -83,5 +83,45 @@ def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text))
-    assert {"benchmarks/fp8_gemm.py", "benchmarks/train_step.py", "tests/test_fp8_kernels.py"} <= named
+    assert {
+        "benchmarks/fp8_gemm.py",
+        "benchmarks/train_step.py",
+        "benchmarks/plan_memory.py",
+        "benchmarks/gpu_train.py",
+        "tests/test_fp8_kernels.py",
+    } <= named
     assert all((ROOT / p).exists() for p in named), [p for p in named if not (ROOT / p).exists()]
+
+
+def _load(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_steps_parse_with_the_scripts_own_parsers():
+    """Every `step` line of gpu_check.sh that runs a benchmark with a build_parser(), or the dsv3lab CLI, is accepted
+    by that parser (a typo in an option would otherwise surface only on a GPU machine); dsv3lab is installed into the
+    machine's environment the README's way and torch is checked to be kept."""
+    import shlex
+
+    from dsv3lab import cli
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    assert "pip install --no-build-isolation -e ." in text and 'test "$torch_before" = "$torch_after"' in text
+    steps = [shlex.split(line.split("#")[0]) for line in text.splitlines() if line.startswith("step ")]
+    parsed = set()
+    for words in steps:
+        if len(words) < 4 or words[3] != "$py":
+            continue
+        words = [w.replace("$out", "gpu_out") for w in words[4:]]  # after: step NAME SECONDS "$py"
+        if words and words[0] in ("benchmarks/plan_memory.py", "benchmarks/gpu_train.py"):
+            _load(ROOT / words[0]).build_parser().parse_args(words[1:])
+            parsed.add(words[0])
+        elif words[:2] == ["-m", "dsv3lab"]:
+            cli.build_parser().parse_args(words[2:])
+            parsed.add(words[2])
+    assert parsed == {"benchmarks/plan_memory.py", "benchmarks/gpu_train.py", "convert", "generate"}

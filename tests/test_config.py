@@ -3,12 +3,13 @@ import json
 import pytest
 
 from dsv3lab import PRESETS, ModelConfig
+from dsv3lab.infer.hf import config_from_hf, config_to_hf
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_validates_and_round_trips_through_hf(name):
     cfg = ModelConfig.preset(name)
-    back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
+    back = config_from_hf(json.loads(json.dumps(config_to_hf(cfg))))
     for f in ModelConfig.field_names():
         if f in (
             "name",
@@ -89,7 +90,7 @@ def test_from_hf_reads_the_official_v3_config_json():
             "weight_block_size": [128, 128],
         },
     }
-    cfg = ModelConfig.from_hf(hf)
+    cfg = config_from_hf(hf)
     ref = ModelConfig.preset("671B")
     for f in (
         "dim",
@@ -112,7 +113,7 @@ def test_from_hf_reads_the_official_v3_config_json():
     # newer transformers write rope_parameters instead of rope_scaling
     hf2 = dict(hf, rope_parameters=dict(hf.pop("rope_scaling"), rope_type="yarn", rope_theta=10000.0))
     hf2.pop("rope_scaling", None)
-    assert ModelConfig.from_hf(hf2).rope_factor == 40
+    assert config_from_hf(hf2).rope_factor == 40
 
 
 @pytest.mark.parametrize(
@@ -162,11 +163,11 @@ def test_overrides_parse_by_field_type():
 
 
 def test_from_hf_rejects_what_it_cannot_represent():
-    hf = ModelConfig.preset("tiny").to_hf()
+    hf = config_to_hf(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        ModelConfig.from_hf(dict(hf, num_key_value_heads=2))
+        config_from_hf(dict(hf, num_key_value_heads=2))
     with pytest.raises(ValueError, match="architecture"):
-        ModelConfig.from_hf(dict(hf, architectures=["LlamaForCausalLM"], model_type="llama"))
+        config_from_hf(dict(hf, architectures=["LlamaForCausalLM"], model_type="llama"))
     bad_rope = dict(hf["rope_scaling"], mscale=0.5)
     with pytest.raises(ValueError, match="mscale"):
-        ModelConfig.from_hf(dict(hf, rope_scaling=bad_rope))
+        config_from_hf(dict(hf, rope_scaling=bad_rope))

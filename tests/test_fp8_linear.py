@@ -7,30 +7,12 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv3lab
 from dsv3lab.fp8 import AdamW, FP8Linear, FP8Recipe, fp8_grouped_linear, fp8_linear
 from dsv3lab.fp8.quant import BLOCK2D, TILE, fake_quantize, tiles_on_grid
+from dsv3lab.fp8.record import GemmRecorder
 from helpers import random_tokens
-
-aten = torch.ops.aten
-GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_grouped_mm", "dot", "mv", "_scaled_mm")
-
-
-class MatmulRecorder(TorchDispatchMode):
-    """Records every GEMM-like aten op and copies of its tensor operands (whoever calls it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in GEMM_OPS:
-            self.calls.append(
-                (func.overloadpacket.__name__, [a.detach().clone() for a in args if isinstance(a, torch.Tensor)])
-            )
-        return func(*args, **(kwargs or {}))
 
 
 def _rel(a, b):
@@ -46,7 +28,7 @@ def test_fprop_dgrad_wgrad_each_multiply_fp8_operands():
     with torch.no_grad():
         lin.weight.normal_(0, 0.05, generator=g)
     dy = torch.randn(2, m // 2, n, generator=g)
-    with MatmulRecorder() as rec:
+    with GemmRecorder() as rec:
         lin(x).backward(dy)
     by_shape = {tuple(ops[0].shape): (name, ops) for name, ops in rec.calls}
     assert [name for name, _ in rec.calls] == ["mm"] * 3, [name for name, _ in rec.calls]
@@ -75,7 +57,7 @@ def test_operands_equal_the_reference_quantization_with_fp32_scales():
     x = torch.randn(200, 256, generator=g, requires_grad=True)
     w = (torch.randn(300, 256, generator=g) * 0.05).requires_grad_()
     dy = torch.randn(200, 300, generator=g)
-    with MatmulRecorder() as rec:
+    with GemmRecorder() as rec:
         fp8_linear(x, w, FP8Recipe(gemm="emulate")).backward(dy)
     ops = {tuple(o[0].shape): o for _, o in rec.calls}
     xd, wd = x.detach(), w.detach()
@@ -87,7 +69,7 @@ def test_operands_equal_the_reference_quantization_with_fp32_scales():
     torch.testing.assert_close(ops[(300, 200)][1], fake_quantize(x_hat.t(), TILE).t(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
 def test_outputs_and_gradients_are_close_to_high_precision(scale_fmt):
     """Bound: each of y, dx, dW is within 5% (relative Frobenius norm) of the FP32 result, and not closer than 1%.
 
@@ -245,14 +227,15 @@ def test_fp8_config_fields_and_messages(tiny_cfg):
         model(random_tokens(tiny_cfg))
 
 
-def test_fp8_is_imported_only_when_used():
+def test_triton_is_imported_only_when_a_kernel_runs():
+    """dsv3lab.fp8 is plain torch and imported with the model (imports at module top); its Triton kernels are the
+    one optional heavy dependency, imported only when a kernel GEMM runs — never by an FP8 model on a CPU. (torch's
+    own compiler stack may import triton during a forward; that is torch's choice, not dsv3lab's.)"""
     code = (
         "import sys, torch, dsv3lab\n"
-        "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny'))\n"
-        "assert 'dsv3lab.fp8' not in sys.modules, 'fp8 imported without fp8=True'\n"
+        "assert 'triton' not in sys.modules, 'import dsv3lab imported triton'\n"
         "m = dsv3lab.build_model(dsv3lab.ModelConfig.preset('tiny', fp8=True))\n"
         "m(torch.randint(0, 512, (1, 16)))\n"
-        "assert 'dsv3lab.fp8.linear' in sys.modules\n"
         "assert 'dsv3lab.fp8.kernels' not in sys.modules, 'the Triton kernels were imported on CPU'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dsv3lab import ModelConfig
 from dsv3lab.fp8 import fp8_format
+from dsv3lab.fp8.linear import FP8Recipe
 from dsv3lab.fp8.quant import (
     BLOCK2D,
     TILE,
@@ -31,7 +33,7 @@ def _x(shape=(300, 260), seed=0, spread=True):
 
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("block", GRANULARITIES, ids=str)
-@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
 def test_elementwise_error_is_at_most_half_a_grid_step(fmt, block, scale_fmt):
     x = _x()
     q = quantize(x, block, fmt, scale_fmt)
@@ -165,3 +167,13 @@ def test_block_quantization_equals_the_checkpoint_path():
     assert torch.equal(ours.data.view(torch.uint8), data.view(torch.uint8))
     back = blockfp8.dequantize_blocks(data, scale_inv, dtype=torch.float32)
     assert torch.equal(back, ours.dequantize())
+
+
+def test_scale_format_has_one_vocabulary():
+    """Scales are "fp32" or "ue8m0" everywhere (ModelConfig.fp8_scale_fmt, quantize, FP8Recipe, the kernels);
+    None, the old spelling of "fp32", still works with a DeprecationWarning."""
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match='scale_fmt="fp32"'):
+        old = quantize(x, TILE, scale_fmt=None)
+    torch.testing.assert_close(old.scale, quantize(x, TILE, scale_fmt="fp32").scale, rtol=0, atol=0)
+    assert FP8Recipe.from_config(ModelConfig.preset("tiny", fp8=True)).scale_fmt == "fp32"

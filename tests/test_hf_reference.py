@@ -15,7 +15,7 @@ pytest.importorskip("transformers")  # the `hf` extra, installed by `make setup`
 
 @pytest.mark.parametrize("attn_impl,moe_impl,hf_attn", [("naive", "loop", "eager"), ("absorb", "grouped", "sdpa")])
 def test_logits_equal_transformers(tiny_model, attn_impl, moe_impl, hf_attn):
-    from dsv3lab.hf import to_transformers
+    from dsv3lab.infer.hf import to_transformers
 
     model = dsv3lab.build_model(tiny_model.cfg.replace(attn_impl=attn_impl, moe_impl=moe_impl))
     model.load_state_dict(tiny_model.state_dict())
@@ -33,7 +33,7 @@ def test_logits_equal_transformers(tiny_model, attn_impl, moe_impl, hf_attn):
 def test_plain_query_projection_equals_transformers():
     cfg = dsv3lab.ModelConfig.preset("tiny", q_lora_rank=0)
     model = dsv3lab.build_model(cfg, seed=1).eval()
-    from dsv3lab.hf import to_transformers
+    from dsv3lab.infer.hf import to_transformers
 
     tokens = random_tokens(cfg, batch=1, seqlen=20)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3lab
-from dsv3lab.infer import CheckpointError, LoadStats, convert, from_pretrained
+from dsv3lab.infer import CheckpointError, LoadStats, convert, from_pretrained, save_pretrained
 from dsv3lab.infer.blockfp8 import dequantize_blocks, quantize_blocks, scale_shape
 from dsv3lab.infer.checkpoint import load_state_dict_folder, save_state_dict
 from dsv3lab.infer.layout import from_rotate_half, layout, to_rotate_half
@@ -78,7 +78,7 @@ def test_checkpoint_saved_by_transformers_loads_with_the_same_logits(tmp_path):
 def test_dsv3lab_checkpoint_loads_in_transformers_with_the_same_logits(tiny_model, tmp_path, rope_interleave):
     from transformers import DeepseekV3ForCausalLM
 
-    tiny_model.eval().save_pretrained(tmp_path, rope_interleave=rope_interleave, max_shard_size="150KB")
+    save_pretrained(tiny_model.eval(), tmp_path, rope_interleave=rope_interleave, max_shard_size="150KB")
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["rope_interleave"] is rope_interleave and cfg_json["num_nextn_predict_layers"] == 1
     hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -104,7 +104,7 @@ def test_rope_permutation_is_a_bijection_on_the_rope_rows_only(tiny_cfg):
 
 # ---------------------------------------------------------------------- MTP and the layout
 def test_mtp_weights_survive_the_round_trip(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path, max_shard_size="150KB")
+    save_pretrained(tiny_model, tmp_path, max_shard_size="150KB")
     files = checkpoint_tensors(tmp_path)
     n = tiny_model.cfg.n_layers
     mtp = tiny_model.mtp[0]
@@ -128,7 +128,7 @@ def test_mtp_weights_survive_the_round_trip(tiny_model, tmp_path):
 
 
 def test_loading_streams_through_meta_one_tensor_at_a_time(tiny_model, tmp_path, monkeypatch):
-    tiny_model.save_pretrained(tmp_path, fp8=True, max_shard_size="60KB", rope_interleave=False)
+    save_pretrained(tiny_model, tmp_path, fp8=True, max_shard_size="60KB", rope_interleave=False)
     monkeypatch.setattr(dsv3lab.DeepSeekV3, "init_weights", lambda self: pytest.fail("loading must not initialise"))
     stats = LoadStats()
     model = from_pretrained(tmp_path, dtype=torch.float32, stats=stats)
@@ -181,7 +181,7 @@ def test_block_quantizer_against_a_loop_and_transformers(shape):
 
 
 def test_fp8_checkpoint_round_trip(tiny_model, tmp_path):
-    tiny_model.eval().save_pretrained(tmp_path, fp8=True)
+    save_pretrained(tiny_model.eval(), tmp_path, fp8=True)
     cfg_json = json.loads((tmp_path / "config.json").read_text())
     assert cfg_json["quantization_config"] == {
         "activation_scheme": "dynamic",
@@ -213,7 +213,7 @@ def test_fp8_checkpoint_round_trip(tiny_model, tmp_path):
 
 
 def test_fp8_hook_sees_the_e4m3_weights(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path, fp8=True)
+    save_pretrained(tiny_model, tmp_path, fp8=True)
     seen = {}
 
     def hook(name, slot, q, scale, block, model):
@@ -226,8 +226,8 @@ def test_fp8_hook_sees_the_e4m3_weights(tiny_model, tmp_path):
 
 
 def test_convert_fp8_bf16_and_rope_layout_streaming(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "fp32", max_shard_size="150KB")
-    tiny_model.save_pretrained(tmp_path / "fp8_direct", fp8=True, max_shard_size="150KB")
+    save_pretrained(tiny_model, tmp_path / "fp32", max_shard_size="150KB")
+    save_pretrained(tiny_model, tmp_path / "fp8_direct", fp8=True, max_shard_size="150KB")
     convert(tmp_path / "fp32", tmp_path / "fp8", fp8=True)
     a, b = checkpoint_tensors(tmp_path / "fp8"), checkpoint_tensors(tmp_path / "fp8_direct")
     assert set(a) == set(b) and all(
@@ -280,7 +280,7 @@ def _edit(folder, drop=(), add=None, replace=None):
 
 
 def test_missing_and_unexpected_tensors_are_one_error(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path, max_shard_size="150KB")
+    save_pretrained(tiny_model, tmp_path, max_shard_size="150KB")
     _edit(
         tmp_path,
         drop=["model.layers.1.mlp.experts.4.up_proj.weight", "model.norm.weight"],
@@ -294,7 +294,7 @@ def test_missing_and_unexpected_tensors_are_one_error(tiny_model, tmp_path):
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path)
+    save_pretrained(tiny_model, tmp_path)
     _edit(tmp_path, replace={"model.layers.0.self_attn.kv_b_proj.weight": torch.zeros(100, 32)})
     with pytest.raises(
         CheckpointError,
@@ -305,7 +305,7 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tiny_model, tmp_path):
 
 
 def test_fp8_weight_without_its_scale_is_an_error(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path, fp8=True)
+    save_pretrained(tiny_model, tmp_path, fp8=True)
     _edit(tmp_path, drop=["model.layers.0.self_attn.o_proj.weight_scale_inv"])
     with pytest.raises(CheckpointError, match="o_proj.weight is stored in torch.float8_e4m3fn but its scale"):
         from_pretrained(tmp_path)
@@ -316,12 +316,12 @@ def test_fp8_weight_without_its_scale_is_an_error(tiny_model, tmp_path):
     [
         ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
         ({"quantization_config": {"quant_method": "awq"}}, "quant_method='awq' is not supported"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
         ({"num_key_value_heads": 2}, "num_key_value_heads"),
     ],
 )
 def test_unsupported_configs_are_errors(tiny_model, tmp_path, change, match):
-    tiny_model.save_pretrained(tmp_path)
+    save_pretrained(tiny_model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(change)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -331,14 +331,14 @@ def test_unsupported_configs_are_errors(tiny_model, tmp_path, change, match):
 
 def test_saving_is_atomic(tiny_model, tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
-    tiny_model.save_pretrained(target)
+    save_pretrained(tiny_model, target)
     with pytest.raises(FileExistsError, match="overwrite"):
-        tiny_model.save_pretrained(target)
+        save_pretrained(tiny_model, target)
     before = sorted(p.name for p in target.iterdir())
-    import safetensors.torch
+    import dsv3lab.infer.checkpoint as ckpt
 
     calls = {"n": 0}
-    real = safetensors.torch.save_file
+    real = ckpt.save_file
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -346,9 +346,9 @@ def test_saving_is_atomic(tiny_model, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    monkeypatch.setattr(ckpt, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
-        tiny_model.save_pretrained(target, max_shard_size="100KB", overwrite=True)
+        save_pretrained(tiny_model, target, max_shard_size="100KB", overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == before  # the old checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
 

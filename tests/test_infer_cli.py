@@ -7,6 +7,7 @@ import torch
 
 import dsv3lab
 from dsv3lab.cli import main
+from dsv3lab.infer import save_pretrained
 from dsv3lab.infer.generation import greedy_reference
 
 
@@ -22,21 +23,21 @@ def test_memory_671b_numbers(capsys):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "toy"])
-@pytest.mark.parametrize("attn_impl,key", [("absorb", "latent"), ("naive", "materialized")])
-def test_memory_matches_the_bytes_new_cache_allocates(capsys, preset, attn_impl, key):
+@pytest.mark.parametrize("layout,key", [("latent", "latent"), ("per_head", "materialized")])
+def test_memory_matches_the_bytes_new_cache_allocates(capsys, preset, layout, key):
     """The longest context the command reports fits the budget with the real cache tensors; one more token does not.
     Caches of a meta-device model have real shapes and dtypes, so their bytes are exact without allocating."""
     cfg = dsv3lab.ModelConfig.preset(preset)
     with torch.device("meta"):
         model = dsv3lab.DeepSeekV3(cfg)
-    per_token = model.new_cache(1, 1, dtype=torch.bfloat16, attn_impl=attn_impl, mtp=False).nbytes
+    per_token = model.new_cache(1, 1, dtype=torch.bfloat16, layout=layout, mtp=False).nbytes
     budget, batch = per_token * 3 * 100 + 7, 3  # room for 100 tokens of 3 sequences, plus a little
     assert main(["memory", preset, "--budget", str(budget), "--batch", str(batch), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     ctx = row[f"max_context_{key}"]
     assert row[f"{key}_bytes_per_token"] == per_token and ctx == 100
-    assert model.new_cache(batch, ctx, dtype=torch.bfloat16, attn_impl=attn_impl).nbytes <= budget
-    assert model.new_cache(batch, ctx + 1, dtype=torch.bfloat16, attn_impl=attn_impl).nbytes > budget
+    assert model.new_cache(batch, ctx, dtype=torch.bfloat16, layout=layout).nbytes <= budget
+    assert model.new_cache(batch, ctx + 1, dtype=torch.bfloat16, layout=layout).nbytes > budget
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def checkpoint(tmp_path_factory):
     tok = default_tokenizer()
     model = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny", vocab_size=tok.vocab_size), seed=0).eval()
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model.save_pretrained(path, tokenizer=tok)
+    save_pretrained(model, path, tokenizer=tok)
     return path, model, tok
 
 

@@ -1,5 +1,6 @@
 """FP8 checkpoints kept in FP8 (``from_pretrained(keep_fp8=True)``): the same model as dequantising on load, at a
-quarter of the fp32 weight bytes; FP8 activations too with ``fp8_gemm="fp8"``; saved back bit for bit; bad input."""
+quarter of the fp32 weight bytes; FP8 activations too with ``quantize_activations=True``; saved back bit for bit; bad
+input."""
 
 import json
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from dsv3lab.fp8.quant import quantize
-from dsv3lab.infer import CheckpointError, from_pretrained, generate
+from dsv3lab.infer import CheckpointError, from_pretrained, generate, save_pretrained
 from dsv3lab.infer.fp8weights import FP8Experts, FP8WeightLinear
 from dsv3lab.infer.layout import layout
 from helpers import checkpoint_tensors, random_tokens
@@ -22,7 +23,7 @@ def _logits(model, tokens):
 
 @pytest.fixture
 def fp8_ckpt(tiny_model, tmp_path):
-    return tiny_model.save_pretrained(tmp_path / "fp8", fp8=True)
+    return save_pretrained(tiny_model, tmp_path / "fp8", fp8=True)
 
 
 @pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
@@ -62,9 +63,9 @@ def test_kept_fp8_survives_to_dtype_and_generates_like_the_dequantised_model(fp8
     assert generate(kept, prompts, max_new_tokens=6).ids == generate(dense, prompts, max_new_tokens=6).ids
 
 
-def test_fp8_gemm_quantises_the_activations_too(fp8_ckpt):
+def test_quantize_activations_runs_the_fp8_gemm(fp8_ckpt):
     deq = from_pretrained(fp8_ckpt, dtype=torch.float32, keep_fp8=True)
-    fp8 = from_pretrained(fp8_ckpt, dtype=torch.float32, keep_fp8=True, fp8_gemm="fp8")
+    fp8 = from_pretrained(fp8_ckpt, dtype=torch.float32, keep_fp8=True, quantize_activations=True)
     lin = fp8.layers[0].attn.wkv_a
     x = torch.randn(5, lin.in_features)
     by_hand = quantize(x, (1, 128)).dequantize() @ lin.weight.t()  # 1×128 activation tiles · dequantised blocks
@@ -73,32 +74,37 @@ def test_fp8_gemm_quantises_the_activations_too(fp8_ckpt):
     ref = _logits(deq, tokens)
     err = ((_logits(fp8, tokens) - ref).abs().max() / ref.abs().max()).item()
     assert 0 < err < 0.05  # E4M3 activations: close to, not equal to, the dequant path
+    with pytest.warns(DeprecationWarning, match="quantize_activations=True"):  # the old spelling
+        old = from_pretrained(fp8_ckpt, dtype=torch.float32, keep_fp8=True, fp8_gemm="fp8")
+    torch.testing.assert_close(_logits(old, tokens), _logits(fp8, tokens), rtol=0, atol=0)
 
 
 def test_kept_model_saves_the_stored_bits_back(fp8_ckpt, tmp_path):
     kept = from_pretrained(fp8_ckpt, keep_fp8=True)
-    again = kept.save_pretrained(tmp_path / "again", fp8=True)
+    again = save_pretrained(kept, tmp_path / "again", fp8=True)
     a, b = checkpoint_tensors(fp8_ckpt), checkpoint_tensors(again)
     assert set(a) == set(b)
     for name in a:
         if a[name].dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
             assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
-    bf16 = kept.save_pretrained(tmp_path / "bf16")  # dequantised on the way out
+    bf16 = save_pretrained(kept, tmp_path / "bf16")  # dequantised on the way out
     assert from_pretrained(bf16, dtype=torch.float32).layers[0].ffn.w1.weight.dtype == torch.float32
 
 
 def test_keep_fp8_bad_input(tiny_model, tmp_path, fp8_ckpt):
-    plain = tiny_model.save_pretrained(tmp_path / "plain")
+    plain = save_pretrained(tiny_model, tmp_path / "plain")
     with pytest.raises(CheckpointError, match="keep_fp8=True needs an FP8 checkpoint"):
         from_pretrained(plain, keep_fp8=True)
-    with pytest.raises(ValueError, match="gemm must be one of"):
+    with pytest.raises(ValueError, match="fp8_gemm must be 'dequant' or 'fp8'"):
         from_pretrained(fp8_ckpt, keep_fp8=True, fp8_gemm="int4")
+    with pytest.raises(ValueError, match="needs keep_fp8=True"):
+        from_pretrained(fp8_ckpt, quantize_activations=True)
     with pytest.raises(ValueError, match="not both"):
         from_pretrained(fp8_ckpt, keep_fp8=True, fp8_hook=lambda *a: False)
 
 
 def test_rotate_half_fp8_checkpoint_is_kept_when_the_rope_rows_stay_inside_their_blocks(tiny_model, tmp_path):
-    rh = tiny_model.save_pretrained(tmp_path / "rh", fp8=True, rope_interleave=False)
+    rh = save_pretrained(tiny_model, tmp_path / "rh", fp8=True, rope_interleave=False)
     dense = from_pretrained(rh, dtype=torch.float32)
     kept = from_pretrained(rh, dtype=torch.float32, keep_fp8=True)
     tokens = random_tokens(kept.cfg, batch=2, seqlen=16)
@@ -107,7 +113,7 @@ def test_rotate_half_fp8_checkpoint_is_kept_when_the_rope_rows_stay_inside_their
     import dsv3lab
 
     wide = dsv3lab.build_model(tiny_model.cfg.replace(kv_lora_rank=120, qk_rope_head_dim=16), seed=0)
-    crossing = wide.save_pretrained(tmp_path / "crossing", fp8=True, rope_interleave=False)
+    crossing = save_pretrained(wide, tmp_path / "crossing", fp8=True, rope_interleave=False)
     with pytest.raises(CheckpointError, match="cross"):
         from_pretrained(crossing, keep_fp8=True)
     from_pretrained(crossing, keep_fp8=False)  # dequantised on load, it loads
@@ -121,7 +127,10 @@ def test_cli_generate_keeps_fp8(fp8_ckpt, tmp_path, capsys):
     plain = json.loads(capsys.readouterr().out)
     assert main(args + ["--keep-fp8"]) == 0
     assert json.loads(capsys.readouterr().out)["ids"] == plain["ids"]
-    assert main(args + ["--keep-fp8", "--fp8-gemm", "fp8"]) == 0
+    assert main(args + ["--keep-fp8", "--quantize-activations"]) == 0
+    with pytest.warns(DeprecationWarning, match="--quantize-activations"):  # the old spelling still runs
+        assert main(args + ["--keep-fp8", "--fp8-gemm", "fp8"]) == 0
+    assert main(args + ["--quantize-activations"]) == 2  # no effect without --keep-fp8: refused
     native = tmp_path / "native"
     from dsv3lab.infer import convert
 

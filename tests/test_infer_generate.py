@@ -4,8 +4,16 @@ import pytest
 import torch
 
 import dsv3lab
-from dsv3lab.infer.generation import generate, greedy_reference, next_token_probs, sample
-from dsv3lab.infer.speculative import accept_or_resample, speculative_generate
+from dsv3lab.infer import Generation, speculative_generate
+from dsv3lab.infer.generation import generate, greedy_reference
+from dsv3lab.infer.sampling import next_token_probs, sample
+from dsv3lab.infer.speculative import accept_or_resample
+
+
+def _speculative(model, prompt, max_new_tokens, **kw):
+    """(new ids, acceptance statistics) of one speculative run."""
+    out = speculative_generate(model, prompt, max_new_tokens=max_new_tokens, **kw)
+    return out.ids[0], out.speculative
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,9 @@ def test_greedy_equals_recomputation_without_cache(model):
     assert out.ids[0] == greedy_reference(model, prompt, 24)
     assert out.finish == ["length"] and out.stats["forwards"] == 24
     # the naive (per-head K/V) cache decodes to the same tokens
-    assert generate(model, prompt, max_new_tokens=24, stop_at_eos=False, attn_impl="naive").ids == out.ids
+    assert generate(model, prompt, max_new_tokens=24, stop_at_eos=False, cache_layout="per_head").ids == out.ids
+    with pytest.warns(DeprecationWarning, match="layout='per_head'"):  # the old spelling still works
+        assert generate(model, prompt, max_new_tokens=24, stop_at_eos=False, attn_impl="naive").ids == out.ids
 
 
 def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(model):
@@ -93,7 +103,7 @@ def test_prompt_too_long_is_an_error(model):
 @pytest.mark.parametrize("depth", [1, 2])
 def test_speculative_equals_plain_greedy(model, depth):
     prompt = _prompt(6, 5)
-    ids, stats = speculative_generate(model, prompt, 20, depth=depth, stop_at_eos=False)
+    ids, stats = _speculative(model, prompt, 20, depth=depth, stop_at_eos=False)
     assert ids == greedy_reference(model, prompt, 20)
     assert stats.new_tokens == 20 and stats.main_forwards == 1 + len(stats.accepted_per_round)
     assert stats.drafted == depth * len(stats.accepted_per_round)
@@ -137,7 +147,7 @@ def test_speculative_bookkeeping_with_partly_right_drafts(model, monkeypatch):
     with torch.no_grad():
         monkeypatch.setattr(model, "mtp_hidden", hidden)
         monkeypatch.setattr(model, "mtp_logits", oracle_logits)
-        ids, stats = speculative_generate(model, prompt, 30, depth=2, stop_at_eos=False)
+        ids, stats = _speculative(model, prompt, 30, depth=2, stop_at_eos=False)
         monkeypatch.undo()
         assert prompt + ids == truth
         assert set(stats.accepted_per_round) == {0, 1, 2}
@@ -151,10 +161,14 @@ def test_speculative_bookkeeping_with_partly_right_drafts(model, monkeypatch):
 
 def test_speculative_errors(model):
     with pytest.raises(ValueError, match="depth must be in"):
-        speculative_generate(model, [3, 4], 5, depth=3)
+        _speculative(model, [3, 4], 5, depth=3)
     no_mtp = dsv3lab.build_model(dsv3lab.ModelConfig.preset("tiny", n_mtp=0), seed=0)
-    with pytest.raises(ValueError, match="n_mtp=0"):
-        speculative_generate(no_mtp, [3, 4], 5)
+    with pytest.raises(ValueError, match="this checkpoint has no MTP module"):
+        _speculative(no_mtp, [3, 4], 5)
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        speculative_generate(model, [[3, 4], [5, 6]], max_new_tokens=5)
+    with pytest.raises(ValueError, match="depth .* needs speculative='mtp'"):
+        generate(model, [3, 4], max_new_tokens=5, depth=1)
 
 
 def test_accept_or_resample_returns_the_target_distribution():
@@ -184,7 +198,7 @@ def _two_token_tv(model, prompt, n, **kw):
                 exact[(t1, t2)] = (p1[t1] * p2[t2]).item()
     counts, rounds = {}, []
     for seed in range(n):
-        ids, stats = speculative_generate(model, prompt, 2, depth=1, stop_at_eos=False, seed=seed, **kw)
+        ids, stats = _speculative(model, prompt, 2, depth=1, stop_at_eos=False, seed=seed, **kw)
         counts[tuple(ids)] = counts.get(tuple(ids), 0) + 1
         rounds += stats.accepted_per_round
     tv = 0.5 * sum(abs(counts.get(k, 0) / n - v) for k, v in exact.items())
@@ -208,7 +222,21 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(monkeypatch
 
 def test_speculative_sampling_is_reproducible_under_a_seed(model):
     kw = dict(temperature=0.8, top_k=20, top_p=0.9, stop_at_eos=False, seed=3)
-    first, _ = speculative_generate(model, _prompt(5, 7), 8, **kw)
-    assert first == speculative_generate(model, _prompt(5, 7), 8, **kw)[0]
+    first, _ = _speculative(model, _prompt(5, 7), 8, **kw)
+    assert first == _speculative(model, _prompt(5, 7), 8, **kw)[0]
     with pytest.raises(ValueError, match="temperature must be >= 0"):
-        speculative_generate(model, _prompt(5, 7), 4, temperature=-1.0)
+        _speculative(model, _prompt(5, 7), 4, temperature=-1.0)
+
+
+def test_one_generation_api(model):
+    """generate and speculative_generate take the same arguments and return the same type; greedy tokens agree."""
+    prompt = _prompt(6, 2)
+    plain = generate(model, prompt, max_new_tokens=10, stop_at_eos=False)
+    spec = speculative_generate(model, prompt, max_new_tokens=10, stop_at_eos=False)
+    assert type(plain) is type(spec) is Generation
+    assert spec.ids == plain.ids and spec.finish == plain.finish == ["length"]
+    assert plain.speculative is None and plain.acceptance_rate is None and plain.tokens_per_forward == 1.0
+    assert 0 <= spec.acceptance_rate <= 1 and spec.tokens_per_forward >= 1.0
+    assert spec.stats["forwards"] == spec.speculative.main_forwards
+    assert generate(model, prompt, max_new_tokens=10, stop_at_eos=False, speculative="mtp").ids == spec.ids
+    assert set(spec.to_dict()) == set(plain.to_dict())  # the same JSON keys in both modes

@@ -10,9 +10,9 @@ from dsv3lab.accounting import mla_attention_macs
 from dsv3lab.model import MLA
 
 
-def _measured_macs(attn, cfg, s, t, cache_kind):
+def _measured_macs(attn, cfg, s, t, layout):
     """MACs of one MLA forward of s new tokens after t - s cached ones, minus the shared projections."""
-    cache = attn.new_cache(1, t, attn_impl=cache_kind)
+    cache = attn.new_cache(1, t, layout=layout)
     cos, sin = torch.ones(t, cfg.qk_rope_head_dim // 2), torch.zeros(t, cfg.qk_rope_head_dim // 2)
     with torch.no_grad():
         if t > s:
@@ -29,21 +29,22 @@ def _measured_macs(attn, cfg, s, t, cache_kind):
 
 
 @pytest.mark.parametrize(
-    "s,t,cache_kind,path",
+    "s,t,layout,path",
     [
-        (1, 40, "absorb", "absorb"),  # decode on the latent: absorbed
-        (32, 32, "absorb", "expand"),  # prefill on the latent: up-projected once
-        (1, 40, "naive", "naive_cached"),  # decode on per-head K/V
-        (12, 40, "naive", "naive_cached"),
+        (1, 40, "latent", "absorb"),  # decode on the latent: absorbed
+        (32, 32, "latent", "expand"),  # prefill on the latent: up-projected once
+        (1, 40, "per_head", "naive_cached"),  # decode on per-head K/V
+        (12, 40, "per_head", "naive_cached"),
     ],
 )
-def test_cost_model_matches_the_flop_counter(s, t, cache_kind, path):
+def test_cost_model_matches_the_flop_counter(s, t, layout, path):
     cfg = dsv3lab.ModelConfig.preset("tiny")
     attn = MLA(cfg)
     attn.init_weights(0.02)
     macs = mla_attention_macs(cfg, s, t)
-    assert _measured_macs(attn, cfg, s, t, cache_kind) == macs[path]
-    if cache_kind == "absorb":  # the latent cache takes the cheaper of its two paths
+    assert _measured_macs(attn, cfg, s, t, layout) == macs[path]
+    assert attn.attention_path(s, t, attn.new_cache(1, t, layout=layout)) == path.removesuffix("_cached")
+    if layout == "latent":  # the latent cache takes the cheaper of its two paths
         assert macs[path] == min(macs["absorb"], macs["expand"])
 
 
@@ -51,7 +52,7 @@ def test_a_model_configured_absorb_always_computes_absorbed():
     cfg = dsv3lab.ModelConfig.preset("tiny", attn_impl="absorb")
     attn = MLA(cfg)
     attn.init_weights(0.02)
-    assert _measured_macs(attn, cfg, 32, 32, "absorb") == mla_attention_macs(cfg, 32, 32)["absorb"]
+    assert _measured_macs(attn, cfg, 32, 32, "latent") == mla_attention_macs(cfg, 32, 32)["absorb"]
 
 
 def test_671b_absorption_pays_at_decode_not_at_prefill():

@@ -119,14 +119,37 @@ def test_671b_mla_shapes_on_meta():
 
 
 def test_a_naive_model_decodes_with_the_latent_cache(tiny_model):
-    """The cache kind selects the path: a model trained with attn_impl='naive' decodes from the latent cache."""
+    """The cache layout selects the path: a model trained with attn_impl='naive' decodes from the latent cache."""
     assert tiny_model.cfg.attn_impl == "naive"
     tiny_model.eval()
     tokens = random_tokens(tiny_model.cfg, batch=1, seqlen=10)
     with torch.no_grad():
         full, _ = tiny_model(tokens)
-        cache = tiny_model.new_cache(1, 16, attn_impl="absorb")
-        assert cache.layers[0].attn_impl == "absorb" and hasattr(cache.layers[0], "kv")
+        cache = tiny_model.new_cache(1, 16, layout="latent")
+        assert cache.layers[0].layout == "latent" and hasattr(cache.layers[0], "kv")
+        assert tiny_model.layers[0].attn.attention_path(1, 10, cache.layers[0]) == "absorb"
         steps = [tiny_model(tokens[:, :3], cache=cache)[0]]
         steps += [tiny_model(tokens[:, i : i + 1], start_pos=i, cache=cache)[0] for i in range(3, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_the_old_cache_spelling_still_works_with_a_deprecation_warning(tiny_model):
+    with pytest.warns(DeprecationWarning, match="layout='latent'"):
+        old = tiny_model.new_cache(1, 8, attn_impl="absorb")
+    assert [c.layout for c in old.layers] == ["latent"] * tiny_model.cfg.n_layers
+    with pytest.warns(DeprecationWarning, match="layout='per_head'"):
+        assert tiny_model.new_cache(1, 8, attn_impl="naive").layers[0].layout == "per_head"
+    with pytest.raises(ValueError, match="cache layout must be one of"):
+        tiny_model.new_cache(1, 8, layout="absorb")
+    with pytest.raises(ValueError, match="give the cache layout once"):
+        tiny_model.new_cache(1, 8, layout="latent", attn_impl="absorb")
+
+
+def test_attention_path_rule(tiny_cfg):
+    naive, absorb = MLA(tiny_cfg), MLA(tiny_cfg.replace(attn_impl="absorb"))
+    latent, per_head = naive.new_cache(1, 64, layout="latent"), naive.new_cache(1, 64, layout="per_head")
+    assert naive.attention_path(16, 16, None) == "naive" and absorb.attention_path(16, 16, None) == "absorb"
+    assert naive.attention_path(1, 64, per_head) == "naive" and absorb.attention_path(8, 64, per_head) == "naive"
+    assert naive.attention_path(1, 64, latent) == "absorb"  # decode: absorbed
+    assert naive.attention_path(64, 64, latent) == "expand"  # prefill: up-project the latents once
+    assert absorb.attention_path(64, 64, latent) == "absorb"  # a model configured absorb never expands

@@ -7,6 +7,8 @@ import pytest
 from dsv3lab import reproduce
 from dsv3lab.cli import main
 
+pytestmark = pytest.mark.slow  # trains the --fast suite (about a minute)
+
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
@@ -108,6 +110,21 @@ def test_compare_and_margin_against_hand_computed_standard_errors():
     far = [x + 3.0 for x in a]
     assert compare(b, far) == "lower" and "marginal" not in margin(far, b)
     assert compare([1.0], [2.0]) == "one seed" and margin([1.0], [2.0]) == "difference -1.000 (one seed)"
+
+
+def test_pipeline_experiment_outputs(fast_run):
+    import pandas as pd
+
+    summary = json.loads((fast_run / "summary.json").read_text())["pipeline"]
+    assert summary["table2_exact"] is True and summary["max_rel_grad_diff"] < 1e-5
+    t2 = pd.read_csv(fast_run / "pipeline_table2.csv")  # 2 cost sets x 3 PP x 4 schedules, every one exact
+    assert len(t2) == 24 and t2.exact.all() and t2.assumptions_met.all()
+    assert (t2.bubble_simulated == t2.bubble_table2).all()
+    rows = pd.read_csv(fast_run / "pipeline_measured.csv")
+    assert set(rows.schedule) == {"1f1b", "dualpipev", "dualpipe"} and (rows.busy_s > 0).all()
+    for name in ("pipeline_fig5.png", "pipeline_measured.png", "pipeline_bubble_vs_micro.png"):
+        assert (fast_run / name).stat().st_size > 10_000, name
+    assert "## C12" in (fast_run / "REPORT.md").read_text()
 
 
 def test_expert_parallel_experiment_summary_and_files(fast_run):

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import tokenizers
+
 from .corpus import corpus_digest, corpus_stats
 from .loader import DataConfig, load_corpus
 from .tokenizer import DEFAULT_TOKENIZER_DIR, DEFAULT_VOCAB_SIZE, Tokenizer, train_tokenizer
@@ -25,8 +27,6 @@ from .tokenizer import DEFAULT_TOKENIZER_DIR, DEFAULT_VOCAB_SIZE, Tokenizer, tra
 
 def build(cfg: DataConfig | None = None) -> tuple[Tokenizer, dict, float]:
     """Train the default tokenizer from ``cfg`` (default ``DataConfig()``); return it, its build info, seconds."""
-    import tokenizers
-
     cfg = cfg or DataConfig()
     t0 = time.perf_counter()
     docs = load_corpus(cfg)

@@ -29,9 +29,15 @@ import hashlib
 import itertools
 import os
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
+
+import pandas as pd
+
+from .math_problems import math_problem
 
 DOMAINS = ("code", "prose", "math")
 SPLITS = ("train", "val")
@@ -150,8 +156,6 @@ def _code_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]:
 
 
 def _prose_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]:
-    from pydoc_data.topics import topics
-
     def topic(name: str) -> Callable[[], list[tuple[str, str]]]:
         return lambda: [(f"pydoc:{name}", topics[name])] if topics[name].strip() else []
 
@@ -168,8 +172,6 @@ def _prose_candidates() -> list[tuple[str, Callable[[], list[tuple[str, str]]]]]
 
 
 def _math_items(max_chars: int | None, seed: int) -> list[tuple[str, str, str]]:
-    from .math_problems import math_problem
-
     if max_chars is None:
         raise ValueError(
             "max_chars_per_domain=None is only allowed without the generated 'math' domain "
@@ -224,7 +226,8 @@ def builtin_corpus(
 
 # ---------------------------------------------------------------------------------------------- user corpora
 def _read_text_file(path: Path) -> tuple[str | None, str]:
-    """(text, "") for a non-empty UTF-8 text file, else (None, reason): "binary" or "empty"."""
+    """(text, "") for a non-empty UTF-8 text file, else (None, reason): "binary" (a NUL byte, or not UTF-8) or
+    "empty". The caller warns about every file it skips."""
     data = path.read_bytes()
     if b"\x00" in data[:8192]:
         return None, "binary"
@@ -290,16 +293,24 @@ def folder_corpus(
     if not files:
         raise ValueError(f"corpus folder {str(root)!r} is empty; it must hold UTF-8 text files (any extension)")
     items, rejected = [], {"binary": 0, "empty": 0}
+    skipped: list[str] = []
     for p in files:
         text, why = _read_text_file(p)
         if text is None:
             rejected[why] += 1
+            skipped.append(f"{p.relative_to(root).as_posix()} ({why})")
             continue
         rel = p.relative_to(root).as_posix()
         chunks = chunk_text(text)
         for k, chunk in enumerate(chunks):
             src = f"{rel}#{k}" if len(chunks) > 1 else rel
             items.append((chunk, domain, f"folder:{src}", src))
+    if skipped and items:  # never silently: the files left out are named
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(
+            f"corpus folder {str(root)!r}: skipped {len(skipped)} file(s), not UTF-8 text or empty: {shown}",
+            stacklevel=2,
+        )
     if not items:
         raise ValueError(
             f"corpus folder {str(root)!r} has {len(files)} file(s) but no text: {rejected['binary']} "
@@ -359,8 +370,6 @@ def corpus_stats(docs: list[Document]) -> dict[str, dict[str, int]]:
 
 def documents_table(docs: list[Document], tokenizer=None):
     """A pandas DataFrame, one row per document: source, domain, split, chars (and tokens with a ``tokenizer``)."""
-    import pandas as pd
-
     table = pd.DataFrame(
         {
             "source": [d.source for d in docs],

@@ -24,6 +24,7 @@ import random
 import sys
 import sysconfig
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path
 from .corpus import DOMAINS, Document, builtin_corpus, corpus_digest, corpus_stats, folder_corpus
 from .packing import apply_fim, check_fim_rate, check_seq_len, pack
 from .tokenizer import (
@@ -167,6 +171,27 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits ``n`` rows, seeded by ``(seed, epoch)``."""
+    return np.random.default_rng((seed, 0xDA7A, epoch)).permutation(n)
+
+
+def sample_rows(n: int, step: int, batch_size: int, perm: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Row indices ``[B]`` of batch ``step`` over ``n`` rows: sample ``k = step·B + b`` is row ``perm(e)[k mod n]`` of
+    epoch ``e = k // n`` — a pure function of ``(step, batch_size)``, so a resumed run sees the same batches."""
+    if not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)  # global sample numbers
+    epochs, pos = k // n, k % n
+    rows = np.empty(batch_size, dtype=np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        rows[sel] = perm(int(e))[pos[sel]]
+    return rows
+
+
 @dataclass
 class Datasets:
     """Packed training rows, per-domain validation rows, and the tokenizer that made them."""
@@ -185,23 +210,12 @@ class Datasets:
         if epoch not in self._perms:
             if len(self._perms) >= 4:
                 self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = np.random.default_rng((self.seed, 0xDA7A, epoch)).permutation(len(self.train))
+            self._perms[epoch] = epoch_permutation(len(self.train), self.seed, epoch)
         return self._perms[epoch]
 
     def batch_rows(self, step: int, batch_size: int) -> np.ndarray:
         """Row indices ``[B]`` of batch ``step`` (see the module docstring)."""
-        if not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be a non-negative integer, got {step!r}")
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        n = len(self.train)
-        k = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)  # global sample numbers
-        epochs, pos = k // n, k % n
-        rows = np.empty(batch_size, dtype=np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            rows[sel] = self._perm(int(e))[pos[sel]]
-        return rows
+        return sample_rows(len(self.train), step, batch_size, self._perm)
 
     def batch(
         self, step: int, batch_size: int, device: torch.device | str | None = None
@@ -260,9 +274,13 @@ def resolve_tokenizer(cfg: DataConfig, cache_dir: Path, docs: Callable[[], list[
             corpus_fingerprint(cfg),
         )
         path = cache_dir / "tokenizers" / key
+        tok = None
         if (path / "tokenizer.json").is_file():
-            tok = Tokenizer.load(path)
-        else:
+            try:
+                tok = Tokenizer.load(path)
+            except ValueError as err:  # a corrupt cache entry: rebuild it
+                warnings.warn(f"the cached tokenizer {path} is unreadable ({err}); training it again", stacklevel=2)
+        if tok is None:
             tok = train_tokenizer(docs(), vocab_size=cfg.vocab_size, seed=cfg.seed)
             tok.save(path)
     if tok.vocab_size > cfg.vocab_size:
@@ -277,8 +295,6 @@ def make_datasets(
     cfg: DataConfig, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, log: Callable[[str], None] | None = None
 ) -> Datasets:
     """Build (or load from ``cache_dir``) the tensors ``cfg`` describes. ``log`` receives one line per build."""
-    from safetensors.torch import load_file, save_file
-
     cfg.validate()
     cache_dir = Path(cache_dir)
     corpus: list[Document] = []
@@ -293,38 +309,44 @@ def make_datasets(
     key = _key(FORMAT_VERSION, cfg.to_dict(), tok.fingerprint(), corpus_fingerprint(cfg))
     path = cache_dir / f"data-{key}.safetensors"
     if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["meta"])
-        t = load_file(str(path))
-        ds = Datasets(
-            tok,
-            meta["domains"],
-            cfg.seq_len,
-            t["train"].long(),
-            {d: t[f"val.{d}"].long() for d in meta["domains"]},
-            t["train_domains"],
-            cfg.seed,
-            {
-                **meta["stats"],
-                "from_cache": True,
-                "cache_file": str(path),
-                "load_seconds": round(time.perf_counter() - t0, 3),
-            },
-        )
-        return ds
+        try:
+            return _load_cached(path, tok, cfg, t0)
+        except (OSError, KeyError, ValueError, SafetensorError) as err:  # truncated or corrupt: rebuild it
+            warnings.warn(f"the data cache {path} is unreadable ({err}); rebuilding it", stacklevel=2)
+            path.unlink(missing_ok=True)
     ds = build_datasets(cfg, tok, docs())
     ds.stats.update(build_seconds=round(time.perf_counter() - t0, 2), from_cache=False, cache_file=str(path))
     cache_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"train": ds.train.to(torch.int32), "train_domains": ds.train_domains}
     tensors.update({f"val.{d}": v.to(torch.int32) for d, v in ds.val.items()})
     meta = {"domains": ds.domains, "config": cfg.to_dict(), "stats": ds.stats}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     if log:
         log(f"[data] built {ds.num_tokens()['train']:,} training tokens in {ds.stats['build_seconds']:.1f}s -> {path}")
+    return ds
+
+
+def _load_cached(path: Path, tok: Tokenizer, cfg: DataConfig, t0: float) -> Datasets:
+    """The datasets of a cache file written by :func:`make_datasets`."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    t = load_file(str(path))
+    ds = Datasets(
+        tok,
+        meta["domains"],
+        cfg.seq_len,
+        t["train"].long(),
+        {d: t[f"val.{d}"].long() for d in meta["domains"]},
+        t["train_domains"],
+        cfg.seed,
+        {
+            **meta["stats"],
+            "from_cache": True,
+            "cache_file": str(path),
+            "load_seconds": round(time.perf_counter() - t0, 3),
+        },
+    )
     return ds
 
 

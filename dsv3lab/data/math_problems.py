@@ -23,14 +23,25 @@ from fractions import Fraction
 
 @dataclass(frozen=True)
 class MathProblem:
-    kind: str  # the template name, e.g. "linear"
+    kind: str  # the template name, e.g. "linear" (one of KINDS)
     question: str
     solution: str  # worked steps, one per line
     answer: str  # the final answer as printed after "Answer:"
 
     @property
     def text(self) -> str:
+        """The document: ``prompt + completion``."""
         return f"Problem: {self.question}\nSolution: {self.solution}\nAnswer: {self.answer}\n"
+
+    @property
+    def prompt(self) -> str:
+        """What a model is asked in post-training (§5): the problem, up to ``Solution:``."""
+        return f"Problem: {self.question}\nSolution:"
+
+    @property
+    def completion(self) -> str:
+        """What it should answer: the worked solution and the final ``Answer:`` line."""
+        return f" {self.solution}\nAnswer: {self.answer}\n"
 
 
 def _frac(q: Fraction) -> str:
@@ -259,12 +270,10 @@ def word_problem(r: random.Random) -> MathProblem:
         return MathProblem("word_travel", q, sol, f"{speed * hours} km")
     if kind == "work":
         a, b = r.choice([(2, 3), (3, 6), (4, 12), (6, 3), (5, 20), (10, 15), (12, 4), (2, 6)])
-        t = Fraction(a * b, a + b)
+        t, rate = Fraction(a * b, a + b), _frac(Fraction(1, a) + Fraction(1, b))  # together: 1/t = 1/a + 1/b
         q = f"{name} can paint a fence in {a} hours and {other} in {b} hours. How long do they take together?"
-        sol = (
-            f"Together they paint 1/{a} + 1/{b} = {_frac(Fraction(1, a) + Fraction(1, b))} of the fence per hour.\n"
-            f"So the time is 1 ÷ ({_frac(Fraction(1, a) + Fraction(1, b))}) = {_frac(t)} hours."
-        )
+        per_hour = f"Together they paint 1/{a} + 1/{b} = {rate} of the fence per hour.\n"
+        sol = per_hour + f"So the time is 1 ÷ ({rate}) = {_frac(t)} hours."
         return MathProblem("word_work", q, sol, f"{_frac(t)} hours")
     if kind == "ages":
         young, k, later = r.randint(3, 15), r.randint(2, 4), r.randint(2, 10)
@@ -304,6 +313,28 @@ TEMPLATES: dict[str, Callable[[random.Random], MathProblem]] = {
     "statistics": statistics_,
     "word": word_problem,
 }
+
+
+# every MathProblem.kind the templates produce (word problems and powers have several)
+KINDS = (
+    "arithmetic",
+    "division",
+    "fractions",
+    "percent",
+    "discount",
+    "linear",
+    "system",
+    "quadratic",
+    "gcd_lcm",
+    "power",
+    "sqrt",
+    "mean_median",
+    "word_shopping",
+    "word_travel",
+    "word_work",
+    "word_ages",
+    "word_sharing",
+)
 
 
 def math_problem(seed: int, index: int) -> MathProblem:

@@ -27,13 +27,14 @@ Training is deterministic: the same documents give the same ``tokenizer.json`` (
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
+
+from ..files import atomic_path, atomic_write_json
 
 SPECIAL_TOKENS = {
     "bos": "<|begin_of_sentence|>",
@@ -104,11 +105,10 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / "tokenizer.json"
-        tmp = d / "tokenizer.json.tmp"
-        self.hf.save(str(tmp), pretty=True)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            self.hf.save(str(tmp), pretty=True)
         special = {name: {"token": tok, "id": self.hf.token_to_id(tok)} for name, tok in SPECIAL_TOKENS.items()}
-        (d / "special_tokens.json").write_text(json.dumps(special, indent=2) + "\n")
+        atomic_write_json(d / "special_tokens.json", special)
         return path
 
     @classmethod
@@ -119,7 +119,15 @@ class Tokenizer:
             p = p / "tokenizer.json"
         if not p.is_file():
             raise FileNotFoundError(f"no tokenizer at {str(p)!r}; expected a tokenizer.json file or a folder with one")
-        return cls(HFTokenizer.from_file(str(p)))
+        return cls(read_tokenizer_json(p))
+
+
+def read_tokenizer_json(path: str | os.PathLike) -> HFTokenizer:
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file; a corrupt file is a ``ValueError`` naming it."""
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
+        raise ValueError(f"{path} is not a readable tokenizer.json ({err})") from None
 
 
 def _new_hf_tokenizer() -> HFTokenizer:

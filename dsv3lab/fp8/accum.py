@@ -187,56 +187,39 @@ def accumulation_sweep(
     return pd.DataFrame(rows)
 
 
-def promotion_interval_sweep(
-    n_cs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096),
-    k: int = 4096,
-    m: int = 32,
-    n: int = 32,
-    acc_bits: int = 14,
-    dist: str = "positive",
-    seed: int = 0,
-) -> pd.DataFrame:
-    """Error at fixed K as the promotion interval N_C grows (N_C = K means a single promotion at the end)."""
-    a, b = fp8_operands(m, n, k, dist, seed)
+SWEEP_OPERANDS = {"m": 32, "n": 32, "k": 4096, "dist": "positive", "seed": 0}  # the fixed-K sweeps' operands
+
+
+def _settings_sweep(settings: list[dict], operands: dict) -> pd.DataFrame:
+    """One emulated GEMM pass for several accumulator settings (each a dict with ``acc_bits`` and ``promote_every``
+    plus labels): M rows of the same operands per setting, the error of each block of rows against the exact sum.
+    ``operands``: overrides of :data:`SWEEP_OPERANDS` (m, n, k, dist, seed of :func:`fp8_operands`)."""
+    ops = {**SWEEP_OPERANDS, **operands}
+    m = ops["m"]
+    a, b = fp8_operands(**ops)
     exact = a @ b.T
-    c = emulated_gemm(
-        a.repeat(len(n_cs), 1), b, acc_bits=acc_bits, promote_every=[n_c for n_c in n_cs for _ in range(m)]
-    )  # one pass, M rows per setting
+    per_row = {key: [st[key] for st in settings for _ in range(m)] for key in ("acc_bits", "promote_every")}
+    c = emulated_gemm(a.repeat(len(settings), 1), b, **per_row)  # [len(settings) * m, n] in one pass
     rows = []
-    for i, n_c in enumerate(n_cs):
-        rows.append(
-            {"N_C": n_c, "K": k, "dist": dist, "acc_bits": acc_bits, **gemm_error(c[i * m : (i + 1) * m], exact)}
-        )
+    for i, st in enumerate(settings):
+        labels = {key: v for key, v in st.items() if key != "promote_every"}
+        rows.append({**labels, "K": ops["k"], "dist": ops["dist"], **gemm_error(c[i * m : (i + 1) * m], exact)})
     return pd.DataFrame(rows)
 
 
-def accumulator_bits_sweep(
-    bits: tuple[int, ...] = (12, 13, 14, 15, 16, 18, 20, 24),
-    k: int = 4096,
-    m: int = 32,
-    n: int = 32,
-    dist: str = "positive",
-    promote_every: int = N_C,
-    seed: int = 0,
-) -> pd.DataFrame:
+def promotion_interval_sweep(n_cs=(32, 64, 128, 256, 512, 1024, 2048, 4096), acc_bits: int = 14, **operands):
+    """Error at fixed K as the promotion interval N_C grows (N_C = K means a single promotion at the end).
+
+    ``operands``: m, n, k, dist, seed (default :data:`SWEEP_OPERANDS`: 32 × 32 outputs, K = 4096, positive)."""
+    return _settings_sweep([{"N_C": n_c, "acc_bits": acc_bits, "promote_every": n_c} for n_c in n_cs], operands)
+
+
+def accumulator_bits_sweep(bits=(12, 13, 14, 15, 16, 18, 20, 24), promote_every: int = N_C, **operands):
     """Error at fixed K as the accumulator keeps more bits, without and with promotion every ``promote_every``.
 
     The paper's "about 14 bits" is an approximate description of undocumented hardware, and the error scales as
-    2^-bits: this sweep shows how much a one- or two-bit difference in the model moves the K = 4096 number."""
-    a, b = fp8_operands(m, n, k, dist, seed)
-    exact = a @ b.T
-    settings = [
-        (nb, label, every) for nb in bits for label, every in (("none", 0), (f"every {promote_every}", promote_every))
-    ]
-    c = emulated_gemm(
-        a.repeat(len(settings), 1),
-        b,
-        acc_bits=[nb for nb, _, _ in settings for _ in range(m)],
-        promote_every=[every for _, _, every in settings for _ in range(m)],
-    )
-    rows = []
-    for i, (nb, label, _) in enumerate(settings):
-        rows.append(
-            {"acc_bits": nb, "promotion": label, "K": k, "dist": dist, **gemm_error(c[i * m : (i + 1) * m], exact)}
-        )
-    return pd.DataFrame(rows)
+    2^-bits: this sweep shows how much a one- or two-bit difference in the model moves the K = 4096 number.
+    ``operands``: as :func:`promotion_interval_sweep`."""
+    promotions = (("none", 0), (f"every {promote_every}", promote_every))
+    settings = [{"acc_bits": nb, "promotion": lab, "promote_every": every} for nb in bits for lab, every in promotions]
+    return _settings_sweep(settings, operands)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+E4M3 = torch.float8_e4m3fn  # DeepSeek-V3's one FP8 format (weights, activations, gradients)
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448: the largest finite E4M3 value, read from torch
 
 
 @dataclass(frozen=True)

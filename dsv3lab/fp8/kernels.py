@@ -39,10 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant import AMAX_FLOOR, BLOCK, SCALE_FMTS
-
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
+from .formats import E4M3, E4M3_MAX
+from .quant import AMAX_FLOOR, BLOCK, resolve_scale_fmt
 
 
 def interpreted() -> bool:
@@ -131,7 +129,7 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, amax_floor, BLOCK_SIZE: tl.constexpr,
 
 
 def act_quant(
-    x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR
+    x: torch.Tensor, block_size: int = BLOCK, scale_fmt: str = "fp32", amax_floor: float = AMAX_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize x [..., K] (fp32/bf16/fp16, contiguous, K % 128 == 0) per 1×128 tile.
 
@@ -142,8 +140,7 @@ def act_quant(
         raise ValueError(f"act_quant takes fp32, bf16 or fp16 input, got {x.dtype}")
     if block_size != BLOCK:
         raise ValueError(f"act_quant uses 1×{BLOCK} tiles, got block_size={block_size}")
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+    scale_fmt = resolve_scale_fmt(scale_fmt)
     if x.dim() < 1 or x.shape[-1] % BLOCK:
         raise ValueError(
             f"act_quant needs the last dimension K to be a multiple of {BLOCK}, got shape "

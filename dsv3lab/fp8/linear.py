@@ -39,6 +39,7 @@ Notebook: 07_fp8.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats import fp8_format, resolve_dtype, round_to_grid
-from .quant import BLOCK, BLOCK2D, SCALE_FMTS, TILE, QuantizedTensor, check_finite, compute_scale, quantize
+from .quant import BLOCK, BLOCK2D, TILE, QuantizedTensor, check_finite, compute_scale, quantize, resolve_scale_fmt
 
 GEMMS = ("auto", "emulate", "kernel")
 
@@ -57,20 +58,19 @@ class FP8Recipe:
     """How the FP8 GEMMs are done: the element format, the scale format and the backend."""
 
     fmt: str = "e4m3"  # every tensor in E4M3, as DeepSeek-V3
-    scale_fmt: str | None = None  # None = fp32 scales, "ue8m0" = powers of two
-    gemm: str = "auto"
+    scale_fmt: str = "fp32"  # "fp32" scales or "ue8m0" (powers of two)
+    gemm: str = "auto"  # the backend: "emulate", "kernel" (Triton) or "auto" (ModelConfig.fp8_gemm)
 
     def __post_init__(self) -> None:
         resolve_dtype(self.fmt)
-        if self.scale_fmt not in SCALE_FMTS:
-            raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {self.scale_fmt!r}")
+        object.__setattr__(self, "scale_fmt", resolve_scale_fmt(self.scale_fmt))
         if self.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {GEMMS}, got {self.gemm!r}")
 
     @classmethod
     def from_config(cls, cfg) -> FP8Recipe:
         """From a ModelConfig's ``fp8_gemm`` and ``fp8_scale_fmt`` fields."""
-        return cls(scale_fmt=None if cfg.fp8_scale_fmt == "fp32" else cfg.fp8_scale_fmt, gemm=cfg.fp8_gemm)
+        return cls(scale_fmt=cfg.fp8_scale_fmt, gemm=cfg.fp8_gemm)
 
     def quantize(self, x: torch.Tensor, block) -> QuantizedTensor:
         return quantize(x, block, self.fmt, self.scale_fmt)
@@ -80,8 +80,6 @@ class FP8Recipe:
 def kernel_available(device: torch.device) -> bool:
     """Can the Triton FP8 GEMM run on this device? CUDA with compute capability >= 8.9 and triton installed, or a
     CPU with ``TRITON_INTERPRET=1`` (the interpreter)."""
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":

@@ -31,6 +31,7 @@ Notebook: 07_fp8.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import pandas as pd
@@ -43,7 +44,17 @@ BLOCK = 128  # the paper's tile/block edge N_C
 TILE = (1, BLOCK)  # activations and activation gradients: one token × 128 channels
 BLOCK2D = (BLOCK, BLOCK)  # weights
 AMAX_FLOOR = 1e-12  # amax of an all-zero tile is raised to this so that the scale is finite and positive
-SCALE_FMTS = (None, "ue8m0")
+SCALE_FMTS = ("fp32", "ue8m0")  # the one vocabulary for scales: fp32 values, or UE8M0 powers of two
+
+
+def resolve_scale_fmt(scale_fmt: str | None) -> str:
+    """Check a scale format; ``None`` (the old spelling of ``"fp32"``) still works, with a DeprecationWarning."""
+    if scale_fmt is None:
+        warnings.warn('scale_fmt=None is deprecated: use scale_fmt="fp32"', DeprecationWarning, stacklevel=3)
+        return "fp32"
+    if scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+    return scale_fmt
 
 
 @dataclass
@@ -97,6 +108,14 @@ def expand_scale(scale: torch.Tensor, block: tuple[int, int] | None, shape: torc
     return scale.repeat_interleave(br, dim=-2).repeat_interleave(bc, dim=-1)[..., :r, :c]
 
 
+def scale_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = BLOCK2D) -> tuple[int, int]:
+    """[ceil(R / br), ceil(C / bc)]: the scales of a 2-D tensor of ``shape`` [R, C] in ``block``s (the official
+    checkpoint's ``weight_scale_inv`` shape for 128×128 blocks)."""
+    if len(shape) != 2:
+        raise ValueError(f"block scales need a 2-D tensor [rows, cols], got shape {tuple(shape)}")
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+
+
 def _effective_block(block: tuple[int, int], r: int, c: int) -> tuple[int, int]:
     # a block larger than the matrix is the whole matrix: same scales, and no padding needed
     return max(1, min(block[0], r)), max(1, min(block[1], c))
@@ -134,11 +153,10 @@ def pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 
 def compute_scale(
-    amax: torch.Tensor, fmt_max: float, scale_fmt: str | None = None, amax_floor: float = AMAX_FLOOR
+    amax: torch.Tensor, fmt_max: float, scale_fmt: str = "fp32", amax_floor: float = AMAX_FLOOR
 ) -> torch.Tensor:
     """s = max(amax, floor) / fmt_max in fp32, rounded up to a power of two for ``ue8m0``."""
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+    scale_fmt = resolve_scale_fmt(scale_fmt)
     s = amax.float().clamp_min(amax_floor) / fmt_max
     return pow2_ceil(s) if scale_fmt == "ue8m0" else s
 
@@ -171,7 +189,7 @@ def quantize(
     x: torch.Tensor,
     block: tuple[int, int] | None = TILE,
     fmt: str | torch.dtype = "e4m3",
-    scale_fmt: str | None = None,
+    scale_fmt: str = "fp32",
     amax_floor: float = AMAX_FLOOR,
 ) -> QuantizedTensor:
     """Quantize x to FP8 with one scale per ``block`` of its last two dims (``None``: one scale for the tensor).
@@ -198,7 +216,7 @@ def quantize(
 
 
 def fake_quantize(
-    x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | torch.dtype = "e4m3", scale_fmt: str | None = None
+    x: torch.Tensor, block: tuple[int, int] | None = TILE, fmt: str | torch.dtype = "e4m3", scale_fmt: str = "fp32"
 ) -> torch.Tensor:
     """quantize → dequantize, returned in x's dtype: what an FP8 GEMM sees of x."""
     return quantize(x, block, fmt, scale_fmt).dequantize(x.dtype)
@@ -267,7 +285,7 @@ def activations_with_outliers(
 
 
 def granularity_error(
-    x: torch.Tensor, granularity: str, fmt: str = "e4m3", scale_fmt: str | None = None
+    x: torch.Tensor, granularity: str, fmt: str = "e4m3", scale_fmt: str = "fp32"
 ) -> dict[str, float]:
     """Quantization error of x [tokens, channels] at one of :data:`GRANULARITIES` (measured on the non-outlier
     majority too: ``rel_error_typical`` excludes the 1% largest-magnitude channels)."""

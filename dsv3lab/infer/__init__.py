@@ -7,16 +7,17 @@ Modules, one concept each:
 * ``blockfp8``    128×128 E4M3 weights and their ``weight_scale_inv`` (the checkpoint path only)
 * ``checkpoint``  ``from_pretrained`` / ``save_pretrained`` (streaming, strict, atomic) and dsv3lab's plain folder
 * ``conversion``  ``dsv3lab convert``: official <-> dsv3lab, FP8 <-> BF16, RoPE layout
-* ``generation``  prefill + latent-cache decoding, batched prompts, greedy / temperature / top-k / top-p
-* ``speculative`` MTP draft-and-verify decoding, acceptance statistics
+* ``sampling``    greedy / temperature / top-k / top-p choice of the next token
+* ``generation``  ``generate``: prefill + latent-cache decoding, batched prompts; ``speculative="mtp"`` for MTP drafts
+* ``speculative`` MTP draft-and-verify decoding (the core of ``generate(speculative="mtp")``), acceptance statistics
 
 Notebook: 10_inference.
 """
 
 from .checkpoint import CheckpointError, LoadStats, from_pretrained, save_pretrained
 from .conversion import convert, load_any
-from .generation import Generation, generate, load_tokenizer
-from .speculative import SpeculativeStats, speculative_generate
+from .generation import Generation, generate, load_tokenizer, speculative_generate
+from .speculative import SpeculativeStats
 
 __all__ = [
     "CheckpointError",

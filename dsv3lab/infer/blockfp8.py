@@ -6,12 +6,10 @@ with a companion ``weight_scale_inv`` of shape [ceil(out/128), ceil(in/128)] (RE
 
     W ≈ W_fp8 · weight_scale_inv[block],      weight_scale_inv = amax(|W_block|) / 448
 
-where 448 is the largest finite E4M3 value. A block that overhangs the matrix edge is treated as zero-padded to 128,
-so its amax is simply the amax of the elements that exist.
-
-This module is the checkpoint path only: quantise when saving, dequantise when loading. It is deliberately small and
-self-contained; ``dsv3lab.fp8`` (FP8 training and inference kernels) can take these tensors as they are when a model
-keeps its weights in FP8 — see ``dsv3lab.infer.checkpoint.from_pretrained(keep_fp8=...)``.
+This is exactly the 128×128 block format of FP8 training (``dsv3lab.fp8.quant``, ``BLOCK2D``), so this module is a
+thin adapter over it for the checkpoint code: plain (E4M3 tensor, scale) pairs in, out. The one convention of the
+checkpoint path: an all-zero block stores scale 1 (the training quantizer floors amax instead), so no file ever
+holds a scale of ~0.
 
 Paper: DeepSeek-V3 §3.3 (fine-grained quantization). Notebook: 10_inference.
 """
@@ -20,40 +18,22 @@ from __future__ import annotations
 
 import torch
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-DEFAULT_BLOCK = (128, 128)
+from ..fp8.formats import E4M3, E4M3_MAX
+from ..fp8.quant import BLOCK2D, QuantizedTensor, block_amax, quantize, scale_shape
 
+DEFAULT_BLOCK = BLOCK2D
 
-def scale_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
-    """[ceil(out / block_out), ceil(in / block_in)] for a 2-D weight of ``shape`` [out, in]."""
-    if len(shape) != 2:
-        raise ValueError(f"block FP8 needs a 2-D weight [out, in], got shape {tuple(shape)}")
-    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
-
-
-def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Zero-pad a [M, N] matrix to whole blocks and view it as [M/bm, bm, N/bn, bn]."""
-    m, n = x.shape
-    bm, bn = block
-    mb, nb = scale_shape(x.shape, block)
-    padded = torch.nn.functional.pad(x, (0, nb * bn - n, 0, mb * bm - m))
-    return padded.view(mb, bm, nb, bn)
+__all__ = ["E4M3", "E4M3_MAX", "DEFAULT_BLOCK", "scale_shape", "quantize_blocks", "dequantize_blocks", "is_fp8"]
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] (any float dtype) -> (W_fp8 [out, in] E4M3, weight_scale_inv [ceil(out/bm), ceil(in/bn)] fp32).
-
-    An all-zero block gets scale 1 (and zeros), so no NaN can appear.
-    """
+    """W [out, in] (any float dtype) -> (W_fp8 [out, in] E4M3, weight_scale_inv [ceil(out/bm), ceil(in/bn)] fp32)."""
+    if w.dim() != 2:
+        raise ValueError(f"block FP8 needs a 2-D weight [out, in], got shape {tuple(w.shape)}")
     x = w.detach().float()
-    blocks = _blocks(x, block)  # [mb, bm, nb, bn]
-    amax = blocks.abs().amax(dim=(1, 3))  # [mb, nb]
-    scale_inv = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
-    m, n = x.shape
-    q = q.flatten(0, 1).flatten(1, 2)[:m, :n]  # back to [out, in], padding dropped
-    return q.to(E4M3).contiguous(), scale_inv.contiguous()
+    q = quantize(x, tuple(block))
+    scale = torch.where(block_amax(x, tuple(block)) > 0, q.scale, torch.ones_like(q.scale))  # all-zero block: 1
+    return q.data.contiguous(), scale.contiguous()
 
 
 def dequantize_blocks(
@@ -74,9 +54,7 @@ def dequantize_blocks(
             f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight of "
             f"shape {tuple(q.shape)} with {block[0]}x{block[1]} blocks"
         )
-    m, n = q.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:m].repeat_interleave(block[1], 1)[:, :n]  # [out, in]
-    return (q.float() * scale).to(dtype)
+    return QuantizedTensor.from_fp8(q, scale_inv.float(), tuple(block)).dequantize(dtype)
 
 
 def is_fp8(t: torch.Tensor) -> bool:

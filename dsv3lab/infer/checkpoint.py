@@ -7,7 +7,7 @@ block (de)quantiser is :mod:`dsv3lab.infer.blockfp8`.
 
 Loading is strict and streaming:
 
-1. ``config.json`` -> ``ModelConfig.from_hf`` (YaRN from ``rope_scaling`` or ``rope_parameters``); unsupported
+1. ``config.json`` -> ``infer.hf.config_from_hf`` (YaRN from ``rope_scaling`` or ``rope_parameters``); unsupported
    architectures, settings or quantization methods are errors.
 2. The index is checked against the tensors the config implies *before* anything is allocated: one error lists every
    missing and unexpected tensor (and every FP8 weight without its ``weight_scale_inv``).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,61 +35,37 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..files import CheckpointError, atomic_folder, member, names_list, read_json, recover
 from ..model import DeepSeekV3
-from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
+from ..model.transformer import load_state_dict_strict
+from ..utils import parse_size
+from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks, scale_shape
 from .fp8weights import keep_fp8_modules
+from .hf import config_from_hf, config_to_hf
 from .layout import Slot, from_rotate_half, layout, mtp_duplicates, mtp_prefixes, to_rotate_half
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+NATIVE_CONFIG = "dsv3lab_config.json"  # dsv3lab's own folder: state_dict + ModelConfig
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# ModelConfig fields the HF config cannot carry; saved under "dsv3lab" in config.json and restored on load
-_DSV3LAB_ONLY = (
-    "attn_impl",
-    "moe_impl",
-    "mtp_lambda",
-    "aux_loss_alpha",
-    "seq_aux_loss_alpha",
-    "init_std",
-    "max_batch_size",
-    "name",
-)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model it describes (missing/unexpected tensors, shapes, scales)."""
-
-
-def _names_list(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def parse_size(size: int | str) -> int:
-    """``5GB`` / ``200KB`` / ``1.5MB`` / ``80GiB`` / an int (bytes) -> bytes (KB, MB, GB decimal as transformers;
-    KiB, MiB, GiB binary)."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
-    for unit, mult in units:
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    else:
-        if text.replace(".", "", 1).isdigit():
-            return int(float(text))
-    raise ValueError(f"cannot read the size {size!r}; use bytes or a number with KB, MB, GB (or KiB, MiB, GiB)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def is_checkpoint_folder(path: str | os.PathLike) -> bool:
+    """A checkpoint folder --overwrite may replace: the official layout (config.json and an index or a single
+    model.safetensors) or dsv3lab's own (dsv3lab_config.json and model.safetensors)."""
+    p = Path(path)
+    official = (p / CONFIG_FILE).is_file() and ((p / INDEX_FILE).is_file() or (p / SINGLE_FILE).is_file())
+    return official or ((p / NATIVE_CONFIG).is_file() and (p / SINGLE_FILE).is_file())
 
 
 # ---------------------------------------------------------------------- reading the folder
@@ -98,29 +73,44 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a checkpoint in the Hugging Face layout")
-    return json.loads(file.read_text())
+    try:
+        return read_json(file, "a Hugging Face config.json object")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def read_model_config(folder: Path, hf_cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a checkpoint's config.json; any problem is one ``CheckpointError`` naming the file."""
+    try:
+        return config_from_hf(hf_cfg, **overrides)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from None
 
 
 def read_weight_map(path: str | os.PathLike) -> dict[str, str]:
     """Tensor name -> shard file name, from the index (or the single ``model.safetensors``)."""
     folder = Path(path)
     if (folder / INDEX_FILE).exists():
-        index = json.loads((folder / INDEX_FILE).read_text())
+        try:
+            index = read_json(folder / INDEX_FILE, "a safetensors index")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{folder / INDEX_FILE} has no 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder / INDEX_FILE} has no 'weight_map' of tensor name -> shard file name")
     elif (folder / SINGLE_FILE).exists():
-        from safetensors import safe_open
-
-        with safe_open(folder / SINGLE_FILE, framework="pt") as f:
-            weight_map = {k: SINGLE_FILE for k in f.keys()}
+        try:
+            with safe_open(folder / SINGLE_FILE, framework="pt") as f:
+                weight_map = {k: SINGLE_FILE for k in f.keys()}
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{folder / SINGLE_FILE} is not a readable safetensors file ({err})") from None
     else:
         raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    for shard in set(weight_map.values()):  # a shard named ../x, /abs/x or a symlink out is refused, never read
+        member(folder, shard, what=f"shard named by {INDEX_FILE}")
     missing_files = sorted({f for f in weight_map.values() if not (folder / f).exists()})
     if missing_files:
-        raise CheckpointError(
-            f"the index of {folder} names shard files that do not exist: {_names_list(missing_files)}"
-        )
+        raise CheckpointError(f"the index of {folder} names shard files that do not exist: {names_list(missing_files)}")
     return weight_map
 
 
@@ -144,28 +134,20 @@ def fp8_block(hf_cfg: dict[str, Any]) -> tuple[int, int] | None:
     return (block[0], block[1])
 
 
-def config_from_hf(hf_cfg: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """``ModelConfig.from_hf`` plus the dsv3lab-only fields saved under ``"dsv3lab"``, then ``overrides``."""
-    extra = {k: v for k, v in (hf_cfg.get("dsv3lab") or {}).items() if k in _DSV3LAB_ONLY}
-    clean = {k: v for k, v in hf_cfg.items() if k != "dsv3lab"}
-    return ModelConfig.from_hf(clean, **{**extra, **overrides})
+def fp8_quantization_config(block: tuple[int, int]) -> dict[str, Any]:
+    """The ``quantization_config`` of a block-FP8 checkpoint, as in the released DeepSeek-V3 ``config.json``."""
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)}
 
 
 def hf_config(
     cfg: ModelConfig, dtype: torch.dtype, fp8: tuple[int, int] | None = None, rope_interleave: bool = True
 ) -> dict[str, Any]:
     """The ``config.json`` dict written by :func:`save_pretrained`."""
-    out = cfg.to_hf()
+    out = config_to_hf(cfg)
     out["rope_interleave"] = rope_interleave
     out["torch_dtype"] = dtype_name(dtype)
     if fp8 is not None:
-        out["quantization_config"] = {
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "quant_method": "fp8",
-            "weight_block_size": list(fp8),
-        }
-    out["dsv3lab"] = {k: getattr(cfg, k) for k in _DSV3LAB_ONLY}
+        out["quantization_config"] = fp8_quantization_config(fp8)
     return out
 
 
@@ -222,11 +204,79 @@ def _plan(cfg: ModelConfig, weight_map: dict[str, str], mtp: bool | None, path) 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing: {_names_list(missing)}")
+            parts.append(f"{len(missing)} missing: {names_list(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {_names_list(unexpected)}")
+            parts.append(f"{len(unexpected)} unexpected: {names_list(unexpected)}")
         raise CheckpointError(f"{path} does not match its config.json ({cfg.summary()}): " + "; ".join(parts))
     return cfg, expected, duplicates
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names
+
+
+def check_headers(
+    folder: Path,
+    cfg: ModelConfig,
+    weight_map: dict[str, str],
+    expected: dict[str, Slot],
+    duplicates: dict[str, str],
+    block: tuple[int, int] | None,
+) -> None:
+    """Before anything is allocated, from the safetensors headers alone: every tensor the index names is in its
+    shard, floating-point, with the shape the model of ``cfg`` needs (scales: one per ``block``). One
+    ``CheckpointError`` lists the problems, so a config.json whose sizes do not match the tensors (a vocab_size of
+    1e9, say) is refused before a byte of the model exists. ``from_pretrained`` and ``convert`` both call it."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DeepSeekV3(cfg).state_dict().items()}  # free: shapes only
+
+    def want(name: str) -> tuple[int, ...] | None:
+        if name in duplicates:
+            return shapes[duplicates[name]]
+        if name.endswith(SCALE_SUFFIX):
+            w = want(name[: -len(SCALE_SUFFIX)])
+            return None if w is None else scale_shape(w, block or DEFAULT_BLOCK)
+        slot = expected.get(name)
+        if slot is None:
+            return None  # an MTP tensor that is not loaded
+        return shapes[slot.name] if slot.index is None else shapes[slot.name][1:]
+
+    problems: list[str] = []
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        try:
+            with safe_open(folder / file, framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for name in names:
+                    shape = want(name)
+                    if shape is None:
+                        continue
+                    if name not in present:
+                        problems.append(f"{name} is listed in the index for {file} but is not in that file")
+                        continue
+                    header = f.get_slice(name)
+                    if header.get_dtype() not in FLOAT_DTYPES:
+                        problems.append(f"{name} is {header.get_dtype()}, not a floating-point tensor")
+                    if tuple(header.get_shape()) != tuple(shape):
+                        problems.append(
+                            f"{name}: the checkpoint holds shape {tuple(header.get_shape())} but the model of "
+                            f"config.json needs {tuple(shape)}"
+                        )
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # a truncated or corrupt file
+            raise CheckpointError(f"{folder / file} is not a readable safetensors file ({err})") from None
+    if problems:
+        raise CheckpointError(
+            f"{folder} does not match its config.json ({cfg.summary()}): {len(problems)} problem(s): "
+            + names_list(problems, limit=8)
+        )
+
+
+def check_values(name: str, t: torch.Tensor) -> None:
+    """A checkpoint tensor must hold finite values: NaN or ±inf is refused, naming the tensor."""
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{name} holds {bad} NaN or infinite value(s); refused (the file may be corrupt)")
 
 
 # A hook for keeping FP8 weights in FP8 (e.g. dsv3lab.fp8 Linear layers): called for every FP8 tensor with
@@ -243,6 +293,9 @@ def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interlea
     """The FP8 hook of ``keep_fp8``: copies an E4M3 weight and its scales into the model's FP8 buffers as they are."""
 
     def store(name, slot, t, scale, block, model) -> bool:
+        check_values(name + SCALE_SUFFIX, scale)
+        if ((t.view(torch.uint8) & 0x7F) == 0x7F).any():  # E4M3's only NaN pattern: S.1111.111
+            raise CheckpointError(f"{name} holds E4M3 NaN values; refused (the file may be corrupt)")
         q, s = (targets[n] for n in stored_names(slot))
         if slot.index is not None:
             q, s = q[slot.index], s[slot.index]
@@ -268,6 +321,22 @@ def _fp8_store(targets: dict[str, torch.Tensor], cfg: ModelConfig, rope_interlea
     return store
 
 
+def _old_fp8_gemm(fp8_gemm: str | None, quantize_activations: bool) -> bool:
+    """``fp8_gemm="dequant"|"fp8"`` was this switch's name before ``fp8_gemm`` meant only the FP8 backend."""
+    if fp8_gemm is None:
+        return quantize_activations
+    if fp8_gemm not in ("dequant", "fp8"):
+        raise ValueError(
+            f"fp8_gemm must be 'dequant' or 'fp8' (deprecated; use quantize_activations), got {fp8_gemm!r}"
+        )
+    warnings.warn(
+        f"from_pretrained(fp8_gemm={fp8_gemm!r}) is deprecated: use quantize_activations={fp8_gemm == 'fp8'}",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return fp8_gemm == "fp8"
+
+
 def from_pretrained(
     path: str | os.PathLike,
     device: torch.device | str | None = None,
@@ -275,7 +344,8 @@ def from_pretrained(
     *,
     mtp: bool | None = None,
     keep_fp8: bool = False,
-    fp8_gemm: str = "dequant",
+    quantize_activations: bool = False,
+    fp8_gemm: str | None = None,
     fp8_hook: FP8Hook | None = None,
     stats: LoadStats | None = None,
     **overrides: Any,
@@ -285,21 +355,24 @@ def from_pretrained(
     ``dtype`` defaults to the checkpoint's ``torch_dtype`` (BF16 for FP8 checkpoints, which are dequantised);
     ``mtp``: None loads the MTP modules when the checkpoint has them, False skips them, True requires them;
     ``keep_fp8`` keeps an FP8 checkpoint's projections in E4M3 with their block scales (no dequantisation; see
-    :mod:`dsv3lab.infer.fp8weights`), computing with ``fp8_gemm`` = ``"dequant"`` (the weight dequantised just
-    before each GEMM) or ``"fp8"`` (FP8 activations too, the block-scaled GEMM); ``fp8_hook`` is the lower-level
+    :mod:`dsv3lab.infer.fp8weights`), computing either with the weight dequantised just before each GEMM (default)
+    or, with ``quantize_activations``, with FP8 activations too in the block-scaled GEMM (``fp8_gemm="dequant"|"fp8"``
+    is the deprecated spelling of that switch); ``fp8_hook`` is the lower-level
     seam for storing FP8 weights yourself (see :data:`FP8Hook`); ``stats`` receives a :class:`LoadStats`;
     ``overrides`` are ModelConfig fields (e.g. ``attn_impl="absorb"``, ``moe_impl="grouped"``, ``max_seq_len``).
     A folder written by :func:`save_state_dict` (``dsv3lab_config.json``) is loaded with :func:`load_state_dict_folder`.
     """
-    from safetensors import safe_open
-
+    quantize_activations = _old_fp8_gemm(fp8_gemm, quantize_activations)
+    if quantize_activations and not keep_fp8:
+        raise ValueError("quantize_activations=True computes with the kept FP8 weights: it needs keep_fp8=True")
     folder = Path(path)
+    recover(folder)  # a save interrupted between its two renames left the old folder beside the path
     if (folder / NATIVE_CONFIG).exists() and not (folder / CONFIG_FILE).exists():
         return load_state_dict_folder(folder, device=device, dtype=dtype, **overrides)
     hf_cfg = read_hf_config(folder)
     block = fp8_block(hf_cfg)
     rope_interleave = bool(hf_cfg.get("rope_interleave", True))
-    cfg = config_from_hf(hf_cfg, **overrides)
+    cfg = read_model_config(folder, hf_cfg, **overrides)
     weight_map = read_weight_map(folder)
     cfg, expected, duplicates = _plan(cfg, weight_map, mtp, folder)
     if dtype is None:
@@ -314,11 +387,12 @@ def from_pretrained(
         )
     if keep_fp8 and fp8_hook is not None:
         raise ValueError("pass keep_fp8=True or an fp8_hook, not both")
+    check_headers(folder, cfg, weight_map, expected, duplicates, block)
     with torch.device("meta"):
         model = DeepSeekV3(cfg)  # shapes only: no memory, no init
         model.to(dtype)  # the router bias and RoPE tables stay fp32
         if keep_fp8:
-            keep_fp8_modules(model, [sl.name for sl in expected.values() if sl.fp8], block, fp8_gemm, dtype)
+            keep_fp8_modules(model, [sl.name for sl in expected.values() if sl.fp8], block, quantize_activations, dtype)
     model.to_empty(device=device or "cpu")
     targets = model.state_dict()  # tensors sharing storage with the parameters and persistent buffers
     names = {n for sl in expected.values() for n in (stored_names(sl) if keep_fp8 and sl.fp8 else [sl.name])}
@@ -372,6 +446,7 @@ def from_pretrained(
                             f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
                             "attention/FFN projection in FP8; load with keep_fp8=False"
                         )
+                    check_values(name, t)
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, cfg, slot.rope))
                     dst = targets[slot.name] if slot.index is None else targets[slot.name][slot.index]
@@ -386,7 +461,7 @@ def from_pretrained(
                     del t
         not_filled = [n for n in expected if n not in filled]
         if not_filled:  # cannot happen after _plan unless the index lies; never return a half-loaded model
-            raise CheckpointError(f"{folder}: tensors not loaded: {_names_list(not_filled)}")
+            raise CheckpointError(f"{folder}: tensors not loaded: {names_list(not_filled)}")
         for name, file in dup_files.items():
             _check_duplicate(folder, file, name, targets[duplicates[name]], weight_map)
     model.init_buffers()  # RoPE tables (non-persistent), expert counters
@@ -398,15 +473,11 @@ def _read_tensor(f, folder: Path, file: str, other_file: str, name: str) -> torc
     own file."""
     if f is not None and other_file == file:
         return f.get_tensor(name)
-    from safetensors import safe_open
-
     with safe_open(folder / other_file, framework="pt", device="cpu") as g:
         return g.get_tensor(name)
 
 
 def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, weight_map: dict[str, str]) -> None:
-    from safetensors import safe_open
-
     with safe_open(folder / file, framework="pt", device="cpu") as f:
         t = f.get_tensor(name)
     if is_fp8(t):
@@ -421,26 +492,6 @@ def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, w
 
 
 # ---------------------------------------------------------------------- saving
-def _atomic_folder(path: Path, overwrite: bool) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Move the finished temporary folder into place; an existing target is replaced only after that succeeds."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / "x")
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-
-
 def _hf_tensors(
     model: DeepSeekV3,
     fp8: tuple[int, int] | None,
@@ -509,8 +560,6 @@ def save_pretrained(
     ``rope_interleave=False`` writes the rotate-half RoPE layout; ``tokenizer`` (a ``tokenizers.Tokenizer``, a
     tokenizer.json path or a folder holding one) is copied alongside. Returns the folder.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     dtype = dtype or model.embed.weight.dtype
     if dtype not in DTYPES.values():
@@ -525,8 +574,7 @@ def save_pretrained(
             size = 0
         shards[-1].append(item)
         size += item[2]
-    tmp = _atomic_folder(path, overwrite)
-    try:
+    with atomic_folder(path, overwrite, replaceable=is_checkpoint_folder) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
         n = len(shards)
@@ -546,10 +594,6 @@ def save_pretrained(
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg_json, indent=2) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -573,23 +617,15 @@ def save_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------- dsv3lab's own folder: state_dict + config
-NATIVE_CONFIG = "dsv3lab_config.json"
 
 
 def save_state_dict(model: DeepSeekV3, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """dsv3lab's plain format: ``model.safetensors`` (``model.state_dict()``) and ``dsv3lab_config.json``."""
-    from safetensors.torch import save_file
-
     path = Path(path)
-    tmp = _atomic_folder(path, overwrite)
-    try:
+    with atomic_folder(path, overwrite, replaceable=is_checkpoint_folder) as tmp:
         sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
         (tmp / NATIVE_CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-        _publish(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -601,10 +637,8 @@ def load_state_dict_folder(
 ) -> DeepSeekV3:
     """Load a folder written by :func:`save_state_dict` (strict: missing, unexpected and mis-shaped tensors are one
     error)."""
-    from safetensors.torch import load_file
-
     folder = Path(path)
-    cfg = ModelConfig.from_dict(json.loads((folder / NATIVE_CONFIG).read_text()))
+    cfg = ModelConfig.from_dict(read_json(folder / NATIVE_CONFIG, "a dsv3lab model config"))
     if overrides:
         cfg = cfg.replace(**overrides)
     sd = load_file(folder / SINGLE_FILE)
@@ -618,23 +652,3 @@ def load_state_dict_folder(
     load_state_dict_strict(model, sd, str(folder))
     model.init_buffers()
     return model.eval()
-
-
-def load_state_dict_strict(model: DeepSeekV3, sd: dict[str, torch.Tensor], where: str = "state_dict") -> None:
-    """Copy ``sd`` into ``model`` after checking names and shapes; every problem in one ``CheckpointError``."""
-    targets = model.state_dict()
-    missing = sorted(set(targets) - set(sd))
-    unexpected = sorted(set(sd) - set(targets))
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(targets[k].shape)}"
-        for k in targets
-        if k in sd and sd[k].shape != targets[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [f"{len(missing)} missing: {_names_list(missing)}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected: {_names_list(unexpected)}"] if unexpected else []
-        parts += [f"shape mismatch: {_names_list(shapes)}"] if shapes else []
-        raise CheckpointError(f"{where} does not match the model ({model.cfg.summary()}): " + "; ".join(parts))
-    with torch.no_grad():
-        for k, t in targets.items():
-            t.copy_(sd[k])

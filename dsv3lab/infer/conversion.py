@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..files import atomic_folder, check_replaceable, is_empty_folder, recover
 from ..model import DeepSeekV3
+from ..train import load_run
 from .blockfp8 import DEFAULT_BLOCK, dequantize_blocks, is_fp8, quantize_blocks
 from .checkpoint import (
     CONFIG_FILE,
@@ -33,15 +37,17 @@ from .checkpoint import (
     NATIVE_CONFIG,
     SCALE_SUFFIX,
     CheckpointError,
-    _atomic_folder,
     _plan,
-    _publish,
-    config_from_hf,
+    check_headers,
+    check_values,
     dtype_name,
     fp8_block,
+    fp8_quantization_config,
     from_pretrained,
+    is_checkpoint_folder,
     load_state_dict_folder,
     read_hf_config,
+    read_model_config,
     read_weight_map,
     save_pretrained,
     save_state_dict,
@@ -54,6 +60,7 @@ EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.jso
 def detect(path: str | os.PathLike) -> str:
     """``hf``, ``dsv3lab`` or ``run`` for a checkpoint folder; an error naming what was looked for otherwise."""
     folder = Path(path)
+    recover(folder)  # a save interrupted between its two renames left the old folder beside the path
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} is not a folder")
     if (folder / CONFIG_FILE).exists():
@@ -78,13 +85,16 @@ def load_any(
     dtype: torch.dtype | None = None,
     *,
     keep_fp8: bool = False,
-    fp8_gemm: str = "dequant",
+    quantize_activations: bool = False,
     **overrides: Any,
 ) -> DeepSeekV3:
-    """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``: see :func:`from_pretrained`)."""
+    """Load a model from any checkpoint kind :func:`detect` recognises (``keep_fp8``, ``quantize_activations``: see
+    :func:`from_pretrained`)."""
     kind = detect(path)
     if kind == "hf":
-        return from_pretrained(path, device=device, dtype=dtype, keep_fp8=keep_fp8, fp8_gemm=fp8_gemm, **overrides)
+        return from_pretrained(
+            path, device=device, dtype=dtype, keep_fp8=keep_fp8, quantize_activations=quantize_activations, **overrides
+        )
     if keep_fp8:
         raise ValueError(
             f"keep_fp8 needs an FP8 checkpoint in the official layout; {path} is a {kind} folder "
@@ -92,10 +102,6 @@ def load_any(
         )
     if kind == "dsv3lab":
         return load_state_dict_folder(path, device=device, dtype=dtype, **overrides)
-    try:
-        from ..train import load_run
-    except ImportError:
-        raise FileNotFoundError(f"{path} is a training run but this dsv3lab has no trainer (dsv3lab.train)") from None
     model = load_run(path).model
     if overrides:
         raise ValueError("config overrides are not supported for training-run folders")
@@ -121,6 +127,11 @@ def convert(
     if dtype is not None and dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
     kind = detect(src)
+    dst = Path(dst)
+    if dst.exists() and not is_empty_folder(dst):  # checked before anything is read or written
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+        check_replaceable(dst, is_checkpoint_folder, src)
     if kind == "hf" and to == "hf":
         return _convert_hf_streaming(Path(src), Path(dst), fp8, dtype, rope_interleave, overwrite)
     if to == "dsv3lab" and (fp8 or rope_interleave is False):
@@ -144,8 +155,6 @@ def convert(
 def _convert_hf_streaming(
     src: Path, dst: Path, fp8: bool | None, dtype: torch.dtype | None, rope_interleave: bool | None, overwrite: bool
 ) -> Path:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     hf_cfg = read_hf_config(src)
     block_in = fp8_block(hf_cfg)
@@ -153,14 +162,14 @@ def _convert_hf_streaming(
     dst_interleave = src_interleave if rope_interleave is None else rope_interleave
     want_fp8 = block_in is not None if fp8 is None else fp8
     block_out = (block_in or DEFAULT_BLOCK) if want_fp8 else None
-    cfg = config_from_hf(hf_cfg)
+    cfg = read_model_config(src, hf_cfg)
     weight_map = read_weight_map(src)
     cfg, expected, duplicates = _plan(cfg, weight_map, mtp=None, path=src)
+    check_headers(src, cfg, weight_map, expected, duplicates, block_in)  # as the loader: before writing anything
     stored = hf_cfg.get("torch_dtype", hf_cfg.get("dtype", "bfloat16"))
     base_dtype = dtype or (torch.bfloat16 if block_in is not None else DTYPES.get(stored, torch.bfloat16))
 
-    tmp = _atomic_folder(dst, overwrite)
-    try:
+    with atomic_folder(dst, overwrite, replaceable=is_checkpoint_folder, src=src) as tmp:
         new_map: dict[str, str] = {}
         total = 0
         for file in sorted(set(weight_map.values())):
@@ -179,6 +188,7 @@ def _convert_hf_streaming(
                         with safe_open(src / weight_map[scale_name], framework="pt", device="cpu") as g:
                             scale = g.get_tensor(scale_name)
                         t = dequantize_blocks(t, scale, block_in or DEFAULT_BLOCK, dtype=torch.float32)
+                    check_values(name, t)
                     slot = expected.get(name)
                     if slot is not None and slot.rope is not None and src_interleave != dst_interleave:
                         t = from_rotate_half(t, cfg, slot.rope) if dst_interleave else to_rotate_half(t, cfg, slot.rope)
@@ -201,18 +211,9 @@ def _convert_hf_streaming(
         new_cfg.pop("dtype", None)
         new_cfg["rope_interleave"] = dst_interleave
         if block_out is not None:
-            new_cfg["quantization_config"] = {
-                "activation_scheme": "dynamic",
-                "fmt": "e4m3",
-                "quant_method": "fp8",
-                "weight_block_size": list(block_out),
-            }
+            new_cfg["quantization_config"] = fp8_quantization_config(block_out)
         (tmp / CONFIG_FILE).write_text(json.dumps(new_cfg, indent=2) + "\n")
         for extra in EXTRA_FILES:
             if (src / extra).exists():
                 shutil.copyfile(src / extra, tmp / extra)
-        _publish(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -29,8 +29,10 @@ position that is not yet final, so entries computed from rejected drafts are ove
   (the tail beyond n - k uses drafts and is rewritten next round) and keeps the final hidden states h^k that module
   k+1 still needs in ``pending[k]``.
 
-Batch size 1; greedy by default (the setting of the paper's acceptance numbers). ``speculative_generate`` returns
-the new tokens and :class:`SpeculativeStats` (acceptance rate, acceptance per depth, tokens per main-model forward).
+Batch size 1; greedy by default (the setting of the paper's acceptance numbers). :func:`mtp_decode` is the core;
+users call ``dsv3lab.generate(..., speculative="mtp")`` (or ``speculative_generate``), which returns a
+``Generation`` whose ``speculative`` field holds the :class:`SpeculativeStats` (acceptance rate, acceptance per
+depth, tokens per main-model forward).
 
 Notebook: 10_inference.
 """
@@ -44,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..model import DeepSeekV3
-from .generation import TokenCallback, _generator, next_token_probs
+from .sampling import TokenCallback, make_generator, next_token_probs
 
 
 @dataclass
@@ -108,50 +110,44 @@ def accept_or_resample(
 
 
 @torch.inference_mode()
-def speculative_generate(
+def mtp_decode(
     model: DeepSeekV3,
-    prompt_ids: Sequence[int] | torch.Tensor,
+    prompt_ids: Sequence[int],
     max_new_tokens: int,
-    *,
-    depth: int | None = None,
-    eos_id: int | None = None,
-    stop_at_eos: bool = True,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    attn_impl: str = "absorb",
-    on_token: TokenCallback | None = None,
-) -> tuple[list[int], SpeculativeStats]:
-    """Decoding of one prompt with MTP drafts of ``depth`` tokens (default: all ``cfg.n_mtp`` modules).
+    depth: int | None,
+    eos: int,
+    stop_at_eos: bool,
+    cache_layout: str,
+    on_token: TokenCallback | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+) -> tuple[list[int], str, dict[str, float], SpeculativeStats]:
+    """Decode one prompt with MTP drafts of ``depth`` tokens (default: all ``cfg.n_mtp`` modules).
 
-    Greedy (``temperature=0``, the default): the tokens equal plain greedy decoding. Sampling (``temperature > 0``,
-    optional ``top_k``/``top_p``, ``seed``): speculative sampling, distributed as plain sampling from the main model.
-    Returns (new token ids without the prompt and without eos, stats).
+    Greedy (``temperature=0``): the tokens equal plain greedy decoding. Sampling (``temperature > 0``, optional
+    ``top_k``/``top_p``, ``seed``): speculative sampling, distributed as plain sampling from the main model.
+    Returns (new token ids without the prompt and without eos, finish reason, timing stats, acceptance stats).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     cfg = model.cfg
     D = len(model.mtp) if depth is None else depth
+    if not model.mtp:
+        raise ValueError("this checkpoint has no MTP module (n_mtp=0): speculative decoding drafts with it")
     if not 1 <= D <= len(model.mtp):
         raise ValueError(
             f"speculative decoding drafts with the MTP modules: depth must be in [1, {len(model.mtp)}] "
             f"(the model has n_mtp={len(model.mtp)}), got {D}"
         )
-    seq = prompt_ids.flatten().tolist() if isinstance(prompt_ids, torch.Tensor) else [int(t) for t in prompt_ids]
-    if not seq:
-        raise ValueError("the prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    seq = [int(t) for t in prompt_ids]
     max_len = len(seq) + max_new_tokens + D
     if max_len > cfg.max_seq_len:
         raise ValueError(
             f"prompt ({len(seq)}) + max_new_tokens ({max_new_tokens}) + depth ({D}) = {max_len} exceeds "
             f"max_seq_len={cfg.max_seq_len}"
         )
-    eos = cfg.eos_token_id if eos_id is None else eos_id
     device = model.embed.weight.device
-    generator = _generator(seed, device)
+    generator = make_generator(seed, device)
     stats = SpeculativeStats(depth=D, reached=[0] * D, accepted_at=[0] * D)
 
     def probs(logits: torch.Tensor) -> torch.Tensor:  # [..., V] -> the filtered sampling distribution [..., V]
@@ -163,6 +159,7 @@ def speculative_generate(
         return int(torch.multinomial(probs(logits)[0], 1, generator=generator))
 
     new: list[int] = []
+    finish = ["length"]  # becomes "eos" when the model ends the sequence
 
     def ids(xs: list[int]) -> torch.Tensor:
         return torch.tensor([xs], dtype=torch.long, device=device)
@@ -172,6 +169,7 @@ def speculative_generate(
         for t in tokens:
             stats.produced += 1
             if stop_at_eos and t == eos:
+                finish[0] = "eos"
                 return True
             new.append(t)
             if on_token is not None:
@@ -184,9 +182,10 @@ def speculative_generate(
     model.eval()
     t0 = time.perf_counter()
     try:
-        cache = model.new_cache(1, max_len, mtp=True, attn_impl=attn_impl)
+        cache = model.new_cache(1, max_len, mtp=True, layout=cache_layout)
         # prefill: the main model over the whole prompt gives h^0_0..h^0_{P-1} and the first new token
-        h0 = model.hidden(ids(seq), 0, cache)  # [1, P, d]
+        model.check_tokens(ids(seq))  # once, where the prompt enters; the rounds below make no host-side checks
+        h0 = model.hidden(ids(seq), 0, cache, check=False)  # [1, P, d]
         stats.main_forwards += 1
         first = choose(model.logits(h0[:, -1]))
         seq.append(first)
@@ -215,7 +214,7 @@ def speculative_generate(
                 ext.append(choose(draft_logits))
             drafts = ext[n + 1 :]
             # 2) verify all drafts in one main-model forward at positions n .. n+D
-            h = model.hidden(ids([seq[n]] + drafts), n, cache)  # [1, D + 1, d]
+            h = model.hidden(ids([seq[n]] + drafts), n, cache, check=False)  # [1, D + 1, d]
             stats.main_forwards += 1
             logits = model.logits(h)[0]  # [D + 1, V]; row i: the main model's prediction for position n+1+i
             a = 0
@@ -252,4 +251,10 @@ def speculative_generate(
         model.train(was_training)
     stats.new_tokens = len(new)
     stats.seconds = time.perf_counter() - t0
-    return new, stats
+    timing = {
+        "seconds": stats.seconds,
+        "forwards": stats.main_forwards,
+        "new_tokens": stats.new_tokens,
+        "tokens_per_forward": stats.tokens_per_forward,
+    }
+    return new, finish[0], timing, stats

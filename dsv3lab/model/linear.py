@@ -7,8 +7,8 @@ weights, see ``moe.Experts``). The embedding, the output head and the router alw
 created directly.
 
 With ``cfg.fp8`` the factory returns :class:`dsv3lab.fp8.FP8Linear`, a subclass of ``nn.Linear`` with the same
-``weight`` (so state-dict keys such as ``layers.0.attn.wq_a.weight`` are identical); ``dsv3lab.fp8`` is imported
-only then.
+``weight`` (so state-dict keys such as ``layers.0.attn.wq_a.weight`` are identical). ``dsv3lab.fp8`` is plain torch;
+its Triton kernels are imported only when a kernel GEMM runs.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ModelConfig
+from ..fp8.linear import FP8Linear, FP8Recipe
 
 
 def fp8_recipe(cfg: ModelConfig | None):
-    """The FP8 recipe of ``cfg`` (``None`` when FP8 is off). Imports ``dsv3lab.fp8`` only when it is on."""
+    """The FP8 recipe of ``cfg`` (``None`` when FP8 is off)."""
     if cfg is None or not cfg.fp8:
         return None
-    from ..fp8.linear import FP8Recipe
-
     return FP8Recipe.from_config(cfg)
 
 
@@ -33,6 +32,4 @@ def linear(cfg: ModelConfig | None, in_features: int, out_features: int) -> nn.L
     recipe = fp8_recipe(cfg)
     if recipe is None:
         return nn.Linear(in_features, out_features, bias=False)
-    from ..fp8.linear import FP8Linear
-
     return FP8Linear(in_features, out_features, recipe=recipe)

@@ -6,21 +6,21 @@ own low-rank bottleneck (``wq_a`` → ``q_norm`` → ``wq_b``; a plain ``wq`` wh
 only through a *decoupled* RoPE part: each head has a d_h^R-wide rotary query, and one rotary key k^R (``k_pe``) is
 shared by all heads.
 
-Two mathematically equal paths (``ModelConfig.attn_impl``; a cache made with ``attn_impl=`` selects its own path,
-so a model trained with ``naive`` decodes with the latent cache of ``absorb``):
+Two words, two meanings:
 
-* ``naive``  materialise per-head K = [W_UK c; k^R] and V = W_UV c, then ordinary attention. Cheap for prefill and
-  training; a cache holds n_h·(d_h + d_h^R) + n_h·d_h values per token.
-* ``absorb`` fold W_UK into the query (q̃ = q^C·W_UK, width d_c) and apply W_UV after attention, so attention runs
-  directly on the latent. The cache holds only kv_norm(c_KV) and the roped k^R: d_c + d_h^R values per token
-  (576 for V3 instead of 40,960). Pays off at decode, where the cache is read for every new token.
+* the **attention path** (``ModelConfig.attn_impl``, the official code's name): ``naive`` materialises per-head
+  K = [W_UK c; k^R] and V = W_UV c and runs ordinary attention (cheap for training and prefill); ``absorb`` folds W_UK
+  into the query (q̃ = q^C·W_UK, width d_c) and applies W_UV after attention, so attention runs directly on the latent
+  (cheap at decode, where the cache is read for every new token). The two are mathematically equal.
+* the **cache layout** (``new_cache(layout=...)``): ``latent`` keeps only kv_norm(c_KV) and the roped k^R, d_c + d_h^R
+  values per token (576 for V3); ``per_head`` keeps per-head K and V, n_h·(d_h + d_h^R) + n_h·d_h values (40,960).
 
-A model configured ``naive`` (the default, the training form) that decodes from a latent cache uses the absorbed
-math for single tokens, but a chunk of many queries (a prefill) is cheaper the other way round: up-project the cached
-latents to per-head K/V once and attend as in ``naive`` (``accounting.mla_attention_macs``: absorbed attention costs
-~s·t·h·(2·d_c + d_h^R), up-projection ~t·h·d_c·(d_h + d_v)). Such a model picks whichever needs fewer
-multiply-accumulates for each chunk; both read the same cache, so the numbers agree to rounding. A model configured
-``absorb`` always computes absorbed.
+:meth:`MLA.attention_path` is the one rule that turns (configured path, cache layout, chunk size) into the path a
+forward takes: a per-head cache can only be read by ``naive``; a latent cache by ``absorb`` — or, for a chunk of many
+queries on a model configured ``naive``, by ``expand``: up-project the cached latents to per-head K/V once and attend
+as in ``naive``, when that needs fewer multiply-accumulates (``accounting.mla_attention_macs``: absorbed attention
+costs ~s·t·h·(2·d_c + d_h^R), up-projection ~t·h·d_c·(d_h + d_v)). Both read the same cache, so the numbers agree to
+rounding. A model configured ``absorb`` always computes absorbed.
 
 Einsum letters: b batch, s query positions, t key positions, h heads, d per-head width, c latent (d_c), r rope (d_h^R).
 
@@ -28,6 +28,8 @@ Notebook: 02_mla.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +41,34 @@ from .linear import linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
+CACHE_LAYOUTS = ("latent", "per_head")
+_OLD_CACHE_NAMES = {"absorb": "latent", "naive": "per_head"}  # the cache's name before it had its own vocabulary
+
+
+def cache_layout(layout: str | None = None, attn_impl: str | None = None) -> str | None:
+    """Resolve a cache layout argument; ``attn_impl="absorb"/"naive"`` (the old spelling) still works, with a
+    ``DeprecationWarning``."""
+    if attn_impl is not None:
+        if layout is not None:
+            raise ValueError("give the cache layout once: layout='latent'|'per_head' (attn_impl= is its old name)")
+        if attn_impl not in _OLD_CACHE_NAMES:
+            raise ValueError(f"attn_impl must be 'absorb' or 'naive', got {attn_impl!r}")
+        layout = _OLD_CACHE_NAMES[attn_impl]
+        warnings.warn(
+            f"new_cache(attn_impl={attn_impl!r}) is deprecated: the cache layout is layout={layout!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if layout is not None and layout not in CACHE_LAYOUTS:
+        raise ValueError(f"cache layout must be one of {CACHE_LAYOUTS}, got {layout!r}")
+    return layout
+
 
 class MLACache:
     """The KV cache of one MLA layer, preallocated for ``batch_size`` sequences of up to ``max_len`` tokens.
 
-    ``absorb`` keeps ``kv`` [b, t, d_c] (= kv_norm(c_KV)) and ``pe`` [b, t, d_h^R] (= k^R after RoPE);
-    ``naive`` keeps per-head ``k`` [b, t, h, d_h + d_h^R] and ``v`` [b, t, h, d_h].
+    ``latent`` keeps ``kv`` [b, t, d_c] (= kv_norm(c_KV)) and ``pe`` [b, t, d_h^R] (= k^R after RoPE);
+    ``per_head`` keeps per-head ``k`` [b, t, h, d_h + d_h^R] and ``v`` [b, t, h, d_h].
     """
 
     def __init__(
@@ -52,16 +76,16 @@ class MLACache:
         cfg: ModelConfig,
         batch_size: int,
         max_len: int,
-        attn_impl: str,
+        layout: str,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        self.attn_impl = attn_impl
+        if layout not in CACHE_LAYOUTS:
+            raise ValueError(f"cache layout must be one of {CACHE_LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.batch_size = batch_size
         self.max_len = max_len
-        if attn_impl not in ("naive", "absorb"):
-            raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
-        if attn_impl == "absorb":
+        if layout == "latent":
             self.kv = torch.zeros(batch_size, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
             self.pe = torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
         else:
@@ -69,7 +93,7 @@ class MLACache:
             self.v = torch.zeros(batch_size, max_len, cfg.n_heads, cfg.v_head_dim, device=device, dtype=dtype)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.kv, self.pe] if self.attn_impl == "absorb" else [self.k, self.v]
+        return [self.kv, self.pe] if self.layout == "latent" else [self.k, self.v]
 
     @property
     def nbytes(self) -> int:
@@ -93,21 +117,12 @@ def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> torch.Tens
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention with naive and absorbed paths and an optional latent KV cache."""
+    """Multi-head Latent Attention with naive and absorbed paths and an optional latent or per-head KV cache."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.n_heads = cfg.n_heads
-        self.q_lora_rank = cfg.q_lora_rank
-        self.kv_lora_rank = cfg.kv_lora_rank
-        self.qk_nope_head_dim = cfg.qk_nope_head_dim
-        self.qk_rope_head_dim = cfg.qk_rope_head_dim
-        self.qk_head_dim = cfg.qk_head_dim
-        self.v_head_dim = cfg.v_head_dim
-        self.attn_impl = cfg.attn_impl
-        self.softmax_scale = cfg.softmax_scale
-        if self.q_lora_rank == 0:
+        if cfg.q_lora_rank == 0:
             self.wq = linear(cfg, cfg.dim, cfg.n_heads * cfg.qk_head_dim)  # W^Q
         else:
             self.wq_a = linear(cfg, cfg.dim, cfg.q_lora_rank)  # W^DQ
@@ -126,10 +141,36 @@ class MLA(nn.Module):
                 mod.init_weights()
 
     def new_cache(
-        self, batch_size: int, max_len: int, device=None, dtype=torch.float32, attn_impl: str | None = None
+        self,
+        batch_size: int,
+        max_len: int,
+        device=None,
+        dtype=torch.float32,
+        layout: str | None = None,
+        *,
+        attn_impl: str | None = None,
     ) -> MLACache:
-        """A cache for this layer; its kind (``attn_impl``, default the config's) also selects the forward path."""
-        return MLACache(self.cfg, batch_size, max_len, attn_impl or self.attn_impl, device=device, dtype=dtype)
+        """A cache for this layer: ``layout`` ``latent`` or ``per_head`` (default: the layout of the configured
+        path, ``absorb`` → latent, ``naive`` → per-head). ``attn_impl=`` is the deprecated name of ``layout``."""
+        layout = cache_layout(layout, attn_impl) or _OLD_CACHE_NAMES[self.cfg.attn_impl]
+        return MLACache(self.cfg, batch_size, max_len, layout, device=device, dtype=dtype)
+
+    def attention_path(self, s: int, t: int, cache: MLACache | None) -> str:
+        """The path a forward of ``s`` new queries over ``t`` keys takes: ``naive``, ``absorb`` or ``expand``.
+
+        Without a cache: the configured ``attn_impl``. A per-head cache: ``naive``. A latent cache: ``absorb``,
+        except on a model configured ``naive`` for a chunk of s > 1 queries where up-projecting the t cached latents
+        (``expand``) needs fewer multiply-accumulates than absorbed attention.
+        """
+        if cache is None:
+            return self.cfg.attn_impl
+        if cache.layout == "per_head":
+            return "naive"
+        if self.cfg.attn_impl == "naive" and s > 1:
+            macs = mla_attention_macs(self.cfg, s, t)
+            if macs["expand"] < macs["absorb"]:
+                return "expand"
+        return "absorb"
 
     def wkv_b_weight(self) -> torch.Tensor:
         """W_UK and W_UV as one [h, d_h + d_v, d_c] view of ``wkv_b`` (a hook for quantized subclasses).
@@ -137,52 +178,48 @@ class MLA(nn.Module):
         With ``cfg.fp8`` this is still the high-precision master weight: the absorbed path's einsums are part of the
         attention computation, which stays in high precision (so naive and absorb differ by the FP8 error of the
         ``wkv_b`` GEMM that only the naive path runs)."""
-        return self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        c = self.cfg
+        return self.wkv_b.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
 
     def forward(
         self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None
     ) -> torch.Tensor:
         """x: [b, s, dim] at absolute positions start_pos..start_pos+s-1; cos/sin: [s, d_h^R/2]. Returns [b, s, dim]."""
+        c = self.cfg
         b, s, _ = x.shape
         # 1) queries: [b, s, h, d_h + d_h^R], split into the non-positional and the rotary part
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(b, s, self.n_heads, self.qk_head_dim)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = self.wq(x) if c.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(b, s, c.n_heads, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         # 2) the joint KV latent c_KV [b, s, d_c] and the shared rotary key k^R [b, s, d_h^R]
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv, k_pe = self.wkv_a(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)
         k_pe = apply_rope(k_pe, cos, sin)
-        impl = self.attn_impl
+        end = start_pos + s
         if cache is not None:
             cache.check(b, start_pos, s)
-            impl = cache.attn_impl  # a latent cache means the absorbed path, whatever the training default
-        end = start_pos + s
         mask = None if s == 1 else causal_mask(s, start_pos, x.device)  # [s, end]
-        may_expand = impl == "absorb" and self.attn_impl == "naive" and cache is not None and s > 1
-        if may_expand and self._expand_is_cheaper(s, end):
-            # prefill-like chunk on a latent cache: store the latent, then up-project all cached latents once
+        path = self.attention_path(s, end, cache)
+        if path == "expand":
+            # store the new latents, then up-project all cached latents once and attend as in naive
             cache.kv[:b, start_pos:end] = kv
             cache.pe[:b, start_pos:end] = k_pe
             kv, k_pe = cache.kv[:b, :end].to(q.dtype), cache.pe[:b, :end].to(q.dtype)  # [b, t, d_c], [b, t, d_h^R]
             out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, end, mask, None)
-        elif impl == "naive":
+        elif path == "naive":
             out = self._naive(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)
         else:
             out = self._absorb(q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache)
         return self.wo(out.flatten(2))  # [b, s, h * d_v] -> [b, s, dim]
 
-    def _expand_is_cheaper(self, s: int, t: int) -> bool:
-        """For s queries over t cached keys: does up-projecting the latents beat absorbed attention?"""
-        macs = mla_attention_macs(self.cfg, s, t)
-        return macs["expand"] < macs["absorb"]
-
     def _naive(self, q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache):
+        c = self.cfg
         b, s = kv.shape[:2]  # s: the positions of kv (the new tokens, or all t cached ones when expanding a latent)
-        kv = self.wkv_b(kv).view(b, s, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)  # [b, s, h, d_h + d_v]
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        kv = self.wkv_b(kv).view(b, s, c.n_heads, c.qk_nope_head_dim + c.v_head_dim)  # [b, s, h, d_h + d_v]
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [b, s, h, d_h + d_h^R]
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)], dim=-1)  # k^R shared by heads
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, c.n_heads, -1)], dim=-1)  # k^R shared by heads
         if cache is not None:
             cache.k[:b, start_pos:end] = k
             cache.v[:b, start_pos:end] = v
@@ -195,14 +232,15 @@ class MLA(nn.Module):
             v.transpose(1, 2).to(q.dtype),
             attn_mask=None if causal else mask,
             is_causal=causal,
-            scale=self.softmax_scale,
+            scale=c.softmax_scale,
         )
         return out.transpose(1, 2)  # [b, s, h, d_v]
 
     def _absorb(self, q_nope, q_pe, kv, k_pe, start_pos, end, mask, cache):
+        c = self.cfg
         b = kv.shape[0]
         wkv_b = self.wkv_b_weight()  # [h, d_h + d_v, d_c]
-        w_uk, w_uv = wkv_b[:, : self.qk_nope_head_dim], wkv_b[:, -self.v_head_dim :]
+        w_uk, w_uv = wkv_b[:, : c.qk_nope_head_dim], wkv_b[:, -c.v_head_dim :]
         q_abs = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed: [b, s, h, d_c]
         if cache is not None:
             cache.kv[:b, start_pos:end] = kv
@@ -210,7 +248,7 @@ class MLA(nn.Module):
             kv, k_pe = cache.kv[:b, :end], cache.pe[:b, :end]  # [b, t, d_c], [b, t, d_h^R]
         kv, k_pe = kv.to(q_abs.dtype), k_pe.to(q_abs.dtype)
         scores = torch.einsum("bshc,btc->bsht", q_abs, kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
-        scores = scores.float() * self.softmax_scale  # [b, s, h, t] in fp32
+        scores = scores.float() * c.softmax_scale  # [b, s, h, t] in fp32
         if mask is not None:
             scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(kv.dtype)

@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..balance import balance_loss
 from ..config import ModelConfig
+from ..fp8.linear import fp8_grouped_linear, fp8_linear
 from .linear import fp8_recipe
-from .norm import MLP
+from .mlp import MLP
 
 
 class Gate(nn.Module):
@@ -86,6 +88,13 @@ class Gate(nn.Module):
         return weights.type_as(x), indices, scores
 
 
+def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64) from expert indices of any shape. A scatter-add into a fixed-size vector:
+    unlike ``torch.bincount``, whose output size depends on the data, it never waits for the device."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """``F.grouped_mm`` runs on CPU (fp32, bf16) and on CUDA in bf16 on compute capability >= 9.0."""
     if not hasattr(F, "grouped_mm"):
@@ -129,13 +138,11 @@ class Experts(nn.Module):
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.fp8 is None:
             return F.linear(x, w)
-        from ..fp8.linear import fp8_linear
-
         return fp8_linear(x, w, self.fp8)
 
     def forward_loop(self, x, weights, indices):
         y = torch.zeros_like(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        counts = expert_counts(indices, self.n_experts).tolist()  # the readable loop reads the counts on the host
         for i in range(self.n_experts):
             if counts[i] == 0:
                 continue
@@ -156,10 +163,9 @@ class Experts(nn.Module):
         flat = indices.flatten()  # [T*K] expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs sorted by expert
         token = order // k  # [T*K] source token of each sorted pair
-        offs = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
+        offs = expert_counts(flat, self.n_experts).cumsum(0).to(torch.int32)  # [E] group ends
         xs = x[token]  # [T*K, dim], grouped by expert
         if self.fp8 is not None:  # FP8 grouped GEMMs on the FP32 master weights
-            from ..fp8.linear import fp8_grouped_linear
 
             def gmm(a, w):
                 return fp8_grouped_linear(a, w, offs, self.fp8)
@@ -205,14 +211,14 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std)
         self.tokens_per_expert.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..balance import balance_loss  # the loss formulas live with the rest of load balancing
-
-        b, s, d = x.shape
-        flat = x.reshape(b * s, d)  # [T, dim]
+    def route(self, flat: torch.Tensor, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router with its bookkeeping, for tokens ``flat`` [T = b·s, dim]: gate weights [T, K] and expert indices
+        [T, K]; records ``last_counts``, ``last_indices``, the training counts for the bias update, and the
+        α-weighted balance losses in ``last_aux_loss``. ``forward`` and the expert-parallel and pipeline-overlap
+        layers (``dsv3lab.parallel``) all route through here."""
         weights, indices, scores = self.gate(flat)  # [T, K], [T, K], [T, E]
         with torch.no_grad():
-            counts = torch.bincount(indices.flatten(), minlength=self.cfg.n_routed_experts)
+            counts = expert_counts(indices, self.cfg.n_routed_experts)
             self.last_counts = counts
             self.last_indices = indices.view(b, s, -1)
             if self.training:
@@ -226,6 +232,12 @@ class MoE(nn.Module):
             if self.cfg.seq_aux_loss_alpha > 0:
                 aux = aux + self.cfg.seq_aux_loss_alpha * balance_loss(scores_bs, idx_bs, per_sequence=True)
             self.last_aux_loss = aux
+        return weights, indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        flat = x.reshape(b * s, d)  # [T, dim]
+        weights, indices = self.route(flat, b, s)  # [T, K], [T, K]
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

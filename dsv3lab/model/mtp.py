@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .block import Block
 from .linear import linear
 from .norm import RMSNorm
 
@@ -30,13 +31,10 @@ class MTPModule(nn.Module):
 
     def __init__(self, cfg: ModelConfig, depth: int):
         super().__init__()
-        from .transformer import Block  # a full Transformer block, MoE like the layers it follows
-
         self.depth = depth
-        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.enorm, self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)  # for Emb(t), h
         self.eh_proj = linear(cfg, 2 * cfg.dim, cfg.dim)  # M_k (FP8 when cfg.fp8)
-        self.block = Block(cfg.n_layers + depth - 1, cfg)
+        self.block = Block(cfg.n_layers + depth - 1, cfg)  # a full Transformer block, MoE like the layers it follows
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # applied before the shared output head
 
     def init_weights(self, std: float) -> None:

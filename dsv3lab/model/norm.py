@@ -1,4 +1,6 @@
-"""RMSNorm and the SwiGLU feed-forward network (DeepSeek-V3 §2.1.1, §2.1.2).
+"""RMSNorm (DeepSeek-V3 §2.1.1; Zhang & Sennrich 2019).
+
+    RMSNorm(x) = x / sqrt(mean(x²) + ε) · g
 
 Notebook: 01_building_blocks.
 """
@@ -9,12 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from .linear import linear
-
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32 and returned in the input dtype.
+    """y = x / sqrt(mean(x²) + eps) · weight: the normalisation in fp32, cast back to the input dtype, then scaled by
+    the gain (so a bf16 model computes in bf16 after the fp32 normalisation).
 
     Used before attention and the FFN (``attn_norm``, ``ffn_norm``), after the MLA latents (``q_norm``,
     ``kv_norm``), at the end of the model (``norm``) and inside each MTP module (``enorm``, ``hnorm``).
@@ -35,25 +35,3 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
-
-
-class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1·x) ⊙ w3·x). The dense FFN of the first layers, and the shared experts of MoE layers.
-
-    Official names: ``w1`` (gate, HF ``gate_proj``), ``w3`` (up, ``up_proj``), ``w2`` (down, ``down_proj``).
-    ``cfg`` (optional) selects the projections' Linear class (FP8 when ``cfg.fp8``; see ``model/linear.py``).
-    """
-
-    def __init__(self, dim: int, inter_dim: int, cfg: ModelConfig | None = None):
-        super().__init__()
-        self.w1 = linear(cfg, dim, inter_dim)
-        self.w2 = linear(cfg, inter_dim, dim)
-        self.w3 = linear(cfg, dim, inter_dim)
-
-    def init_weights(self, std: float) -> None:
-        for lin in (self.w1, self.w2, self.w3):
-            nn.init.normal_(lin.weight, std=std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., dim] -> [..., inter_dim] -> [..., dim]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -7,9 +7,14 @@ DeepSeek applies RoPE only to the decoupled ``qk_rope_head_dim`` part of queries
 YaRN (when ``max_seq_len > original_seq_len``): frequencies whose wavelength is short compared with the original
 context keep their value (extrapolation); long wavelengths are divided by the factor s (interpolation); a linear ramp
 between the correction dimensions ``low`` and ``high`` (from ``beta_fast`` and ``beta_slow``) blends the two. The
-attention softmax scale picks up mscale² with mscale = 0.1·ln(s) + 1 (see ``ModelConfig.softmax_scale``).
+attention softmax scale picks up mscale² with mscale = 0.1·ln(s) + 1 (see ``ModelConfig.softmax_scale``): the
+paper's √t, which YaRN applies to queries and keys alike, so that the logits gain t = mscale².
 
-Notebook: 01_building_blocks.
+Position interpolation (``rope_type="linear"``, Chen et al. 2023), the baseline YaRN improves on, divides *every*
+frequency by s (positions m become m/s) and leaves the softmax scale alone. Both switch on by the same rule
+(``ModelConfig.rope_scaled``: ``max_seq_len > original_seq_len`` and ``rope_factor > 1``).
+
+Notebooks: 01_building_blocks, 12_long_context.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ def linear_ramp(low: float, high: float, n: int) -> torch.Tensor:
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """The d_h^R / 2 rotation frequencies θ_i, with YaRN applied when it is on. Shape [d_h^R / 2], fp32."""
+    """The d_h^R / 2 rotation frequencies θ_i = base^(-2i/d), rescaled when the context is extended: YaRN's ramp
+    (``rope_type="yarn"``) or θ_i / s for every i (``"linear"``, position interpolation). Shape [d_h^R / 2], fp32."""
     dim = cfg.qk_rope_head_dim
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # [dim/2]
+    if cfg.rope_scaled and cfg.rope_type == "linear":
+        return freqs / cfg.rope_factor
     if cfg.yarn_enabled:
         low, high = yarn_correction_range(cfg)
         smooth = 1 - linear_ramp(low, high, dim // 2)  # 1 = keep (extrapolate), 0 = divide by s (interpolate)

@@ -1,6 +1,5 @@
-"""The DeepSeek-V3 model: embedding → n_layers Blocks (MLA + dense MLP or MoE) → RMSNorm → head, plus MTP.
-
-    x ← x + MLA(RMSNorm(x));  x ← x + FFN(RMSNorm(x)),  FFN = MLP in the first n_dense_layers layers, MoE after.
+"""The DeepSeek-V3 model: embedding → n_layers Blocks (``block.py``: MLA + dense MLP or MoE) → RMSNorm → head,
+plus the MTP modules (``mtp.py``).
 
 ``__init__`` only allocates shapes (every preset, 671B included, builds on ``torch.device("meta")``);
 ``init_weights()`` fills them (normal with the paper's std 0.006, norms at 1, the selection bias at 0).
@@ -17,39 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .mla import MLA, MLACache
+from ..files import CheckpointError, names_list
+from .block import Block
+from .mla import MLACache, cache_layout
 from .moe import MoE
 from .mtp import MTPModule
-from .norm import MLP, RMSNorm
+from .norm import RMSNorm
 from .rope import precompute_rope
 
 IGNORE_INDEX = -100  # targets equal to this are left out of every loss
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: MLA, then a dense SwiGLU MLP (layer_id < n_dense_layers) or DeepSeekMoE."""
-
-    def __init__(self, layer_id: int, cfg: ModelConfig):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MLP(cfg.dim, cfg.inter_dim, cfg) if layer_id < cfg.n_dense_layers else MoE(cfg)
-
-    def init_weights(self, std: float) -> None:
-        self.attn_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attn.init_weights(std)
-        self.ffn.init_weights(std)
-
-    def forward(
-        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, cache: MLACache | None = None
-    ) -> torch.Tensor:
-        # x: [b, s, dim]
-        x = x + self.attn(self.attn_norm(x), start_pos, cos, sin, cache)
-        x = x + self.ffn(self.ffn_norm(x))
-        return x
 
 
 @dataclass
@@ -120,13 +95,6 @@ class DeepSeekV3(nn.Module):
                 self._buffers[name] = old.to(self._buffers[name].device)
         return self
 
-    def save_pretrained(self, path, **kwargs):
-        """Write this model in the official Hugging Face layout (see ``dsv3lab.infer.checkpoint.save_pretrained``:
-        ``fp8=True`` for block-FP8 weights, ``rope_interleave``, ``max_shard_size``, ``tokenizer``, ``overwrite``)."""
-        from ..infer.checkpoint import save_pretrained
-
-        return save_pretrained(self, path, **kwargs)
-
     # ------------------------------------------------------------------ helpers
     def moe_layers(self, include_mtp: bool = True) -> list[MoE]:
         """Every MoE module in layer order (main layers, then MTP blocks)."""
@@ -148,50 +116,79 @@ class DeepSeekV3(nn.Module):
         mtp: bool = False,
         device=None,
         dtype: torch.dtype | None = None,
+        layout: str | None = None,
         attn_impl: str | None = None,
     ) -> ModelCache:
         """Preallocate KV caches for every layer (and MTP module when ``mtp``).
 
-        ``attn_impl`` (default: the config's) picks the cache kind and with it the decode path: ``"absorb"`` keeps
-        only the latent (d_c + d_h^R values per token per layer), ``"naive"`` per-head K and V.
+        ``layout`` (default: the configured path's) is ``"latent"`` — only d_c + d_h^R values per token per layer,
+        read by the absorbed path — or ``"per_head"`` — per-head K and V, read by the naive path (see
+        ``MLA.attention_path``). ``attn_impl="absorb"/"naive"`` is the deprecated spelling of the same choice.
         """
+        layout = cache_layout(layout, attn_impl)
         batch_size = batch_size or self.cfg.max_batch_size
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache max_len {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        layers = [b.attn.new_cache(batch_size, max_len, device, dtype, attn_impl) for b in self.layers]
+        layers = [b.attn.new_cache(batch_size, max_len, device, dtype, layout) for b in self.layers]
         mtp_modules = self.mtp if mtp else []
-        mtp_caches = [m.block.attn.new_cache(batch_size, max_len, device, dtype, attn_impl) for m in mtp_modules]
+        mtp_caches = [m.block.attn.new_cache(batch_size, max_len, device, dtype, layout) for m in mtp_modules]
         return ModelCache(layers, mtp_caches)
 
-    def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
+    def check_shapes(self, tokens: torch.Tensor, start_pos: int = 0) -> None:
+        """Shape, dtype and position checks: metadata only, so they cost no device synchronisation."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seqlen], got shape {tuple(tokens.shape)}")
+        if tokens.numel() == 0:
+            raise ValueError(
+                f"tokens must hold at least one sequence of at least one token, got shape {tuple(tokens.shape)}"
+            )
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be integer ids (int64), got {tokens.dtype}")
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
         end = start_pos + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(
                 f"positions up to {end} exceed max_seq_len={self.cfg.max_seq_len}; "
                 f"allowed: start_pos + seqlen <= {self.cfg.max_seq_len}"
             )
-        if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"token id {bad} is outside the vocabulary; allowed: 0 <= id < vocab_size={self.cfg.vocab_size}"
-                )
+
+    def check_tokens(self, tokens: torch.Tensor, start_pos: int = 0, targets: torch.Tensor | None = None) -> None:
+        """Every check on the ids, values included: token ids in [0, vocab_size), targets in [0, vocab_size) or
+        IGNORE_INDEX. Reading the values synchronises with the device, so this runs once where data enters (the
+        public forward, the trainer's batches, a prompt) — never inside a decode or training loop."""
+        self.check_shapes(tokens, start_pos)
+        vocab = self.cfg.vocab_size
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(
+                f"token id {lo if lo < 0 else hi} is outside the vocabulary; allowed: 0 <= id < vocab_size={vocab}"
+            )
+        if targets is None:
+            return
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        valid = targets[targets != IGNORE_INDEX]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+            raise ValueError(f"target ids must be in [0, {vocab}) or {IGNORE_INDEX} (ignored)")
 
     def rope(self, start_pos: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[start_pos : start_pos + seqlen], self.rope_sin[start_pos : start_pos + seqlen]
 
     # ------------------------------------------------------------------ forward
-    def hidden(self, tokens: torch.Tensor, start_pos: int = 0, cache: ModelCache | None = None) -> torch.Tensor:
-        """Embedding and all blocks: the last hidden state h [b, s, dim] *before* the final norm (MTP input)."""
-        self.check_tokens(tokens, start_pos)
+    def hidden(
+        self, tokens: torch.Tensor, start_pos: int = 0, cache: ModelCache | None = None, *, check: bool = True
+    ) -> torch.Tensor:
+        """Embedding and all blocks: the last hidden state h [b, s, dim] *before* the final norm (MTP input).
+
+        ``check=False`` skips the value checks of :meth:`check_tokens` (for callers that checked their ids once)."""
+        if check:
+            self.check_tokens(tokens, start_pos)
+        else:
+            self.check_shapes(tokens, start_pos)
         cos, sin = self.rope(start_pos, tokens.shape[1])
         h = self.embed(tokens)  # [b, s, dim]
         for i, block in enumerate(self.layers):
@@ -227,20 +224,25 @@ class DeepSeekV3(nn.Module):
         start_pos: int = 0,
         cache: ModelCache | None = None,
         mtp_lambda: float | None = None,
+        check: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """tokens [b, s] (ids), targets [b, s] with targets[:, i] the token after tokens[:, i] (or IGNORE_INDEX).
 
         Returns logits [b, s, vocab] (fp32) and a dict of losses (empty without targets; MTP runs only then).
+        ``check=False``: the caller has already run :meth:`check_tokens` on these ids (the trainer does, once per
+        batch on the host), so the forward reads no values back from the device.
         """
+        if check:
+            self.check_tokens(tokens, start_pos, targets)
+        elif targets is not None and targets.shape != tokens.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
         for moe in self.moe_layers():
             moe.last_aux_loss = None
-        h = self.hidden(tokens, start_pos, cache)
+        h = self.hidden(tokens, start_pos, cache, check=False)
         logits = self.logits(h)
         losses: dict[str, torch.Tensor] = {}
         if targets is None:
             return logits, losses
-        if targets.shape != tokens.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
         losses["main"] = cross_entropy(logits, targets)
         mtp_terms = []
         s = tokens.shape[1]
@@ -263,12 +265,14 @@ class DeepSeekV3(nn.Module):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX. logits [b, s, V]."""
-    if targets.numel():
-        valid = targets[targets != IGNORE_INDEX]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= logits.shape[-1]):
-            raise ValueError(f"target ids must be in [0, {logits.shape[-1]}) or {IGNORE_INDEX} (ignored)")
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX. logits [b, s, V].
+
+    With no valid target at all (every target ignored) the loss is defined as 0 — with a zero gradient — instead of
+    the 0/0 = NaN of a plain mean, so such a micro-batch adds nothing to the step. The targets' range is checked where
+    they enter (``DeepSeekV3.check_tokens``), not here on every call."""
+    flat = targets.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat != IGNORE_INDEX).sum().clamp_min(1)  # [] — divided on the device, no host sync
 
 
 def build_model(
@@ -287,3 +291,24 @@ def build_model(
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def load_state_dict_strict(model: DeepSeekV3, sd: dict[str, torch.Tensor], where: str = "state_dict") -> None:
+    """Copy ``sd`` into ``model`` after checking names and shapes; every problem in one ``CheckpointError`` naming
+    ``where`` (a file or folder). Checkpoints of every kind load through here."""
+    targets = model.state_dict()
+    missing = sorted(set(targets) - set(sd))
+    unexpected = sorted(set(sd) - set(targets))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(targets[k].shape)}"
+        for k in targets
+        if k in sd and sd[k].shape != targets[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing: {names_list(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected: {names_list(unexpected)}"] if unexpected else []
+        parts += [f"shape mismatch: {names_list(shapes)}"] if shapes else []
+        raise CheckpointError(f"{where} does not match the model ({model.cfg.summary()}): " + "; ".join(parts))
+    with torch.no_grad():
+        for k, t in targets.items():
+            t.copy_(sd[k])

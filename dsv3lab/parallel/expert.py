@@ -477,10 +477,11 @@ def _ep_rank(rank: int, world: int, kwargs: dict) -> dict:
     return ep_check(**kwargs)
 
 
-def run_ep_check(nproc: int = 2, threads: int = 1, **kwargs) -> list[dict]:
+def run_ep_check(nproc: int = 2, threads: int = 1, **kwargs) -> list[dict] | None:
     """:func:`ep_check` on every rank, returning all ranks' results in rank order. Under ``torchrun`` (``RANK`` and
-    ``WORLD_SIZE`` set) it joins the launched group (NCCL when CUDA is there, else gloo) and gathers the results;
-    otherwise it starts ``nproc`` processes with :func:`dsv3lab.parallel.spawn`."""
+    ``WORLD_SIZE`` set) it joins the launched group (NCCL when CUDA is there, else gloo) and gathers the results on
+    rank 0 (the other ranks return None); otherwise it starts ``nproc`` processes with
+    :func:`dsv3lab.parallel.spawn`."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         torch.set_num_threads(threads)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -491,9 +492,10 @@ def run_ep_check(nproc: int = 2, threads: int = 1, **kwargs) -> list[dict]:
             result = ep_check(**kwargs)
             results: list = [None] * dist.get_world_size()
             dist.all_gather_object(results, result)
+            rank = dist.get_rank()
         finally:
             dist.destroy_process_group()
-        return results
+        return results if rank == 0 else None
     backend = "nccl" if torch.cuda.device_count() >= nproc else "gloo"  # one GPU per rank, or CPU processes
     return spawn(_ep_rank, nproc, kwargs, backend=backend, threads=threads)
 

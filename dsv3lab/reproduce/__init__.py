@@ -13,13 +13,16 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
 
+from ..files import atomic_write_text, read_json
 from ..utils import versions
 
 
@@ -49,7 +52,7 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 # Experiment modules, in report order. Each registers itself on import.
-EXPERIMENT_MODULES = ["tour", "load_balance", "specialization", "mtp", "fp8", "expert_parallel"]
+EXPERIMENT_MODULES = ["tour", "load_balance", "specialization", "mtp", "fp8", "pipeline", "expert_parallel"]
 
 
 def experiment(name: str, title: str) -> Callable[[Callable[[Context], Result]], Callable[[Context], Result]]:
@@ -66,12 +69,6 @@ def load_registry() -> dict[str, Experiment]:
     return REGISTRY
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run(
     out: str | Path = "figures",
     fast: bool = False,
@@ -79,7 +76,11 @@ def run(
     device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the experiments (all, or ``only``), write their files, REPORT.md and summary.json; return the summary."""
+    """Run the experiments (all, or ``only``), write their files, REPORT.md and summary.json; return the summary.
+
+    Figures are drawn with matplotlib's non-interactive Agg backend, switched here and not when an experiment module
+    is imported (a notebook importing an experiment keeps its own backend)."""
+    matplotlib.use("Agg")
     registry = load_registry()
     names = only or list(registry)
     unknown = [n for n in names if n not in registry]
@@ -91,7 +92,12 @@ def run(
     dev = torch.device(device) if device else torch.device("cpu")
     ctx = Context(out=out, fast=fast, seeds=seeds, device=dev, log=log)
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = {}
+    if summary_path.exists():
+        try:
+            summary = read_json(summary_path, "the summary of earlier experiments")
+        except ValueError as err:  # rebuilt from the experiments run now; sections of the others are kept
+            warnings.warn(f"{summary_path} is unreadable ({err}); starting a new summary", stacklevel=2)
     timings = summary.setdefault("_meta", {}).setdefault("seconds", {})
     for name in names:
         exp = registry[name]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 
 from ..train.config import DEFAULT_AUX_LOSS_ALPHA, DEFAULT_SEQ_AUX_LOSS_ALPHA
 from ..train.experiments import RunCache, suite_config
@@ -23,28 +22,6 @@ def variant_runs(ctx: Context, variants=VARIANTS) -> dict[tuple[str, int], RunRe
         for seed in ctx.seeds
         for v in variants
     }
-
-
-def final_val(run: RunResult) -> pd.DataFrame:
-    return run.final_val()
-
-
-def val_loss(run: RunResult) -> float:
-    """Main-model validation loss of the last evaluation: the token-weighted mean over domains."""
-    v = run.final_val()
-    return float((v.loss * v.tokens).sum() / v.tokens.sum())
-
-
-def val_acc(run: RunResult) -> float:
-    v = run.final_val()
-    return float((v.acc * v.tokens).sum() / v.tokens.sum())
-
-
-def tail_mean(run: RunResult, column: str, frac: float = 0.1) -> float:
-    """Mean of a metrics column over the last ``frac`` of the optimizer steps (at least one step)."""
-    m = run.metrics[column].to_numpy()
-    n = max(1, int(round(frac * len(m))))
-    return float(np.mean(m[-n:]))
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -102,29 +79,3 @@ def settings_line(run: RunResult) -> str:
         f"{DEFAULT_AUX_LOSS_ALPHA:g} for `aux_loss`, sequence-wise α = {DEFAULT_SEQ_AUX_LOSS_ALPHA:g} for "
         "`aux_free_seq`"
     )
-
-
-def router_score_stats(run: RunResult, rows) -> dict[str, float]:
-    """Affinity statistics of the main-model routers on validation ``rows`` (the scale γ must be compared with):
-    the spread (std) across experts of each expert's mean score, and the mean gap between the K-th and (K+1)-th
-    highest score of a token."""
-    import torch
-
-    model, k = run.model, run.model_cfg.n_activated_experts
-    scores = []
-    hooks = [
-        m.gate.register_forward_hook(lambda mod, inp, out: scores.append(out[2].detach()))
-        for m in model.moe_layers(include_mtp=False)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(rows[:, :-1])
-    finally:
-        for h in hooks:
-            h.remove()
-    spread = float(np.mean([float(s.mean(0).std()) for s in scores]))
-    gap = float(
-        np.mean([float((s.topk(k + 1, -1).values[:, k - 1] - s.topk(k + 1, -1).values[:, k]).mean()) for s in scores])
-    )
-    return {"expert_mean_spread": spread, "topk_gap": gap}

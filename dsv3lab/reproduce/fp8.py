@@ -13,12 +13,6 @@ autocast. Everything else is identical: initialisation (same seed), data order, 
 
 from __future__ import annotations
 
-import contextlib
-
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -27,7 +21,10 @@ import torch
 from ..fp8.accum import accumulation_sweep, accumulator_bits_sweep, promotion_interval_sweep
 from ..fp8.compare import EMA_ALPHA, PAPER_THRESHOLD, loss_curves
 from ..fp8.quant import outlier_scaling_demo
+from ..model import build_model
 from ..train.experiments import RunCache, suite_config
+from ..train.metrics import val_loss
+from ..utils import torch_threads
 from ..viz.fp8 import (
     plot_accumulation_vs_bits,
     plot_accumulation_vs_k,
@@ -36,7 +33,7 @@ from ..viz.fp8 import (
     plot_scaling_granularity,
 )
 from . import Context, Result, experiment
-from ._common import fmt, mean_std, settings_line, val_loss
+from ._common import fmt, mean_std, settings_line
 
 EMA = EMA_ALPHA
 
@@ -51,24 +48,9 @@ def fp8_config(seed: int, fast: bool, fp8: bool, device: str = "cpu"):
     return suite_config("aux_free", seed, fast, device=device, dtype="bf16", model={"fp8": fp8}, **changes)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run the toy trainings on one torch thread (restored afterwards): their GEMMs are too small to gain from a
-    second thread, a second thread costs hand-offs (badly so on a shared machine), and one thread makes the numbers
-    independent of ``--threads``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def same_weights_check(run, data, step: int) -> dict[str, float]:
     """Per-step fidelity, separated from trajectory divergence: at one set of weights (a trained BF16 run's) and one
     batch, the FP8 model's loss, gradient and expert choices against the BF16 model's (both under bf16 autocast)."""
-    from ..model import build_model
-
     tokens, targets = data.batch(step, run.train_cfg.batch_size)
     out = {}
     for fp8 in (False, True):
@@ -123,7 +105,7 @@ def run(ctx: Context) -> Result:
     # 2) training: BF16 vs FP8 from the same seed and data
     cache = RunCache(log=ctx.log)
     curves, runs = [], {}
-    with one_thread():
+    with torch_threads(1):
         for seed in ctx.seeds:
             for fp8 in (False, True):
                 runs[(fp8, seed)] = cache.run(fp8_config(seed, ctx.fast, fp8, device=str(ctx.device)))
@@ -135,7 +117,7 @@ def run(ctx: Context) -> Result:
     plt.close(fig)
 
     per_seed = curves.groupby("seed").agg(final=("rel_diff", "last"), max=("rel_diff", "max"))
-    with one_thread():
+    with torch_threads(1):
         fidelity = pd.DataFrame(
             [
                 {

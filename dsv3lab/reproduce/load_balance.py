@@ -6,31 +6,16 @@ Paper: DeepSeek-V3 §2.1.2, §4.5.2 (Table 5), §4.5.3.
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
 from ..train.experiments import RunCache
-from ..train.metrics import moe_layer_ids
+from ..train.metrics import moe_layer_ids, router_score_stats, tail_mean, val_acc, val_loss
 from ..viz.training import plot_bias_trajectories, plot_curves, plot_load_heatmaps
 from . import Context, Result, experiment
-from ._common import (
-    VARIANTS,
-    compare,
-    fmt,
-    mean_std,
-    router_score_stats,
-    settings_line,
-    tail_mean,
-    val_acc,
-    val_loss,
-    variant_runs,
-)
+from ._common import VARIANTS, compare, fmt, mean_std, settings_line, variant_runs
 
 
 def run_table(runs) -> pd.DataFrame:

@@ -6,18 +6,14 @@ Reuses E1's ``aux_free`` runs as D = 1 (same settings); trains the D = 0 runs. P
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..train.experiments import RunCache, suite_config
-from ..train.metrics import mtp_acceptance
+from ..train.metrics import mtp_acceptance, val_acc, val_loss
 from ..viz.training import plot_domain_bars
 from . import Context, Result, experiment
-from ._common import compare, fmt, margin, mean_std, settings_line, val_acc, val_loss
+from ._common import compare, fmt, margin, mean_std, settings_line
 
 
 @experiment("mtp", "E3: MTP D=0 vs D=1: main-model validation loss per domain, second-token acceptance")

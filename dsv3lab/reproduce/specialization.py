@@ -5,26 +5,13 @@ Reuses E1's runs (the run cache); nothing is retrained. Paper: DeepSeek-V3 §4.5
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from ..train.metrics import specialization_score
 from ..viz.training import plot_domain_load
 from . import Context, Result, experiment
 from ._common import VARIANTS, compare, fmt, mean_std, variant_runs
-
-
-def specialization_score(expert_load: pd.DataFrame) -> float:
-    """Mean over MoE layers and experts of the standard deviation, across domains, of the relative expert load.
-
-    0 when every expert takes the same share of every domain's tokens; larger when experts prefer some domains.
-    ``expert_load``: the rows of one evaluation (columns domain, layer, expert, relative_load).
-    """
-    spread = expert_load.groupby(["layer", "expert"]).relative_load.std(ddof=0)
-    return float(spread.mean())
 
 
 @experiment("specialization", "E2: relative expert load per domain (Fig. 9 analog) and a specialization score")

@@ -6,60 +6,23 @@ kv_cache.png (MLA's latent cache against MHA/GQA/MQA with the same heads, per pr
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import pandas as pd
 import torch
 
-from ..accounting import kv_cache_comparison, model_stats
-from ..config import PRESETS, ModelConfig
+from ..accounting import kv_table, preset_table
+from ..config import ModelConfig
 from ..model import DeepSeekV3
 from ..viz import plot_kv_cache, plot_params
 from . import Context, Result, experiment
 
 
-def preset_table() -> pd.DataFrame:
-    """One row per preset: analytic counts, cross-checked against a model built on the meta device."""
-    rows = []
-    for name in PRESETS:
-        cfg = ModelConfig.preset(name)
-        with torch.device("meta"):
-            model = DeepSeekV3(cfg)
-        stats = model_stats(cfg)
-        built = model.num_params()
-        if built != stats["total_params"]:
-            raise AssertionError(f"{name}: analytic count {stats['total_params']} != built model {built}")
-        rows.append(
-            {
-                "preset": name,
-                "total_params": stats["total_params"],
-                "activated_params": stats["activated_params"],
-                "mtp_params": stats["mtp_params"],
-                "kv_latent_bytes_per_token": stats["kv_cache_bytes_per_token"]["latent"],
-                "kv_materialized_bytes_per_token": stats["kv_cache_bytes_per_token"]["materialized"],
-                "flops_per_token": stats["flops_per_token"],
-                "layers": cfg.n_layers,
-                "dim": cfg.dim,
-                "routed_experts": cfg.n_routed_experts,
-                "activated_experts": cfg.n_activated_experts,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def kv_table() -> pd.DataFrame:
-    rows = []
-    for name in PRESETS:
-        for variant, nbytes in kv_cache_comparison(ModelConfig.preset(name)).items():
-            rows.append({"preset": name, "variant": variant, "bytes_per_token": nbytes})
-    return pd.DataFrame(rows)
-
-
 @experiment("tour", "Presets from tiny to 671B: parameters, activation, MTP, KV cache, FLOPs")
 def run(ctx: Context) -> Result:
     table = preset_table()
+    for name, total in zip(table.preset, table.total_params):  # the analytic count must equal the built model's
+        with torch.device("meta"):
+            built = DeepSeekV3(ModelConfig.preset(name)).num_params()
+        if built != total:
+            raise AssertionError(f"{name}: analytic count {total} != built model {built}")
     table.to_csv(ctx.out / "presets.csv", index=False)
     kv = kv_table()
     kv.to_csv(ctx.out / "kv_cache.csv", index=False)

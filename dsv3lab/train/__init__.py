@@ -1,14 +1,17 @@
 """Training: config, the paper's schedules, the trainer, checkpoints, metrics, and the run cache for experiments.
 
-from dsv3lab.train import TrainConfig, train, load_run
-result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
-result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
+Usage::
+
+    from dsv3lab.train import TrainConfig, train, load_run
+    result = train(TrainConfig(preset="toy", steps=200, out="runs/toy"))
+    result.metrics   # one row per optimizer step      result.val   # loss/accuracy per domain and evaluation
 """
 
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import BALANCE_VARIANTS, TrainConfig
 from .metrics import RunMetrics, evaluate
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at, schedule_table
+from .stages import stage_config
 from .trainer import RunResult, TrainingDiverged, load_run, make_data, train
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "RunMetrics",
     "TrainingDiverged",
     "train",
+    "stage_config",
     "load_run",
     "make_data",
     "evaluate",

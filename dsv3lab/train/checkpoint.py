@@ -8,15 +8,13 @@ A run folder holds ``run.json`` (what the run is: TrainConfig, ModelConfig, data
                                           position, configs
     latest         the name of the newest complete checkpoint folder
 
-Atomicity: a checkpoint is written into a hidden temporary folder, renamed to ``ckpt-NNNNNNN`` (a directory rename is
-atomic), and only then is ``latest`` replaced (temp file + ``os.replace``). A crash at any moment leaves ``latest``
-naming a complete checkpoint; older checkpoints are removed only after the pointer has moved.
+Atomicity (``dsv3lab.files``): a checkpoint is written into a hidden temporary folder, renamed to ``ckpt-NNNNNNN`` (a
+directory rename is atomic), and only then is ``latest`` replaced (temp file + ``os.replace``). A crash at any moment
+leaves ``latest`` naming a complete checkpoint; older checkpoints are removed only after the pointer has moved.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -26,23 +24,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import without_later_defaults
+from ..files import atomic_folder, atomic_write_json, atomic_write_text, read_json, recover
 from .config import config_differences
 
+RUN_FILE = "run.json"  # a run folder's configs (and, for a stage, its parent)
 LATEST = "latest"
 PREFIX = "ckpt-"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,13 +72,6 @@ def save_checkpoint(
     """Write checkpoint ``step`` (completed optimizer steps) atomically and point ``latest`` at it."""
     run_dir = Path(run_dir)
     name = f"{PREFIX}{step:07d}"
-    final = run_dir / name
-    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
     opt = optimizer.state_dict()
     tensors, opt_state = {}, {}
     for idx, pstate in opt["state"].items():
@@ -100,21 +82,17 @@ def save_checkpoint(
             else:
                 opt_state[str(idx)][key] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta = dict(state, step=step, param_groups=opt["param_groups"], optimizer_scalars=opt_state, rng=rng_state())
-    atomic_write_json(tmp / "state.json", meta)
-    old = None
-    if final.exists():  # re-saving the same step (e.g. a finished run resumed): swap, then delete the old one
-        old = run_dir / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+    # re-saving the same step (a finished run resumed) replaces the folder only once the new one is complete
+    with atomic_folder(run_dir / name, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        atomic_write_json(tmp / STATE_FILE, meta)
     atomic_write_text(run_dir / LATEST, name + "\n")
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     ckpts = sorted(p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir() and p.name != name)
     for p in ckpts[: max(0, len(ckpts) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
+    return run_dir / name
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -122,7 +100,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     path = Path(run_dir) / pointer.read_text().strip()
-    if not (path / "state.json").exists():
+    recover(path)  # a re-save interrupted between its two renames left the old folder beside the path
+    if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
 
@@ -130,46 +109,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(model tensors, optimizer tensors, state.json) of a checkpoint folder."""
     path = Path(path)
-    for f in ("model.safetensors", "optimizer.safetensors", "state.json"):
+    for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         if not (path / f).exists():
             raise FileNotFoundError(f"checkpoint {path} is incomplete: {f} is missing")
-    state = json.loads((path / "state.json").read_text())
-    return load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")), state
+    state = read_json(path / STATE_FILE, "a checkpoint's state")
+    return load_file(str(path / MODEL_FILE)), load_file(str(path / OPTIMIZER_FILE)), state
+
+
+def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: saved -> current`` between two ``ModelConfig.to_dict()`` (``name`` and later fields at their
+    defaults left out)."""
+    saved, current = ({k: v for k, v in without_later_defaults(d).items() if k != "name"} for d in (saved, current))
+    return config_differences(saved, current)
 
 
 def check_config(state: dict[str, Any], train_identity: dict[str, Any], model_cfg: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint written by another configuration, naming every mismatched field."""
     diffs = [f"train.{d}" for d in config_differences(state.get("train_config", {}), train_identity)]
-    saved_model = {k: v for k, v in state.get("model_config", {}).items() if k != "name"}
-    diffs += [
-        f"model.{d}" for d in config_differences(saved_model, {k: v for k, v in model_cfg.items() if k != "name"})
-    ]
+    diffs += [f"model.{d}" for d in model_differences(state.get("model_config", {}), model_cfg)]
     if diffs:
         raise ValueError(
             f"{where} was written by another configuration; mismatched fields (saved -> now): " + "; ".join(diffs)
         )
-
-
-def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load: a missing, unexpected or wrongly shaped tensor is one clear error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [
-        f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in weights and weights[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:5]}")
-        raise ValueError(f"{where} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(weights, strict=True)
 
 
 def load_optimizer_state(

@@ -25,15 +25,45 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import ModelConfig, _check_keys, parse_value
+from ..balance import BIAS_RULES
+from ..config import (
+    BOOL,
+    NONNEG_FLOAT,
+    NONNEG_INT,
+    POS_FLOAT,
+    POS_INT,
+    PRESETS,
+    ModelConfig,
+    Rule,
+    _check_keys,
+    check_fields,
+    parse_value,
+    without_later_defaults,
+)
+from ..data.math_problems import KINDS as MATH_KINDS
 
 BALANCE_VARIANTS = ("none", "aux_loss", "aux_free", "aux_free_seq")
 DTYPES = ("fp32", "bf16")
+STAGES = ("pretrain", "sft", "grpo")
 ADAM_MOMENTS = ("fp32", "bf16")
 
 # Fields added after runs were first cached: part of a run's identity only when they differ from their default (which
 # reproduces the earlier behaviour), so adding an option does not invalidate cached runs or refuse their resumption.
-LATER_FIELDS = ("adam_moments",)
+LATER_FIELDS = (
+    "adam_moments",
+    "init_from",
+    "stage",
+    "math_kinds",
+    "group_size",
+    "max_new_tokens",
+    "temperature",
+    "clip_eps",
+    "kl_coef",
+    "grpo_iterations",
+    "reward_correct",
+    "reward_format",
+    "eval_problems",
+)
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
@@ -43,6 +73,35 @@ DEFAULT_AUX_LOSS_ALPHA = 0.01  # balance="aux_loss" when the model overrides do 
 DEFAULT_SEQ_AUX_LOSS_ALPHA = 1e-4  # balance="aux_free_seq": the paper's α
 
 
+FRACTION = Rule(float, lo=0, hi=1)
+TRAIN_RULES: dict[str, Rule] = {
+    "preset": Rule(str, choices=tuple(PRESETS)),
+    "balance": Rule(str, choices=BALANCE_VARIANTS),
+    "bias_update_rule": Rule(str, choices=BIAS_RULES),
+    "dtype": Rule(str, choices=DTYPES),
+    "adam_moments": Rule(str, choices=ADAM_MOMENTS),
+    "stage": Rule(str, choices=STAGES),
+    "math_kinds": Rule(str),
+    **dict.fromkeys(("group_size",), Rule(int, lo=2)),
+    **dict.fromkeys(("max_new_tokens", "grpo_iterations", "eval_problems"), POS_INT),
+    "temperature": POS_FLOAT,
+    "clip_eps": Rule(float, lo=0, hi=1, lo_open=True, hi_open=True),
+    **dict.fromkeys(("kl_coef", "reward_correct", "reward_format"), NONNEG_FLOAT),
+    **dict.fromkeys(("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"), POS_INT),
+    **dict.fromkeys(("batch_size_start", "eval_every", "checkpoint_every", "max_chars_per_domain"), NONNEG_INT),
+    **dict.fromkeys(("val_seqs_per_domain", "data_seed", "seed"), NONNEG_INT),
+    **dict.fromkeys(("warmup_frac", "lr_decay_start_frac", "lr_decay_end_frac", "lr_final_frac"), FRACTION),
+    **dict.fromkeys(("batch_ramp_frac", "mtp_lambda_switch_frac", "bias_freeze_frac", "fim_rate"), FRACTION),
+    **dict.fromkeys(("lr", "adam_eps"), POS_FLOAT),
+    **dict.fromkeys(("bias_update_speed", "weight_decay", "mtp_lambda", "mtp_lambda_final"), NONNEG_FLOAT),
+    "grad_clip": NONNEG_FLOAT,  # 0 switches clipping off, explicitly
+    **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
+    **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
+    **dict.fromkeys(("log_loads", "progress"), BOOL),
+    **dict.fromkeys(("corpus", "out", "device", "init_from"), Rule(str)),
+}
+
+
 @dataclass
 class TrainConfig:
     """A training run. ``train(TrainConfig(...))`` runs it; see the module docstring for the schedules."""
@@ -50,6 +109,7 @@ class TrainConfig:
     # --- model ---
     preset: str = "toy"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_mtp": 0, "fp8": True}
+    init_from: str = ""  # a stage: start from this run's latest checkpoint (or this ckpt folder); see train/stages.py
     # --- load balancing (§2.1.2, §4.5) ---
     balance: str = "aux_free"  # none | aux_loss | aux_free | aux_free_seq
     bias_update_speed: float = 1e-3  # γ
@@ -86,6 +146,18 @@ class TrainConfig:
     mtp_lambda: float = 0.3
     mtp_lambda_final: float = 0.1
     mtp_lambda_switch_frac: float = 10.0 / 14.8
+    # --- post-training (§5; dsv3lab.train.sft and dsv3lab.train.grpo) ---
+    stage: str = "pretrain"  # pretrain | sft (worked math solutions, prompt masked) | grpo (§5.2.2)
+    math_kinds: str = ""  # sft/grpo problems: comma-separated MathProblem kinds (e.g. "sqrt,power"); "" = all
+    group_size: int = 8  # G: sampled completions per prompt (grpo; batch_size = prompts per step)
+    max_new_tokens: int = 64  # longest sampled completion (grpo, and the accuracy evaluation)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    clip_eps: float = 0.2  # ε of the clipped ratio
+    kl_coef: float = 0.04  # β of the KL term to the reference model
+    grpo_iterations: int = 1  # μ: policy updates per batch of rollouts (1: π_old = π_θ, the ratio is 1)
+    reward_correct: float = 1.0  # rule-based reward for a correct final answer
+    reward_format: float = 0.5  # ... and for the format: one final "Answer: ..." line, then end of sequence
+    eval_problems: int = 64  # held-out problems scored by greedy decoding at every evaluation (sft, grpo)
     # --- evaluation, logging, checkpoints ---
     eval_every: int = 50  # also at the last step; 0 = only at the end
     log_loads: bool = True  # per-layer per-expert loads and biases every step (loads.npz)
@@ -101,64 +173,20 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        if self.balance not in BALANCE_VARIANTS:
-            raise ValueError(f"balance must be one of {BALANCE_VARIANTS}, got {self.balance!r}")
-        if self.bias_update_rule not in ("sign", "sign_centered"):
-            raise ValueError(f"bias_update_rule must be 'sign' or 'sign_centered', got {self.bias_update_rule!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.adam_moments not in ADAM_MOMENTS:
-            raise ValueError(f"adam_moments must be one of {ADAM_MOMENTS}, got {self.adam_moments!r}")
-        for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "keep_checkpoints"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in (
-            "batch_size_start",
-            "eval_every",
-            "checkpoint_every",
-            "max_chars_per_domain",
-            "val_seqs_per_domain",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        """Each field's type and range (:data:`TRAIN_RULES`: NaN and ±inf refused, bools only for bool fields), then
+        the combinations; every error names the field and what is allowed."""
+        check_fields(self, TRAIN_RULES)
         if self.batch_size_start > self.batch_size:
             raise ValueError(f"batch_size_start ({self.batch_size_start}) must be <= batch_size ({self.batch_size})")
-        fracs = (
-            "warmup_frac",
-            "lr_decay_start_frac",
-            "lr_decay_end_frac",
-            "lr_final_frac",
-            "batch_ramp_frac",
-            "mtp_lambda_switch_frac",
-            "bias_freeze_frac",
-            "fim_rate",
-        )
-        for name in fracs:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not self.warmup_frac <= self.lr_decay_start_frac <= self.lr_decay_end_frac <= self.lr_final_frac:
             raise ValueError(
                 "the learning-rate phases must be ordered: warmup_frac <= lr_decay_start_frac <= "
                 f"lr_decay_end_frac <= lr_final_frac, got {self.warmup_frac}, {self.lr_decay_start_frac}, "
                 f"{self.lr_decay_end_frac}, {self.lr_final_frac}"
             )
-        for name in (
-            "lr",
-            "bias_update_speed",
-            "weight_decay",
-            "grad_clip",
-            "mtp_lambda",
-            "mtp_lambda_final",
-            "lr_min_ratio",
-            "lr_final_ratio",
-            "adam_eps",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        unknown = [k for k in self.kinds if k not in MATH_KINDS]
+        if unknown:
+            raise ValueError(f"math_kinds: unknown kind(s) {unknown}; the kinds are {', '.join(MATH_KINDS)}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a dict of ModelConfig overrides, got {type(self.model).__name__}")
         _check_keys(self.model, ModelConfig.field_names(), what="ModelConfig field")
@@ -210,6 +238,11 @@ class TrainConfig:
         if self.seq_len > cfg.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) must be <= the model's max_seq_len ({cfg.max_seq_len})")
         return cfg
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """``math_kinds`` as a tuple (empty: every kind)."""
+        return tuple(k.strip() for k in self.math_kinds.split(",") if k.strip())
 
     @property
     def bias_updated(self) -> bool:
@@ -277,7 +310,9 @@ class TrainConfig:
     def hash(self) -> str:
         """A short stable hash of :meth:`identity` plus the resolved ModelConfig (keys the run cache)."""
         blob = json.dumps(
-            {"train": self.identity(), "model": self.model_config().to_dict()}, sort_keys=True, default=str
+            {"train": self.identity(), "model": without_later_defaults(self.model_config().to_dict())},
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -10,8 +10,11 @@ ModelConfig + :data:`CACHE_VERSION`). A finished run is loaded, a partial one re
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from .config import TrainConfig
 from .trainer import RunResult, make_data, train
@@ -89,7 +92,11 @@ class RunCache:
         cfg = cfg.replace(out=str(out))
         done = (out / "latest").exists() and (out / "latest").read_text().strip() == f"ckpt-{cfg.steps:07d}"
         self.log(f"  run {out.name}: {'cached' if done else 'training'} ({cfg.steps} steps)")
-        return train(cfg, self.data(cfg), resume=True)
+        try:
+            return train(cfg, self.data(cfg), resume=True)
+        except (ValueError, OSError, SafetensorError) as err:  # a corrupt cache entry is rebuilt, never fatal
+            warnings.warn(f"the cached run {out} is unreadable ({err}); training it again", stacklevel=2)
+            return train(cfg, self.data(cfg), overwrite=True)
 
 
 def cached_run(cfg: TrainConfig, root: str | Path | None = None, log: Callable[[str], None] = print) -> RunResult:

@@ -17,7 +17,6 @@ layers (per-layer values are in loads.npz).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,20 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from ..balance import max_violation, max_violation_per_sequence, relative_load
+from ..files import atomic_path
 from ..model.moe import MoE
 from ..model.transformer import IGNORE_INDEX
 
 
 def atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:  # numpy appends .npz to a name without it
+        np.savez_compressed(tmp, **arrays)
 
 
 @dataclass
@@ -120,7 +118,8 @@ def evaluate(
 ) -> tuple[list[dict], list[dict]]:
     """Validation per domain in eval mode (the selection bias and the training counters are not touched).
 
-    ``val`` maps domain -> LongTensor [n, T+1] (tokens = row[:, :-1], targets = row[:, 1:]). Returns the rows of
+    ``val`` maps domain -> LongTensor [n, T+1] (tokens = row[:, :-1], targets = row[:, 1:]), or -> a pair
+    (tokens [n, T], targets [n, T]) whose targets may hold IGNORE_INDEX (e.g. SFT's masked prompts). Returns the rows of
     ``val.csv`` (loss, acc, mtp_k_loss, mtp_k_acc, maxvio …) and of ``expert_load.csv`` (relative load per layer and
     expert, from each forward's ``last_counts``).
     """
@@ -134,16 +133,16 @@ def evaluate(
     val_rows, load_rows = [], []
     try:
         for domain, rows in val.items():
-            if rows.numel() == 0:
+            all_tokens, all_targets = rows if isinstance(rows, tuple) else (rows[:, :-1], rows[:, 1:])
+            if all_tokens.numel() == 0:
                 continue
             loss_sum = torch.zeros(depth + 1, dtype=torch.float64)
             correct = torch.zeros(depth + 1, dtype=torch.float64)
             n_tok = torch.zeros(depth + 1, dtype=torch.float64)
             counts = torch.zeros(len(moes), n_experts, dtype=torch.int64)
             seq_vio, n_seq = 0.0, 0
-            for chunk in rows.split(batch_size):
-                chunk = chunk.to(device)
-                tokens, targets = chunk[:, :-1], chunk[:, 1:]
+            for tokens, targets in zip(all_tokens.split(batch_size), all_targets.split(batch_size)):
+                tokens, targets = tokens.to(device), targets.to(device)
                 s = tokens.shape[1]
                 with torch.autocast(
                     device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
@@ -264,3 +263,56 @@ def mtp_acceptance(model, rows: torch.Tensor, batch_size: int = 16, stride: int 
     if picked:
         baseline = float(torch.bincount(torch.cat(picked)).max()) / total
     return {"acceptance": hits / max(total, 1), "positions": total, "constant_baseline": baseline}
+
+
+# ---------------------------------------------------------------------- summaries of a finished run
+def val_loss(run) -> float:
+    """Main-model validation loss of the last evaluation: the token-weighted mean over domains."""
+    v = run.final_val()
+    return float((v.loss * v.tokens).sum() / v.tokens.sum())
+
+
+def val_acc(run) -> float:
+    v = run.final_val()
+    return float((v.acc * v.tokens).sum() / v.tokens.sum())
+
+
+def tail_mean(run, column: str, frac: float = 0.1) -> float:
+    """Mean of a metrics column over the last ``frac`` of the optimizer steps (at least one step)."""
+    m = run.metrics[column].to_numpy()
+    n = max(1, int(round(frac * len(m))))
+    return float(np.mean(m[-n:]))
+
+
+def router_score_stats(run, rows) -> dict[str, float]:
+    """Affinity statistics of the main-model routers on validation ``rows`` (the scale γ must be compared with):
+    the spread (std) across experts of each expert's mean score, and the mean gap between the K-th and (K+1)-th
+    highest score of a token."""
+    model, k = run.model, run.model_cfg.n_activated_experts
+    scores = []
+    hooks = [
+        m.gate.register_forward_hook(lambda mod, inp, out: scores.append(out[2].detach()))
+        for m in model.moe_layers(include_mtp=False)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(rows[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    spread = float(np.mean([float(s.mean(0).std()) for s in scores]))
+    gap = float(
+        np.mean([float((s.topk(k + 1, -1).values[:, k - 1] - s.topk(k + 1, -1).values[:, k]).mean()) for s in scores])
+    )
+    return {"expert_mean_spread": spread, "topk_gap": gap}
+
+
+def specialization_score(expert_load: pd.DataFrame) -> float:
+    """Mean over MoE layers and experts of the standard deviation, across domains, of the relative expert load.
+
+    0 when every expert takes the same share of every domain's tokens; larger when experts prefer some domains.
+    ``expert_load``: the rows of one evaluation (columns domain, layer, expert, relative_load).
+    """
+    spread = expert_load.groupby(["layer", "expert"]).relative_load.std(ddof=0)
+    return float(spread.mean())

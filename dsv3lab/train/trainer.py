@@ -19,7 +19,7 @@ Notebooks: 04_load_balancing, 05_mtp, 06_pretraining.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import shutil
 import time
@@ -35,15 +35,18 @@ from tqdm.auto import tqdm
 
 from ..balance import max_violation_per_sequence, update_selection_bias
 from ..config import ModelConfig
+from ..data import DataConfig, Tokenizer, make_datasets
+from ..files import RunLock, atomic_folder, atomic_write_json, check_replaceable, read_json
+from ..fp8.optim import AdamW
 from ..model import DeepSeekV3, build_model
-from ..model.transformer import IGNORE_INDEX
+from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
 from ..utils import versions
 from .checkpoint import (
-    atomic_write_json,
+    RUN_FILE,
     check_config,
     latest_checkpoint,
-    load_model_weights,
     load_optimizer_state,
+    model_differences,
     read_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -51,8 +54,15 @@ from .checkpoint import (
 from .config import TrainConfig, config_differences
 from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
+from .sft import make_sft_data
+from .stages import Parent, check_same_parent, load_parent
 
-RUN_FILE = "run.json"
+LOCK_FILE = ".lock"  # dsv3lab.files.RunLock: one process per run folder
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder written by :func:`train` (it holds ``run.json``)."""
+    return (Path(path) / RUN_FILE).is_file()
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,9 +92,10 @@ class RunResult:
 
 # ---------------------------------------------------------------------- data
 def make_data(cfg: TrainConfig, model_cfg: ModelConfig):
-    """The multi-domain corpus of :mod:`dsv3lab.data` for this run (tokenizer vocabulary = the model's)."""
-    from ..data import DataConfig, make_datasets
-
+    """The data of this run: the multi-domain corpus of :mod:`dsv3lab.data` (tokenizer vocabulary = the model's), or
+    for ``stage="sft"`` the worked math solutions of :mod:`dsv3lab.train.sft`."""
+    if cfg.stage == "sft":
+        return make_sft_data(cfg, model_cfg)
     kwargs: dict[str, Any] = dict(
         corpus=cfg.corpus,
         vocab_size=model_cfg.vocab_size,
@@ -126,37 +137,43 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     ``adam_moments="bf16"`` (§3.3.3, :class:`dsv3lab.fp8.optim.AdamW`)."""
     groups, betas = param_groups(model, cfg.weight_decay), (cfg.beta1, cfg.beta2)
     if cfg.adam_moments == "bf16":
-        from ..fp8.optim import AdamW
-
         return AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, moment_dtype=torch.bfloat16)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, foreach=False)
 
 
 # ---------------------------------------------------------------------- the run folder
-def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``)."""
+def prepare_run_dir(
+    out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool, parent: Parent | None = None
+) -> None:
+    """Create ``out`` for this run, or check that it holds this run (``resume``), or replace it (``overwrite``).
+
+    ``parent``: the checkpoint a stage starts from (recorded in ``run.json``; a resumed stage must find the same)."""
     run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         if not run_file.exists():
             raise FileExistsError(
                 f"{out} is not empty and holds no dsv3lab run ({RUN_FILE} is missing); choose another --out folder"
             )
-        saved = json.loads(run_file.read_text())
+        saved = read_json(run_file)
         if overwrite:
-            shutil.rmtree(out)
+            check_replaceable(out, is_run_folder)
+            for p in out.iterdir():  # everything but the lock this process holds
+                if p.name != LOCK_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         else:
             diffs = [f"train.{d}" for d in config_differences(saved.get("train_config", {}), cfg.identity())]
-            saved_model = {k: v for k, v in saved.get("model_config", {}).items() if k != "name"}
-            now_model = {k: v for k, v in model_cfg.to_dict().items() if k != "name"}
-            diffs += [f"model.{d}" for d in config_differences(saved_model, now_model)]
+            diffs += [f"model.{d}" for d in model_differences(saved.get("model_config", {}), model_cfg.to_dict())]
             if not resume:
                 what = ("a different run (" + "; ".join(diffs) + ")") if diffs else "this run already"
                 raise FileExistsError(f"{out} holds {what}; pass --resume to continue it or --overwrite to replace it")
             if diffs:
                 raise ValueError(
                     f"cannot resume {out}: it was started with another configuration; mismatched "
-                    "fields (saved -> now): " + "; ".join(diffs)
+                    "fields (saved -> now): " + "; ".join(diffs) + f". To continue its weights with new settings, "
+                    f"start a new stage: --from {out} --out NEW_FOLDER (dsv3lab.train.stages)"
                 )
+            if parent is not None:
+                check_same_parent(saved.get("parent"), parent, out)
             return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
@@ -166,16 +183,224 @@ def prepare_run_dir(out: Path, cfg: TrainConfig, model_cfg: ModelConfig, resume:
             "model_config": model_cfg.to_dict(),
             "environment": {k: getattr(cfg, k) for k in ("out", "device")},
             "versions": versions(),
+            **({"parent": parent.record()} if parent is not None else {}),
         },
     )
 
 
-# ---------------------------------------------------------------------- one step
+# ---------------------------------------------------------------------- resuming
+def resume_run(
+    out: Path, cfg: TrainConfig, model_cfg: ModelConfig, model: DeepSeekV3, optimizer: torch.optim.Optimizer
+) -> tuple[int, int, RunMetrics]:
+    """Load the latest checkpoint of ``out`` into ``model`` and ``optimizer`` and restore the RNG states.
+
+    Returns (completed steps, tokens seen, the metrics up to that step). Without a checkpoint: (0, 0, empty)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return 0, 0, RunMetrics()
+    weights, opt_tensors, state = read_checkpoint(ckpt)
+    check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+    load_state_dict_strict(model, weights, where=str(ckpt))
+    load_optimizer_state(optimizer, opt_tensors, state)
+    set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
+    metrics = RunMetrics.load(out)
+    metrics.truncate(state["step"])
+    return state["step"], state["data"]["tokens_seen"], metrics
+
+
+# ---------------------------------------------------------------------- one optimizer step
+@dataclass
+class StepMeasures:
+    """What one optimizer step measured, on the host (one transfer per step)."""
+
+    losses: dict[str, float]  # main, mtp_k, aux, total: the batch means
+    correct: int  # tokens whose argmax equals the target
+    n_tok: int  # tokens with a target
+    seq_vio: float  # Σ over sequences of the per-sequence MaxVio, averaged over the main MoE layers
+    grad_norm: float  # before clipping
+    counts: torch.Tensor  # [MoE layers, E] tokens per expert of the whole step (int64, CPU)
+
+
 def _micro_batches(tokens: torch.Tensor, targets: torch.Tensor, micro: int):
     for start in range(0, tokens.shape[0], micro):
         yield tokens[start : start + micro], targets[start : start + micro]
 
 
+def optimizer_step(
+    model: DeepSeekV3,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    mtp_lambda: float,
+    gamma: float,
+    step: int,
+    on_diverged: Callable[[int, str, float], str],
+) -> StepMeasures:
+    """One optimizer step on a batch [B, T] (DeepSeek-V3 §4.2): micro-batches (each loss scaled by its share of the
+    batch) → clip → AdamW → the bias update from the step's counts, once (never per micro-batch).
+
+    The batch's ids are checked once, on the host, before they move to the device; inside the step nothing is read
+    back until every micro-batch has run, and then everything is read in one transfer. A non-finite loss or gradient
+    norm raises :class:`TrainingDiverged` (message from ``on_diverged``) before the optimizer touches the weights.
+    """
+    device = next(model.parameters()).device
+    model.check_tokens(tokens, 0, targets)  # on the host: no device synchronisation
+    tokens, targets = tokens.to(device), targets.to(device)
+    autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
+    main_moes = model.moe_layers(include_mtp=False)
+    n_experts = model.cfg.n_routed_experts
+    bs = tokens.shape[0]
+    sums: dict[str, torch.Tensor] = {}
+    correct = n_tok = seq_vio = torch.zeros((), device=device)
+    for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
+        share = tok.shape[0] / bs
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits, losses = model(tok, tgt, mtp_lambda=mtp_lambda, check=False)
+        (losses["total"] * share).backward()
+        with torch.no_grad():
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * share
+            mask = tgt != IGNORE_INDEX
+            correct = correct + ((logits.argmax(-1) == tgt) & mask).sum()
+            n_tok = n_tok + mask.sum()
+            if main_moes:
+                per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
+                seq_vio = seq_vio + torch.stack(per_layer).mean() * tok.shape[0]
+    extra = {"correct": correct, "n_tok": n_tok, "seq_vio": seq_vio}
+    host, grad, counts = apply_gradients(model, optimizer, cfg, {**sums, **extra}, gamma, step, on_diverged)
+    losses = {name: host[name] for name in sums}
+    n_correct, n_valid, vio = (host[k] for k in extra)
+    return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
+
+
+def apply_gradients(
+    model: DeepSeekV3,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    values: dict[str, torch.Tensor],
+    gamma: float,
+    step: int,
+    on_diverged: Callable[[int, str, float], str],
+) -> tuple[dict[str, float], float, torch.Tensor]:
+    """The end of every optimizer step, once the gradients are accumulated: clip the global norm → read ``values``
+    and the norm in one device → host transfer → refuse a non-finite ``values["total"]`` or norm
+    (:class:`TrainingDiverged`) → AdamW → the bias update from the step's counts (γ).
+
+    Returns (``values`` on the host, the gradient norm before clipping, the step's expert counts)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    names = list(values)
+    host = torch.stack([values[n].float() for n in names] + [grad_norm.float()])
+    host = host.double().cpu().tolist()  # the step's one device -> host transfer
+    out = dict(zip(names, host[:-1]))
+    grad = host[-1]
+    if not math.isfinite(out["total"]):
+        raise TrainingDiverged(on_diverged(step, "loss", out["total"]))
+    if not math.isfinite(grad):
+        raise TrainingDiverged(on_diverged(step, "gradient norm", grad))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    counts = update_selection_bias(model.moe_layers(), gamma, cfg.bias_update_rule)  # once per optimizer step
+    return out, grad, counts
+
+
+# ---------------------------------------------------------------------- the metrics row
+def metrics_row(
+    step: int,
+    schedule: dict[str, float],
+    m: StepMeasures,
+    tokens: int,
+    tokens_seen: int,
+    elapsed: float,
+    model: DeepSeekV3,
+) -> dict[str, float]:
+    """One row of ``metrics.csv``: schedules, losses, accuracy, gradient norm, speed, load balance, bias size."""
+    moes = model.moe_layers()
+    n_main = len(model.moe_layers(include_mtp=False))
+    row = {
+        "step": step,
+        "lr": schedule["lr"],
+        "batch_size": schedule["batch_size"],
+        "tokens": tokens,
+        "tokens_seen": tokens_seen,
+        "loss_main": m.losses["main"],
+    }
+    for k in range(1, model.cfg.n_mtp + 1):
+        if f"mtp_{k}" in m.losses:
+            row[f"loss_mtp_{k}"] = m.losses[f"mtp_{k}"]
+    biases = [moe.gate.bias for moe in moes if moe.gate.bias is not None]
+    row.update(
+        {
+            "loss_aux": m.losses["aux"],
+            "loss_total": m.losses["total"],
+            "acc_main": m.correct / max(m.n_tok, 1),
+            "grad_norm": m.grad_norm,
+            "tokens_per_s": tokens / elapsed,
+            "maxvio_batch": step_load_metrics(m.counts, n_main),
+            "maxvio_seq": m.seq_vio / schedule["batch_size"] if n_main else float("nan"),
+            "mtp_lambda": schedule["mtp_lambda"],
+            "gamma": schedule["gamma"],
+            "bias_abs_mean": float(torch.stack([b.abs().mean() for b in biases]).mean()) if biases else 0.0,
+            "time_s": elapsed,
+        }
+    )
+    return row
+
+
+def schedule_at(step: int, cfg: TrainConfig) -> dict[str, float]:
+    """The paper's schedules at ``step``: learning rate, batch size, MTP λ and bias speed γ."""
+    return {
+        "lr": lr_at(step, cfg.steps, cfg),
+        "batch_size": batch_size_at(step, cfg.steps, cfg),
+        "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg),
+        "gamma": bias_speed_at(step, cfg.steps, cfg),
+    }
+
+
+# ---------------------------------------------------------------------- opening a run (shared by every stage)
+def open_run_dir(
+    cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, overwrite: bool
+) -> tuple[Path | None, Parent | None]:
+    """The run folder (prepared: created, checked for resuming, or replaced) and, for a stage that does not resume
+    from a checkpoint of its own, its parent (weights checked against ``model_cfg``)."""
+    out = Path(cfg.out) if cfg.out else None
+    if out is None and resume:
+        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
+    parent = None  # a stage starts from its parent's weights, unless it resumes from a checkpoint of its own
+    if cfg.init_from and not (resume and out is not None and latest_checkpoint(out) is not None):
+        parent = load_parent(cfg.init_from, model_cfg)
+    if out is not None:
+        prepare_run_dir(out, cfg, model_cfg, resume, overwrite, parent)
+    return out, parent
+
+
+def save_tokenizer(out: Path | None, tokenizer) -> None:
+    """``out/tokenizer`` (atomically, once), when the run has a folder and the tokenizer can save itself."""
+    if out is not None and hasattr(tokenizer, "save") and not (out / "tokenizer").exists():
+        with atomic_folder(out / "tokenizer") as tmp:
+            tokenizer.save(tmp)
+
+
+def build_run_model(
+    cfg: TrainConfig, model_cfg: ModelConfig, out: Path | None, parent: Parent | None, resume: bool
+) -> tuple[DeepSeekV3, torch.optim.Optimizer, int, int, RunMetrics]:
+    """The model (fresh, or the parent's weights), its optimizer, and — when resuming — the state of the latest
+    checkpoint. Returns (model, optimizer, completed steps, tokens seen, metrics so far)."""
+    model = build_model(model_cfg, device=torch.device(cfg.device), seed=cfg.seed)
+    if parent is not None:
+        load_state_dict_strict(model, parent.weights, where=str(parent.checkpoint))
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    start, tokens_seen, metrics = 0, 0, RunMetrics()
+    if out is not None and resume:
+        start, tokens_seen, metrics = resume_run(out, cfg, model_cfg, model, optimizer)
+    return model, optimizer, start, tokens_seen, metrics
+
+
+# ---------------------------------------------------------------------- the loop
 def train(
     cfg: TrainConfig,
     data=None,
@@ -191,45 +416,27 @@ def train(
     (identical loss trajectory); ``overwrite`` replaces whatever run is there. ``on_step(row, model)`` is called after
     every optimizer step with the metrics row (live plots, tests).
     """
+    with run_lock(cfg):  # one process per run folder
+        return _train(cfg, data, resume, overwrite, on_step)
+
+
+def run_lock(cfg: TrainConfig):
+    """The run folder's lock (:class:`dsv3lab.files.RunLock`) for the lifetime of a run, or nothing without a folder."""
+    return RunLock(cfg.out) if cfg.out else contextlib.nullcontext()
+
+
+def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> RunResult:
     model_cfg = cfg.model_config()
-    device = torch.device(cfg.device)
-    out = Path(cfg.out) if cfg.out else None
-    if out is None and resume:
-        raise ValueError("resume needs a run folder (TrainConfig.out / --out)")
-    if out is not None:
-        prepare_run_dir(out, cfg, model_cfg, resume, overwrite)
+    if cfg.stage == "grpo":
+        raise ValueError("stage='grpo' trains with dsv3lab.train.grpo.train_grpo (dsv3lab train --stage grpo)")
+    out, parent = open_run_dir(cfg, model_cfg, resume, overwrite)
     if data is None:
         data = make_data(cfg, model_cfg)
     _check_data(data, cfg, model_cfg)
-    if out is not None and hasattr(data.tokenizer, "save") and not (out / "tokenizer").exists():
-        tmp = out / ".tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        data.tokenizer.save(tmp)
-        tmp.rename(out / "tokenizer")
-
-    model = build_model(model_cfg, device=device, seed=cfg.seed)
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    metrics = RunMetrics()
-    start, tokens_seen = 0, 0
-    ckpt = latest_checkpoint(out) if (out is not None and resume) else None
-    if ckpt is not None:
-        weights, opt_tensors, state = read_checkpoint(ckpt)
-        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
-        load_model_weights(model, weights, where=str(ckpt))
-        load_optimizer_state(optimizer, opt_tensors, state)
-        set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
-        start, tokens_seen = state["step"], state["data"]["tokens_seen"]
-        metrics = RunMetrics.load(out)
-        metrics.truncate(start)
-
+    save_tokenizer(out, data.tokenizer)
+    model, optimizer, start, tokens_seen, metrics = build_run_model(cfg, model_cfg, out, parent, resume)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
-    moes_all = model.moe_layers()
-    n_main = len(model.moe_layers(include_mtp=False))
-    n_experts = model_cfg.n_routed_experts
-    depth = model_cfg.n_mtp
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    moes = model.moe_layers()
 
     def checkpoint(steps_done: int) -> None:
         if out is None:
@@ -239,16 +446,12 @@ def train(
             "train_config": cfg.identity(),
             "model_config": model_cfg.to_dict(),
             "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
-            "schedules": _schedule_state(steps_done, cfg),
+            "schedules": schedule_at(min(steps_done, cfg.steps - 1), cfg),
         }
         save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
 
-    def run_eval(steps_done: int) -> None:
-        val_rows, load_rows = evaluate(
-            model, data.val, batch_size=cfg.micro_batch_size, step=steps_done, autocast_dtype=autocast
-        )
-        metrics.val_rows += val_rows
-        metrics.load_rows += load_rows
+    def diverged(step: int, what: str, value: float) -> str:
+        return _diverged_message(step, what, value, out)
 
     bar = tqdm(
         total=cfg.steps, initial=start, disable=not cfg.progress, desc=f"train {cfg.balance}", dynamic_ncols=True
@@ -256,87 +459,39 @@ def train(
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg.steps, cfg)
-            bs = batch_size_at(step, cfg.steps, cfg)
-            lam = mtp_lambda_at(step, cfg.steps, cfg)
-            gamma = bias_speed_at(step, cfg.steps, cfg)
+            sched = schedule_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            tokens, targets = data.batch(step, bs)
-            tokens, targets = tokens.to(device), targets.to(device)
-            sums: dict[str, float] = {}
-            correct, n_tok, seq_vio = 0, 0, 0.0
-            for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
-                share = tok.shape[0] / bs
-                with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                    logits, losses = model(tok, tgt, mtp_lambda=lam)
-                if not torch.isfinite(losses["total"]):
-                    raise TrainingDiverged(_diverged_message(step, "loss", float(losses["total"].detach()), out))
-                (losses["total"] * share).backward()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * share
-                with torch.no_grad():
-                    mask = tgt != IGNORE_INDEX
-                    correct += int(((logits.argmax(-1) == tgt) & mask).sum())
-                    n_tok += int(mask.sum())
-                    if n_main:
-                        seq_vio += (
-                            sum(float(max_violation_per_sequence(m.last_indices, n_experts)) for m in moes_all[:n_main])
-                            / n_main
-                            * tok.shape[0]
-                        )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-            if not math.isfinite(grad_norm):
-                raise TrainingDiverged(_diverged_message(step, "gradient norm", grad_norm, out))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            counts = update_selection_bias(moes_all, gamma, cfg.bias_update_rule)  # once per optimizer step
-            tokens_seen += int(tokens.numel())
-            elapsed = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "lr": lr,
-                "batch_size": bs,
-                "tokens": int(tokens.numel()),
-                "tokens_seen": tokens_seen,
-                "loss_main": sums["main"],
-            }
-            for k in range(1, depth + 1):
-                if f"mtp_{k}" in sums:
-                    row[f"loss_mtp_{k}"] = sums[f"mtp_{k}"]
-            row.update(
-                {
-                    "loss_aux": sums["aux"],
-                    "loss_total": sums["total"],
-                    "acc_main": correct / max(n_tok, 1),
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens.numel() / elapsed,
-                    "maxvio_batch": step_load_metrics(counts, n_main),
-                    "maxvio_seq": seq_vio / bs if n_main else float("nan"),
-                    "mtp_lambda": lam,
-                    "gamma": gamma,
-                    "bias_abs_mean": float(
-                        np.mean([m.gate.bias.abs().mean().item() for m in moes_all if m.gate.bias is not None] or [0.0])
-                    ),
-                    "time_s": elapsed,
-                }
+                group["lr"] = sched["lr"]
+            tokens, targets = data.batch(step, sched["batch_size"])
+            measures = optimizer_step(
+                model,
+                optimizer,
+                tokens,
+                targets,
+                cfg,
+                mtp_lambda=sched["mtp_lambda"],
+                gamma=sched["gamma"],
+                step=step,
+                on_diverged=diverged,
             )
+            tokens_seen += int(tokens.numel())
+            row = metrics_row(step, sched, measures, int(tokens.numel()), tokens_seen, time.perf_counter() - t0, model)
             metrics.rows.append(row)
-            if cfg.log_loads and moes_all:
-                metrics.counts.append(counts.numpy().astype(np.int32))
+            if cfg.log_loads and moes:
+                metrics.counts.append(measures.counts.numpy().astype(np.int32))
+                zeros = torch.zeros(model_cfg.n_routed_experts)
                 metrics.bias.append(
-                    np.stack(
-                        [
-                            (m.gate.bias if m.gate.bias is not None else torch.zeros(n_experts)).float().cpu().numpy()
-                            for m in moes_all
-                        ]
-                    )
+                    np.stack([(m.gate.bias if m.gate.bias is not None else zeros).float().cpu().numpy() for m in moes])
                 )
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                run_eval(done)
+                val_rows, load_rows = evaluate(
+                    model, data.val, batch_size=cfg.micro_batch_size, step=done, autocast_dtype=autocast
+                )
+                metrics.val_rows += val_rows
+                metrics.load_rows += load_rows
             if on_step is not None:
                 on_step(row, model)
             if done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
@@ -360,16 +515,6 @@ def _diverged_message(step: int, what: str, value: float, out: Path | None) -> s
     return f"non-finite {what} ({value}) at step {step}: training stopped; {keep}"
 
 
-def _schedule_state(steps_done: int, cfg: TrainConfig) -> dict[str, float]:
-    step = min(steps_done, cfg.steps - 1)
-    return {
-        "lr": lr_at(step, cfg.steps, cfg),
-        "batch_size": batch_size_at(step, cfg.steps, cfg),
-        "mtp_lambda": mtp_lambda_at(step, cfg.steps, cfg),
-        "gamma": bias_speed_at(step, cfg.steps, cfg),
-    }
-
-
 # ---------------------------------------------------------------------- loading a finished run
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResult:
     """The model (latest checkpoint), tokenizer and measurements of a run folder written by :func:`train`."""
@@ -377,7 +522,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
     run_file = run_dir / RUN_FILE
     if not run_file.exists():
         raise FileNotFoundError(f"{run_dir} holds no dsv3lab run ({RUN_FILE} is missing)")
-    saved = json.loads(run_file.read_text())
+    saved = read_json(run_file, "a dsv3lab run description")
     env = {k: v for k, v in saved.get("environment", {}).items() if k in ("out", "device")}
     cfg = TrainConfig.from_dict({**saved["train_config"], **env, "out": str(run_dir), "progress": False})
     model_cfg = ModelConfig.from_dict(saved["model_config"])
@@ -387,15 +532,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
     weights, _, state = read_checkpoint(ckpt)
     check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
     model = build_model(model_cfg, device=device)
-    load_model_weights(model, weights, where=str(ckpt))
+    load_state_dict_strict(model, weights, where=str(ckpt))
     model.eval()
     metrics = RunMetrics.load(run_dir)
     metrics.truncate(state["step"])
-    tokenizer = None
-    if (run_dir / "tokenizer").exists():
-        from ..data import Tokenizer
-
-        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    tokenizer = Tokenizer.load(run_dir / "tokenizer") if (run_dir / "tokenizer").exists() else None
     return RunResult(
         model, model_cfg, cfg, metrics.frame, metrics.val, metrics.expert_load, metrics.loads(), tokenizer, run_dir
     )

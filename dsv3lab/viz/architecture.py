@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from ..accounting import kv_cache_comparison
 from ..config import ModelConfig
+from ..model.rope import linear_ramp, rope_frequencies, yarn_correction_range
 from ._common import fig_ax
 
 
@@ -65,17 +68,19 @@ def plot_params(table: pd.DataFrame, ax=None) -> Figure:
     return fig
 
 
+# The attention variants MLA is compared with: each its own colour and line style (MHA and MQA were once alike).
+BASELINE_STYLES = {"MHA": dict(color="C1", ls="--"), "GQA": dict(color="C2", ls="-."), "MQA": dict(color="C3", ls=":")}
+
+
 def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups: int = 8, ax=None) -> Figure:
     """KV bytes per token as the latent rank d_c varies, against MHA/GQA/MQA lines for ``cfg``'s heads."""
-    from ..accounting import kv_cache_comparison
-
     fig, ax = fig_ax(ax)
     ranks = ranks or [2**i for i in range(4, 12)]
     mla = [kv_cache_comparison(cfg.replace(kv_lora_rank=r), gqa_groups)["MLA (latent)"] for r in ranks]
     ax.plot(ranks, mla, "o-", label="MLA latent (d_c + d_h^R)")
     for name, value in kv_cache_comparison(cfg, gqa_groups).items():
-        if not name.startswith("MLA"):
-            ax.axhline(value, ls="--", lw=1, label=name, color={"M": "C1", "G": "C2"}.get(name[0], "C3"))
+        if name in BASELINE_STYLES:
+            ax.axhline(value, lw=1.2, label=name, **BASELINE_STYLES[name])
     ax.axvline(cfg.kv_lora_rank, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -88,8 +93,6 @@ def plot_kv_vs_rank(cfg: ModelConfig, ranks: list[int] | None = None, gqa_groups
 
 def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
     """Wavelength (2π/θ_i) per rotary pair, plain RoPE vs YaRN, with the original context and the ramp bounds."""
-    from ..model.rope import rope_frequencies, yarn_correction_range
-
     fig, ax = fig_ax(ax)
     plain = rope_frequencies(cfg.replace(max_seq_len=cfg.original_seq_len))
     yarn_cfg = cfg if cfg.yarn_enabled else cfg.replace(max_seq_len=cfg.original_seq_len * 4, rope_factor=4.0)
@@ -109,8 +112,6 @@ def plot_rope_frequencies(cfg: ModelConfig, ax=None) -> Figure:
 
 def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     """The blend factor per rotary pair: 1 = keep the frequency (extrapolate), 0 = divide it by s (interpolate)."""
-    from ..model.rope import linear_ramp, yarn_correction_range
-
     fig, ax = fig_ax(ax, (6, 3))
     low, high = yarn_correction_range(cfg)
     smooth = 1 - linear_ramp(low, high, cfg.qk_rope_head_dim // 2)
@@ -118,6 +119,18 @@ def plot_yarn_ramp(cfg: ModelConfig, ax=None) -> Figure:
     ax.set_xlabel("rotary pair index i")
     ax.set_ylabel("share of the original frequency")
     ax.set_title(f"YaRN ramp: low={low}, high={high}")
+    return fig
+
+
+def plot_yarn(cfg: ModelConfig, axes=None) -> Figure:
+    """Two panels for one YaRN setting: the wavelength of every rotary pair, plain RoPE vs YaRN
+    (:func:`plot_rope_frequencies`), and the ramp γ_i between ``low`` and ``high`` (:func:`plot_yarn_ramp`).
+    ``axes``: two matplotlib axes, or None for a new figure."""
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), width_ratios=(3, 2), layout="constrained")
+    fig = axes[0].figure
+    plot_rope_frequencies(cfg, ax=axes[0])
+    plot_yarn_ramp(cfg, ax=axes[1])
     return fig
 
 

@@ -14,6 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..fp8.formats import fp8_format, fp8_grid
+from ..fp8.quant import quantize
 from ._common import fig_ax
 
 
@@ -86,8 +87,6 @@ def plot_scaling_granularity(df: pd.DataFrame, metric: str = "rel_error_typical"
 def plot_tile_scales(x: torch.Tensor, block, ax=None, title: str | None = None) -> Figure:
     """log2 of the scale each element of x [tokens, channels] gets at granularity ``block``: outliers are visible as
     the tiles/blocks/rows whose scale they inflate."""
-    from ..fp8.quant import quantize
-
     fig, ax = fig_ax(ax, (7, 3.5))
     s = quantize(x, block).expanded_scale()
     im = ax.imshow(torch.log2(s).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from ._common import fig_ax
@@ -100,12 +101,20 @@ def plot_live_loss(metrics: pd.DataFrame, val: pd.DataFrame | None = None, ax=No
     return fig
 
 
+def relative_load_norm(vmax: float = 4.0) -> TwoSlopeNorm:
+    """The colour scale of every relative-load heatmap (with the diverging ``RdBu_r``): 0 (idle) blue, 1 (balanced)
+    white, ``vmax`` (N_r / K_r: every token picks the expert) red — centred at 1, not at the middle of [0, vmax]."""
+    if not vmax > 1:
+        raise ValueError(f"vmax must be > 1 (a relative load of 1 is balanced), got {vmax}")
+    return TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax)
+
+
 def plot_load_heatmap(
     load: np.ndarray, ax=None, title: str = "", layers: list[int] | None = None, vmax: float = 4.0
 ) -> Figure:
-    """Relative expert load [layers, experts] (1 = balanced; N_r / K_r = all tokens) as a heatmap."""
+    """Relative expert load [layers, experts] (1 = balanced; N_r / K_r = all tokens) as a heatmap centred at 1."""
     fig, ax = fig_ax(ax, (6, 2.5))
-    im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(load, aspect="auto", cmap="RdBu_r", norm=relative_load_norm(vmax), interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(load.shape[0]), [str(i) for i in (layers or range(load.shape[0]))])
@@ -128,7 +137,8 @@ def plot_load_heatmaps(
     vmax: float = 4.0,
 ) -> Figure:
     """A grid: one row per variant, one column per point of training (fractions of the run), each the relative
-    load per layer and expert summed over a window of ``window`` of the run around that point."""
+    load per layer and expert summed over a window of ``window`` of the run around that point; colours centred at a
+    relative load of 1 (:func:`relative_load_norm`)."""
     fig, axes = plt.subplots(
         len(counts), len(points), figsize=(3.3 * len(points), 1.7 * len(counts) + 0.6), squeeze=False
     )
@@ -139,7 +149,7 @@ def plot_load_heatmaps(
             stop = min(n, max(w, int(round(p * n))))
             load = relative_load_window(c, stop - w, stop)
             ax = axes[r, j]
-            im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+            im = ax.imshow(load, aspect="auto", cmap="RdBu_r", norm=relative_load_norm(vmax), interpolation="nearest")
             ax.set_yticks(range(load.shape[0]), [str(i) for i in (layers or range(load.shape[0]))], fontsize=7)
             ax.set_xticks([])
             if r == 0:
@@ -166,13 +176,63 @@ def plot_bias_trajectories(bias: np.ndarray, layer: int = 0, ax=None, title: str
     return fig
 
 
+def plot_bias_update(
+    counts: np.ndarray, bias: np.ndarray, gamma: float | None = None, rule: str = "sign", axes=None
+) -> Figure:
+    """The auxiliary-loss-free bias update of one MoE layer step by step (§2.1.2): MaxVio of each step's load (left)
+    and the selection bias b_i of every expert (right). ``counts`` [steps, E] tokens per expert and ``bias`` [steps, E]
+    the bias after each step (``dsv3lab.balance.simulate_bias_update``, or one layer of ``loads.npz``)."""
+    counts, bias = np.asarray(counts, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+    if counts.ndim != 2 or counts.shape != bias.shape:
+        raise ValueError(f"counts and bias must both be [steps, experts], got {counts.shape} and {bias.shape}")
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), layout="constrained")
+    fig = axes[0].figure
+    maxvio = counts.max(axis=-1) / np.maximum(counts.mean(axis=-1), 1e-12) - 1  # as dsv3lab.balance.max_violation
+    setting = ("" if gamma is None else f"γ = {gamma:g}, ") + f"rule {rule}"
+    axes[0].plot(maxvio, lw=1)
+    axes[0].set(xlabel="step", ylabel="MaxVio", ylim=(0, None))
+    axes[0].set_title(f"load imbalance of each step ({setting})", fontsize=9)
+    axes[0].grid(alpha=0.3)
+    plot_bias_trajectories(
+        bias[:, None], layer=0, ax=axes[1], title=f"bias per expert; at the end Σ b_i = {bias[-1].sum():+.3f}"
+    )
+    return fig
+
+
+def plot_load_step(
+    counts: np.ndarray, bias: np.ndarray, step: int, layer: int = 0, window: int = 5, name: str = ""
+) -> Figure:
+    """One step of a run, as notebook 04's scrubber shows it: the relative load of every MoE layer summed over the
+    ``window`` steps up to ``step`` (left), and the selection bias of MoE layer ``layer`` over the whole run with
+    ``step`` marked (right). ``counts`` and ``bias`` are ``loads.npz`` arrays [steps, layers, experts]. Constrained
+    layout keeps the colorbar's label clear of the right panel's ticks."""
+    if not 0 <= step < counts.shape[0]:
+        raise ValueError(f"step must be in [0, {counts.shape[0] - 1}], got {step}")
+    if not 0 <= layer < bias.shape[1]:
+        raise ValueError(f"layer must be in [0, {bias.shape[1] - 1}], got {layer}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    start = max(0, step - window + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.2), layout="constrained")
+    prefix = f"{name}: " if name else ""
+    plot_load_heatmap(
+        relative_load_window(counts, start, step + 1), ax=axes[0], title=f"{prefix}relative load, steps {start}-{step}"
+    )
+    plot_bias_trajectories(bias, layer=layer, ax=axes[1], title=f"{prefix}bias of MoE layer {layer}")
+    axes[1].axvline(step, color="k", ls="--", lw=0.8)
+    return fig
+
+
 def plot_domain_load(expert_load: pd.DataFrame, layer: int, ax=None, title: str = "", vmax: float = 4.0) -> Figure:
     """Fig. 9: relative expert load per domain (rows) and expert (columns) in one layer (``expert_load.csv`` rows of
-    one evaluation)."""
+    one evaluation), colours centred at 1 (:func:`relative_load_norm`)."""
     fig, ax = fig_ax(ax, (6, 1.8))
     g = expert_load[expert_load.layer == layer]
     table = g.pivot_table(index="domain", columns="expert", values="relative_load", sort=False)
-    im = ax.imshow(table.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=0, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(
+        table.to_numpy(), aspect="auto", cmap="RdBu_r", norm=relative_load_norm(vmax), interpolation="nearest"
+    )
     ax.set_yticks(range(len(table.index)), list(table.index), fontsize=8)
     ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], fontsize=6)
     ax.set_xlabel("expert", fontsize=8)
