@@ -154,6 +154,7 @@ def test_policy_is_checked():
 
 def test_figures_and_widget():
     import matplotlib
+    import matplotlib.pyplot
 
     matplotlib.use("Agg")
     import pandas as pd
@@ -180,6 +181,7 @@ def test_figures_and_widget():
     assert "12 experts" in box.children[2].value
     box.children[0].children[0].value = 3  # 3 nodes do not divide 4 groups: auto falls back to the global policy
     assert "3 nodes" in box.children[2].value
+    matplotlib.pyplot.close("all")
 
 
 def test_balance_report_and_drift_by_hand():

@@ -100,6 +100,7 @@ def test_bad_topology_is_refused(kwargs, match):
 
 def test_token_drawing_counts_the_same_copies():
     import matplotlib
+    import matplotlib.pyplot
 
     matplotlib.use("Agg")
     from dsv3lab.viz.expert_parallel import plot_nodes_per_token, plot_token_traffic
@@ -111,3 +112,4 @@ def test_token_drawing_counts_the_same_copies():
 
     table = pd.DataFrame({"routing": ["a", "a", "b"], "nodes": [1, 2, 2], "fraction": [0.5, 0.5, 1.0]})
     assert len(plot_nodes_per_token(table, limit=2).axes[0].patches) == 3
+    matplotlib.pyplot.close("all")
