@@ -135,10 +135,7 @@ RECIPE_DESCRIPTIONS = {
     "fp8": "dsv3lab's trainer with fp8=true, dtype=bf16, adam_moments=bf16 (FP8 values held in FP32 tensors)",
     "paper": "DeepSeek-V3 (§3.2.3, §3.3): recomputation, FP8 and E5M6 activation caches, BF16 moments",
 }
-FP8_ROLES = {
-    "fp8": ("norm_out", "attn_out", "swiglu_out", "dispatch"),
-    "paper": ("attn_out", "swiglu_in", "dispatch"),
-}
+FP8_ROLES = {"fp8": ("norm_out", "attn_out", "swiglu_out", "dispatch"), "paper": ("attn_out", "swiglu_in", "dispatch")}
 _SIZES = {
     "FP8": FP8,
     "E5M6": E5M6,

@@ -492,15 +492,8 @@ def _pipeline_execute(args: argparse.Namespace) -> int:
 def cmd_ep(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    results = run_ep_check(
-        nproc=args.nproc,
-        preset=args.preset,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        replicas=args.replicas,
-        moe_impl=args.moe_impl,
-    )
+    names = ("nproc", "preset", "batch", "seq_len", "seed", "replicas", "moe_impl")
+    results = run_ep_check(**{k: getattr(args, k) for k in names})
     if results is None:  # a torchrun rank other than 0
         return 0
     print(json.dumps(results, indent=2) if args.json else format_ep_check(results))

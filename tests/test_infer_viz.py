@@ -7,12 +7,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 
-from dsv3lab.viz.inference import (
-    plot_acceptance,
-    plot_acceptance_over_training,
-    plot_attention_cost,
-    plot_max_context,
-)
+from dsv3lab.viz.inference import plot_acceptance, plot_acceptance_over_training, plot_attention_cost, plot_max_context
 
 
 def test_acceptance_histogram_shares():

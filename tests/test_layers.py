@@ -47,7 +47,7 @@ SIDEWAYS = {("train", "parallel"), ("infer", "train"), ("infer", "parallel"), ("
 # single modules allowed to import a unit of their rank that their unit may not: (module, unit) -> why
 MODULE_SIDEWAYS = {
     ("dsv3lab.train.grpo", "infer"): "GRPO samples its rollouts with the one generation API (infer.generate); "
-    "dsv3lab/train/__init__ does not import grpo, so infer -> train stays free of cycles (test below)",
+    "dsv3lab/train/__init__ does not import grpo, so infer -> train stays free of cycles (test below)"
 }
 # the bottom layer's modules may use each other only in this order (no cycles): files, version < utils < config <
 # accounting, balance < activations < plan

@@ -12,13 +12,7 @@ from matplotlib.patches import Rectangle
 
 from dsv3lab.parallel.pipeline import PipelineSpec, records_from_json, records_to_json
 from dsv3lab.parallel.schedules import Action, dualpipe, one_f_one_b
-from dsv3lab.parallel.simulator import (
-    Costs,
-    costs_from_timeline,
-    measured_timeline,
-    simulate,
-    sweep_micro_batches,
-)
+from dsv3lab.parallel.simulator import Costs, costs_from_timeline, measured_timeline, simulate, sweep_micro_batches
 from dsv3lab.viz.pipeline import COLOURS, plot_bubble_vs_micro, plot_busy_idle, plot_gantt
 
 

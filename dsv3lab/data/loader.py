@@ -38,14 +38,7 @@ from safetensors.torch import load_file, save_file
 from ..files import atomic_path
 from .corpus import DOMAINS, Document, builtin_corpus, corpus_digest, corpus_stats, folder_corpus
 from .packing import apply_fim, check_fim_rate, check_seq_len, pack
-from .tokenizer import (
-    DEFAULT_VOCAB_SIZE,
-    REPO_ROOT,
-    Tokenizer,
-    check_vocab_size,
-    default_tokenizer,
-    train_tokenizer,
-)
+from .tokenizer import DEFAULT_VOCAB_SIZE, REPO_ROOT, Tokenizer, check_vocab_size, default_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the corpus builders or the cache layout change: old caches are then ignored
 # data/cache/ of the repository (git-ignored) wherever the caller's working directory is (notebooks run in notebooks/);

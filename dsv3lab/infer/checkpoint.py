@@ -493,10 +493,7 @@ def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, w
 
 # ---------------------------------------------------------------------- saving
 def _hf_tensors(
-    model: DeepSeekV3,
-    fp8: tuple[int, int] | None,
-    rope_interleave: bool,
-    dtype: torch.dtype,
+    model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave: bool, dtype: torch.dtype
 ) -> Iterator[tuple[str, Callable[[], list[tuple[str, torch.Tensor]]], int]]:
     """(HF name, a function producing the tensor(s) to write under it and its scale, bytes) in layout order."""
     cfg = model.cfg

@@ -34,11 +34,7 @@ from .blockfp8 import dequantize_blocks
 
 
 def fp8_matmul(
-    x: torch.Tensor,
-    q: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: tuple[int, int],
-    quantize_activations: bool,
+    x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], quantize_activations: bool
 ) -> torch.Tensor:
     """y = x · Wᵀ for W given as E4M3 ``q`` [out, in] and its per-block ``scale_inv``; x: [..., in] -> [..., out]."""
     if not quantize_activations:

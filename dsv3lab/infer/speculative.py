@@ -91,10 +91,7 @@ class SpeculativeStats:
 
 
 def accept_or_resample(
-    p: torch.Tensor,
-    q: torch.Tensor,
-    draft: int,
-    generator: torch.Generator | None = None,
+    p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator | None = None
 ) -> tuple[bool, int]:
     """One step of speculative sampling: target distribution ``p`` [V], draft distribution ``q`` [V], ``draft`` ~ q.
 

@@ -153,12 +153,7 @@ def _check(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: 
 
 
 def rebalance_experts(
-    weight: torch.Tensor,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    policy: str = "auto",
+    weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replicate and place the experts of every layer (the interface of DeepSeek's ``eplb.rebalance_experts``).
 
@@ -253,18 +248,10 @@ def balance_report(
 
 
 def rebalance_drift(
-    counts: torch.Tensor,
-    num_replicas: int,
-    num_groups: int,
-    num_nodes: int,
-    num_gpus: int,
-    window: int = 10,
-    horizon: int = 20,
-    stride: int = 5,
-    policy: str = "auto",
-    fresh: bool = True,
+    counts, num_replicas, num_groups, num_nodes, num_gpus, *, window=10, horizon=20, stride=5, policy="auto", fresh=True
 ) -> pd.DataFrame:
-    """How a plan ages as the loads drift. ``counts`` [steps, L, E]: per-step expert loads (``loads.npz``).
+    """How a plan ages as the loads drift. ``counts`` [steps, L, E]: per-step expert loads (``loads.npz``); the four
+    ints place the experts as in :func:`rebalance_experts`; ``window``, ``horizon``, ``stride``: steps (ints).
 
     For every start step t (from ``window`` on, every ``stride`` steps, while t + horizon fits): plan on the mean
     load of steps [t − window, t), then measure max/mean per GPU (mean over layers) on each later step t + h, h = 0 …

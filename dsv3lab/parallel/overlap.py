@@ -280,13 +280,7 @@ def backward_weight(chunk: BlockChunk) -> None:
 
 
 def overlapped_forward_backward(
-    block_f: Block,
-    x_f: torch.Tensor,
-    cos,
-    sin,
-    chunk_b: BlockChunk,
-    grad_b: torch.Tensor,
-    attach=lambda t, aux: t,
+    block_f: Block, x_f: torch.Tensor, cos, sin, chunk_b: BlockChunk, grad_b: torch.Tensor, attach=lambda t, aux: t
 ) -> tuple[torch.Tensor, BlockChunk, torch.Tensor]:
     """The F&B pair of Fig. 4: the forward of ``block_f`` on ``x_f`` interleaved with the full backward of
     ``chunk_b`` (a forward chunk of another micro-batch, maybe of another block) for the output gradient ``grad_b``.

@@ -49,7 +49,6 @@ from ..files import atomic_folder
 from ..infer.generation import generate
 from ..model import DeepSeekV3, build_model
 from ..model.transformer import IGNORE_INDEX, load_state_dict_strict
-from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .rewards import math_reward
 from .schedules import bias_speed_at, lr_at
@@ -62,6 +61,7 @@ from .trainer import (
     build_run_model,
     open_run_dir,
     run_lock,
+    save_run_checkpoint,
     save_tokenizer,
 )
 
@@ -152,6 +152,7 @@ def rollout(
     model: DeepSeekV3,
     tokenizer,
     batch: Sequence[MathProblem],
+    *,
     group_size: int,
     max_new_tokens: int,
     temperature: float,
@@ -330,16 +331,8 @@ def _train_grpo(cfg: TrainConfig, resume: bool, overwrite: bool, on_step) -> Run
         )
 
     def checkpoint(done: int) -> None:
-        if out is None:
-            return
-        metrics.save(out)
-        state = {
-            "train_config": cfg.identity(),
-            "model_config": model_cfg.to_dict(),
-            "data": {"next_step": done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
-            "schedules": {"lr": lr_at(min(done, cfg.steps - 1), cfg.steps, cfg)},
-        }
-        save_checkpoint(out, done, policy, optimizer, state, keep=cfg.keep_checkpoints)
+        schedules = {"lr": lr_at(min(done, cfg.steps - 1), cfg.steps, cfg)}
+        save_run_checkpoint(out, cfg, model_cfg, done, tokens_seen, schedules, policy, optimizer, metrics)
 
     def diverged(step: int, what: str, value: float) -> str:
         return _diverged_message(step, what, value, out)
@@ -352,17 +345,9 @@ def _train_grpo(cfg: TrainConfig, resume: bool, overwrite: bool, on_step) -> Run
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = [train_pool[i] for i in sample_rows(len(train_pool), step, cfg.batch_size, perm)]
-            ro = rollout(
-                policy,
-                tokenizer,
-                batch,
-                cfg.group_size,
-                cfg.max_new_tokens,
-                cfg.temperature,
-                seed=cfg.seed * 1_000_003 + step,
-                reward_correct=cfg.reward_correct,
-                reward_format=cfg.reward_format,
-            )
+            knobs = ("group_size", "max_new_tokens", "temperature", "reward_correct", "reward_format")
+            seed = cfg.seed * 1_000_003 + step
+            ro = rollout(policy, tokenizer, batch, seed=seed, **{k: getattr(cfg, k) for k in knobs})
             t_rollout = time.perf_counter() - t0
             measures = grpo_step(
                 policy,

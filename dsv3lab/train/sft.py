@@ -75,14 +75,7 @@ class SFTData:
     ``seed``), ``val`` ({"math": (tokens, targets)} of held-out problems, prompts masked), ``tokenizer``, and the
     problems themselves (``train_problems``, ``eval_problems``)."""
 
-    def __init__(
-        self,
-        tokenizer,
-        seq_len: int,
-        seed: int = 0,
-        kinds: Sequence[str] = (),
-        n_eval: int = 64,
-    ):
+    def __init__(self, tokenizer, seq_len: int, seed: int = 0, kinds: Sequence[str] = (), n_eval: int = 64):
         self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
 
         def fitting(stream: int) -> tuple[list[MathProblem], list[tuple[list[int], list[int]]]]:

@@ -350,6 +350,32 @@ def metrics_row(
     return row
 
 
+def save_run_checkpoint(
+    out: Path | None,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    steps_done: int,
+    tokens_seen: int,
+    schedules: dict[str, float],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metrics: RunMetrics,
+) -> None:
+    """The metrics so far, then checkpoint ``steps_done`` (atomic) with what resuming needs: the configs, the data
+    position and the schedule values. Nothing without a run folder. Pre-training, SFT and GRPO all save through
+    here."""
+    if out is None:
+        return
+    metrics.save(out)
+    state = {
+        "train_config": cfg.identity(),
+        "model_config": model_cfg.to_dict(),
+        "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
+        "schedules": schedules,
+    }
+    save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
+
+
 def schedule_at(step: int, cfg: TrainConfig) -> dict[str, float]:
     """The paper's schedules at ``step``: learning rate, batch size, MTP λ and bias speed γ."""
     return {
@@ -439,16 +465,8 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
     moes = model.moe_layers()
 
     def checkpoint(steps_done: int) -> None:
-        if out is None:
-            return
-        metrics.save(out)
-        state = {
-            "train_config": cfg.identity(),
-            "model_config": model_cfg.to_dict(),
-            "data": {"next_step": steps_done, "tokens_seen": tokens_seen, "seed": cfg.data_seed},
-            "schedules": schedule_at(min(steps_done, cfg.steps - 1), cfg),
-        }
-        save_checkpoint(out, steps_done, model, optimizer, state, keep=cfg.keep_checkpoints)
+        schedules = schedule_at(min(steps_done, cfg.steps - 1), cfg)
+        save_run_checkpoint(out, cfg, model_cfg, steps_done, tokens_seen, schedules, model, optimizer, metrics)
 
     def diverged(step: int, what: str, value: float) -> str:
         return _diverged_message(step, what, value, out)

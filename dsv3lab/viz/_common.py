@@ -13,3 +13,16 @@ def fig_ax(ax=None, figsize=(7, 4)):
     else:
         fig = ax.figure
     return fig, ax
+
+
+def finish(ax, xlabel: str, ylabel: str, title: str | None = None, legend: bool = True):
+    """Label the axes (and title), add a small legend and a light grid; returns the figure (the usual last line of a
+    ``plot_x`` function)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax.figure

@@ -17,7 +17,7 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from ..parallel.eplb import gpu_loads, imbalance, replica_loads
 from ..parallel.traffic import Topology
-from ._common import fig_ax
+from ._common import fig_ax, finish
 
 POLICY_COLORS = {"before": "tab:gray", "hierarchical": "tab:blue", "global": "tab:orange"}
 
@@ -36,6 +36,12 @@ def plot_all_to_all(rows: np.ndarray, ax=None, title: str = "rows dispatched") -
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
+
+
+def _arrow(a, b, rad: float, size: float, color: str, lw: float) -> FancyArrowPatch:
+    return FancyArrowPatch(
+        a, b, connectionstyle=f"arc3,rad={rad}", arrowstyle="-|>", mutation_scale=size, color=color, lw=lw
+    )
 
 
 def plot_token_traffic(
@@ -66,33 +72,13 @@ def plot_token_traffic(
     ib = nvlink = 0
     for node in sorted({g // topo.gpus_per_node for g in gpus}):
         landing = node * topo.gpus_per_node + src_local
-        if node != src_node:
+        if node != src_node:  # one copy over InfiniBand to the same-index GPU of the node
             ib += 1
-            ax.add_patch(
-                FancyArrowPatch(
-                    xy(source_gpu),
-                    xy(landing),
-                    connectionstyle="arc3,rad=-0.25",
-                    arrowstyle="-|>",
-                    mutation_scale=10,
-                    color="tab:red",
-                    lw=1.6,
-                )
-            )
-        for g in gpus:
+            ax.add_patch(_arrow(xy(source_gpu), xy(landing), rad=-0.25, size=10, color="tab:red", lw=1.6))
+        for g in gpus:  # then NVLink inside the node to each GPU holding a chosen expert
             if g // topo.gpus_per_node == node and g != landing:
                 nvlink += 1
-                ax.add_patch(
-                    FancyArrowPatch(
-                        xy(landing),
-                        xy(g),
-                        connectionstyle="arc3,rad=0.4",
-                        arrowstyle="-|>",
-                        mutation_scale=8,
-                        color="tab:blue",
-                        lw=1,
-                    )
-                )
+                ax.add_patch(_arrow(xy(landing), xy(g), rad=0.4, size=8, color="tab:blue", lw=1))
     ax.set_xlim(-0.8, (topo.n_nodes - 1) * 1.6 + 0.8)
     ax.set_ylim(-0.9, topo.gpus_per_node + 0.2)
     ax.set_aspect("equal")
@@ -223,12 +209,7 @@ def plot_drift(drift: pd.DataFrame, ax=None, title: str = "a plan ages as the lo
     ax.plot(mean.index, mean.fresh, label="re-planned every step", color="tab:green", ls="--")
     if mean.before.notna().any():
         ax.plot(mean.index, mean.before, label="no rebalancing", color="tab:gray")
-    ax.set_xlabel("steps since rebalancing")
-    ax.set_ylabel("max / mean per GPU")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return fig
+    return finish(ax, "steps since rebalancing", "max / mean per GPU", title)
 
 
 def plot_traffic_vs_k(sweep: pd.DataFrame, ax=None, same_cost: float | None = None) -> Figure:

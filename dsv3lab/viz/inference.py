@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ._common import fig_ax
+from ._common import fig_ax, finish
 
 
 def plot_max_context(table: pd.DataFrame, ax=None) -> Figure:
@@ -44,11 +44,7 @@ def plot_attention_cost(table: pd.DataFrame, value: str = "macs", ax=None) -> Fi
         ax.plot(group["context"], group[value], marker="o", label=path)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("context length t (cached tokens)")
-    ax.set_ylabel(value)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return fig
+    return finish(ax, "context length t (cached tokens)", value)
 
 
 def plot_acceptance(accepted_per_round: list[int] | np.ndarray, depth: int, ax=None) -> Figure:
