@@ -145,3 +145,10 @@ def test_expert_parallel_experiment_summary_and_files(fast_run):
     assert "## C13" in section and "Verdict" in section
     for name in ("expert_parallel_traffic.png", "expert_parallel_eplb.png"):
         assert (fast_run / name).stat().st_size > 10_000, name
+
+
+def test_scale_experiment_in_the_report(fast_run):
+    scale = json.loads((fast_run / "summary.json").read_text())["scale"]
+    assert scale["training_fits_80gb"] and scale["table1_arithmetic_agrees"]
+    assert (fast_run / "scale_memory.png").stat().st_size > 10_000
+    assert "## C14" in (fast_run / "REPORT.md").read_text()

@@ -52,7 +52,7 @@ class Experiment:
 REGISTRY: dict[str, Experiment] = {}
 
 # Experiment modules, in report order. Each registers itself on import.
-EXPERIMENT_MODULES = ["tour", "load_balance", "specialization", "mtp", "fp8", "pipeline", "expert_parallel"]
+EXPERIMENT_MODULES = ["tour", "load_balance", "specialization", "mtp", "fp8", "pipeline", "expert_parallel", "scale"]
 
 
 def experiment(name: str, title: str) -> Callable[[Callable[[Context], Result]], Callable[[Context], Result]]:

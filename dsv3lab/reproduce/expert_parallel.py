@@ -7,10 +7,6 @@ Reuses E1's runs (``aux_free`` and ``none``, seed 0) from the run cache. Paper: 
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd

@@ -12,10 +12,6 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
 import os
 from fractions import Fraction
 

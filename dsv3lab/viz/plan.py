@@ -25,12 +25,11 @@ def plot_plan_memory(table: pd.DataFrame, ax=None, title: str = "Per-GPU memory 
             continue
         ax.bar(pos, vals, 0.6, bottom=bottom, label=item.replace("_", " "))
         bottom += vals
-    ax.scatter(pos, table["gpu_mem_gb"], marker="_", s=2000, color="black", zorder=3, label="GPU memory")
+    ax.hlines(table["gpu_mem_gb"], pos - 0.4, pos + 0.4, color="black", lw=2, zorder=3, label="GPU memory")
     labels = [f"{lay}\n{'fits' if ok else 'does not fit'}" for lay, ok in zip(table["layout"], table["fits"])]
     ax.set_xticks(pos, labels, fontsize=8)
     ax.set_ylabel("GB per GPU")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
     return fig
