@@ -34,6 +34,28 @@ def test_committed_without_outputs(path):
             assert not cell.get("outputs") and not cell.get("execution_count"), f"{path.name} has outputs"
 
 
+MAIN = [p for p in ALL if p.parent == NOTEBOOK_DIR]
+
+
+@pytest.mark.parametrize("path", MAIN, ids=[_id(p) for p in MAIN])
+def test_course_scaffolding(path):
+    """Every notebook of the series: a header (paper sections, prerequisites, time on a 2-core CPU), "Try this"
+    exercises with a solutions notebook that exists, a summary, and a link to the next notebook (the last one links
+    back to the tour)."""
+    nb = json.loads(path.read_text())
+    header = "".join(nb["cells"][0]["source"]).lower()
+    for word in ("paper", "prerequisites", "time"):
+        assert word in header, f"{path.name}: the header cell does not state the {word}"
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert "Try this" in text, f"{path.name}: no exercises"
+    solutions = f"solutions/{path.stem}_solutions.ipynb"
+    assert solutions in text and (NOTEBOOK_DIR / solutions).exists(), f"{path.name}: no link to {solutions}"
+    assert "Summary" in text or "summary" in text, f"{path.name}: no summary"
+    later = [p.name for p in MAIN if p.name > path.name]
+    target = later[0] if later else MAIN[0].name
+    assert f"]({target})" in text, f"{path.name}: no link to {target}"
+
+
 @pytest.mark.parametrize("path", ALL, ids=[_id(p) for p in ALL])
 def test_no_tag_in_multiline_display_math(path):
     """Sphinx wraps display math holding a line break (\\\\) in a split environment, where MathJax refuses \\tag:
