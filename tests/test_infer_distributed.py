@@ -4,7 +4,7 @@ parallelism, routed experts by expert parallelism, each rank reading only its ow
 * 2 and 4 real gloo processes (``dsv3lab.parallel.spawn``) load tiny checkpoints written by ``save_pretrained`` —
   FP32, BF16 in the rotate-half RoPE layout, FP8 (128×128 blocks, so every split falls inside a block and the scales
   are shared; dequantised) and FP8 kept in E4M3 (8×8 blocks) — and generate greedily: the tokens equal single-process
-  generation (plain, batched, and MTP speculative decoding) and the logits agree to fp32 summation order (the
+  generation (greedy batched, MTP speculative, and seeded sampling) and the logits agree to fp32 summation order (the
   all-reduces add partial sums in another order: ``rtol=1e-5, atol=1e-5``; measured ≤ 2.1e-6 on logits of max
   |3.1|).
 * What each rank reads, counted through a wrapper around ``safe_open`` (loading a rank needs no process group, so
@@ -15,6 +15,7 @@ parallelism, routed experts by expert parallelism, each rank reading only its ow
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [3, 4, 11]]  # two lengths: prefill to the short
 NEW = 6
 PROBE = [[5, 6, 7, 8, 9, 10, 12, 13]]  # one forward whose logits are compared
 TOL = dict(rtol=1e-5, atol=1e-5)
+SAMPLING = dict(temperature=0.9, top_p=0.9, seed=5)
 # name -> (save_pretrained kwargs, load kwargs)
 CASES = {
     "fp32": (dict(), dict()),
@@ -71,6 +73,7 @@ def _rank(rank, world, paths):
         ids, logits = _run(model)
         out[name] = (ids, logits.numpy(), model.layers[0].attn.cfg.n_heads)
     out["mtp"] = generate(model, PROMPTS[0], max_new_tokens=NEW, speculative="mtp").ids  # MTP blocks are split too
+    out["sampled"] = generate(model, PROMPTS, max_new_tokens=NEW, **SAMPLING).ids  # same seed, same draws everywhere
     return out
 
 
@@ -88,6 +91,7 @@ def test_generation_across_processes_equals_one_process(checkpoints, world):
             assert heads == 4 // world  # the rank attends with its own heads only
     last = from_pretrained(path, dtype=torch.float32, **CASES[name][1])
     assert all(res["mtp"] == generate(last, PROMPTS[0], max_new_tokens=NEW, speculative="mtp").ids for res in results)
+    assert all(res["sampled"] == generate(last, PROMPTS, max_new_tokens=NEW, **SAMPLING).ids for res in results)
 
 
 # ---------------------------------------------------------------------- what each rank reads
@@ -199,3 +203,27 @@ def test_torchrun_generate_prints_the_single_process_tokens(checkpoints):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["ids"] == ref  # rank 0 alone prints: the output is one JSON object
+
+
+def test_671b_fp8_on_8_ranks_fits_141_gb_and_bf16_does_not():
+    cfg = dsv3lab.ModelConfig.preset("671B", n_mtp=1)
+    world, gpu = 8, 141e9  # 8 × H200
+    fp8 = tp.rank_weight_bytes(cfg, world, keep_fp8=True)
+    bf16 = tp.rank_weight_bytes(cfg, world)
+    # by hand, from the whole model on meta: split tensors and routed experts / 8, everything else replicated
+    with torch.device("meta"):
+        whole = dsv3lab.DeepSeekV3(cfg).to(torch.bfloat16)
+    split = replicated = 0
+    for name, t in whole.state_dict().items():
+        n = t.numel() * t.element_size()
+        *e, r, c = t.shape if t.dim() >= 2 else (1, 1)
+        fp8_n = t.numel() + 4 * math.prod(e) * -(-r // 128) * -(-c // 128)  # E4M3 + an fp32 scale per 128×128 block
+        is_proj = split_dim(name) is not None or ".experts.w" in name
+        kept = fp8_n if (is_proj or name.endswith(("wq_a.weight", "wkv_a.weight"))) else n
+        if is_proj:
+            split += kept
+        else:
+            replicated += kept
+    assert fp8 == split // world + replicated
+    print(f"671B weights per rank over 8 ranks: {fp8 / 1e9:.1f} GB kept in FP8, {bf16 / 1e9:.1f} GB in BF16")
+    assert fp8 < 0.7 * gpu < gpu < bf16  # FP8 leaves > 40 GB per H200 for the cache and activations; BF16 does not fit

@@ -66,7 +66,7 @@ from .checkpoint import (
     stored_names,
 )
 from .fp8weights import keep_fp8_modules
-from .layout import Slot, from_rotate_half
+from .layout import Slot, from_rotate_half, layout
 
 
 # ---------------------------------------------------------------------- which sizes split over the ranks
@@ -181,6 +181,27 @@ def shard_model(model: DeepSeekV3, rank: int, world_size: int, group=None) -> De
         else:
             block.ffn = TensorParallelMLP(cfg.dim, cfg.inter_dim, cfg, world_size, group)
     return model
+
+
+def rank_weight_bytes(
+    cfg: ModelConfig,
+    world_size: int,
+    *,
+    keep_fp8: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    rank: int = 0,
+) -> int:
+    """Bytes of one rank's weights (parameters and persistent buffers) as :func:`load_sharded` holds them, from the
+    model built on the meta device (no memory): ``keep_fp8`` counts E4M3 projections with their fp32 block scales,
+    otherwise every projection in ``dtype``. For the 671B model on 8 ranks: 90.0 GB kept in FP8, 175.9 GB in BF16."""
+    with torch.device("meta"):
+        model = shard_model(DeepSeekV3(cfg), rank, world_size)
+        model.to(dtype)
+        if keep_fp8:
+            names = [s.name for s in layout(cfg).values() if s.fp8]
+            keep_fp8_modules(model, names, block, False, dtype)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 # ---------------------------------------------------------------------- which slice of each tensor a rank reads
