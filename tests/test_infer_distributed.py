@@ -175,6 +175,15 @@ def test_each_rank_reads_only_its_own_slices(checkpoints, monkeypatch, name, wor
     assert all(len(e) == cfg.n_routed_experts // world for e in experts)
 
 
+def test_one_rank_needs_no_process_group_and_equals_from_pretrained(checkpoints):
+    one = load_sharded(checkpoints["fp8_kept"], 0, 1, dtype=torch.float32, keep_fp8=True)
+    ref = from_pretrained(checkpoints["fp8_kept"], dtype=torch.float32, keep_fp8=True)
+    ids, logits = _run(one)
+    ref_ids, ref_logits = _run(ref)
+    assert ids == ref_ids
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+
+
 # ---------------------------------------------------------------------- bad input
 def test_world_sizes_that_do_not_divide_are_errors(checkpoints, tiny_cfg):
     with pytest.raises(ValueError, match=r"n_heads=4.*not divisible by 3.*allowed world sizes: 1, 2, 4"):

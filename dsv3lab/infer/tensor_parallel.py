@@ -107,9 +107,10 @@ def _group_info(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Sum ``x`` over the ranks of ``group`` in place (the row-parallel combine) and return it."""
-    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+def all_reduce_sum(x: torch.Tensor, world_size: int, group) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``group`` in place (the row-parallel combine) and return it (one rank: as is)."""
+    if world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
 
@@ -120,11 +121,11 @@ class TensorParallelMLA(MLA):
 
     def __init__(self, cfg: ModelConfig, world_size: int, group=None):
         super().__init__(cfg.replace(n_heads=cfg.n_heads // world_size))
-        self.group = group
+        self.world_size, self.group = world_size, group
 
     def forward(self, x, start_pos, cos, sin, cache=None):
         # x: [b, s, dim] -> this rank's heads -> partial wo output [b, s, dim] -> summed over the ranks
-        return all_reduce_sum(super().forward(x, start_pos, cos, sin, cache), self.group)
+        return all_reduce_sum(super().forward(x, start_pos, cos, sin, cache), self.world_size, self.group)
 
 
 class TensorParallelMLP(MLP):
@@ -132,10 +133,10 @@ class TensorParallelMLP(MLP):
 
     def __init__(self, dim: int, inter_dim: int, cfg: ModelConfig, world_size: int, group=None):
         super().__init__(dim, inter_dim // world_size, cfg)
-        self.group = group
+        self.world_size, self.group = world_size, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(super().forward(x), self.group)
+        return all_reduce_sum(super().forward(x), self.world_size, self.group)
 
 
 class ShardedMoE(MoE):
@@ -144,7 +145,7 @@ class ShardedMoE(MoE):
 
     def __init__(self, cfg: ModelConfig, rank: int, world_size: int, group=None):
         super().__init__(cfg)
-        self.rank, self.group = rank, group
+        self.rank, self.world_size, self.group = rank, world_size, group
         self.n_local = cfg.n_routed_experts // world_size
         self.first = rank * self.n_local  # global index of local expert 0
         # the local bank: only the sizes Experts reads matter (each (token, expert) pair arrives alone, K = 1)
@@ -165,7 +166,7 @@ class ShardedMoE(MoE):
             y.index_add_(0, token, pairs)  # [P, dim] summed per token
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return all_reduce_sum(y, self.group).view(b, s, d)
+        return all_reduce_sum(y, self.world_size, self.group).view(b, s, d)
 
 
 def shard_model(model: DeepSeekV3, rank: int, world_size: int, group=None) -> DeepSeekV3:
@@ -377,8 +378,11 @@ def load_sharded(
                             )
                         blk = block or DEFAULT_BLOCK
                         s0, s1 = _scale_range(dim, start, stop, blk)
-                        with safe_open(folder / weight_map[scale_name], framework="pt", device="cpu") as g:
-                            scale = stats.track(_read(g, scale_name, dim, s0, s1)).float()
+                        if weight_map[scale_name] == file:  # as a rule the scale sits next to its weight
+                            scale = stats.track(_read(f, scale_name, dim, s0, s1)).float()
+                        else:
+                            with safe_open(folder / weight_map[scale_name], framework="pt", device="cpu") as g:
+                                scale = stats.track(_read(g, scale_name, dim, s0, s1)).float()
                         stats.bytes_read += scale.numel() * 4
                         if keep_fp8:
                             b = blk[dim or 0]
