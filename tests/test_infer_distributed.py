@@ -27,6 +27,7 @@ from safetensors import safe_open
 import dsv3lab
 from dsv3lab.infer import CheckpointError, from_pretrained, generate, save_pretrained
 from dsv3lab.infer import tensor_parallel as tp
+from dsv3lab.infer.blockfp8 import dequantize_blocks, quantize_blocks
 from dsv3lab.infer.layout import layout
 from dsv3lab.infer.tensor_parallel import ShardLoadStats, check_world, load_sharded, split_dim
 from dsv3lab.parallel import spawn
@@ -182,6 +183,22 @@ def test_one_rank_needs_no_process_group_and_equals_from_pretrained(checkpoints)
     ref_ids, ref_logits = _run(ref)
     assert ids == ref_ids
     torch.testing.assert_close(logits, ref_logits, **TOL)
+
+
+@pytest.mark.parametrize("dim, start, stop", [(0, 0, 50), (0, 37, 90), (1, 20, 70), (1, 64, 100), (None, 0, 0)])
+def test_a_dequantised_slice_is_the_slice_of_the_dequantised_weight(dim, start, stop):
+    w = torch.randn(90, 100) * torch.logspace(-3, 1, 100)  # columns of very different ranges: the scales matter
+    block = (16, 32)
+    q, scale = quantize_blocks(w, block)
+    whole = dequantize_blocks(q, scale, block, dtype=torch.float32)
+    s0, s1 = tp._scale_range(dim, start, stop, block)
+    if dim is None:
+        part, want = tp._dequantize_slice(q, scale, block, None, 0), whole
+    elif dim == 0:
+        part, want = tp._dequantize_slice(q[start:stop], scale[s0:s1], block, 0, start), whole[start:stop]
+    else:
+        part, want = tp._dequantize_slice(q[:, start:stop], scale[:, s0:s1], block, 1, start), whole[:, start:stop]
+    assert torch.equal(part, want)
 
 
 # ---------------------------------------------------------------------- bad input

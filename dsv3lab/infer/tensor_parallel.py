@@ -45,7 +45,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from ..config import ModelConfig
-from ..files import CheckpointError, names_list, recover
+from ..files import CheckpointError, names_list
 from ..fp8.quant import expand_scale
 from ..model import MLA, MLP, DeepSeekV3, Experts, MoE, MTPModule
 from .blockfp8 import DEFAULT_BLOCK, is_fp8
@@ -251,7 +251,7 @@ def _dequantize_slice(
     q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dim: int | None, start: int
 ) -> torch.Tensor:
     """E4M3 rows/columns starting at ``start`` of a blockwise weight, times the scale blocks covering them (read
-    from block start // b): fp32. Exactly ``dequantize_blocks`` of the whole weight, then sliced."""
+    from block start // b): fp32, equal bit for bit to ``dequantize_blocks`` of the whole weight, then sliced."""
     full = expand_scale(scale.float(), block, torch.Size((scale.shape[0] * block[0], scale.shape[1] * block[1])))
     r0 = start % block[0] if dim == 0 else 0
     c0 = start % block[1] if dim == 1 else 0
@@ -287,8 +287,7 @@ def load_sharded(
     """
     if quantize_activations and not keep_fp8:
         raise ValueError("quantize_activations=True computes with the kept FP8 weights: it needs keep_fp8=True")
-    folder = Path(path)
-    recover(folder)
+    folder = Path(path)  # read only: no recover() of an interrupted save here, where every rank would race to it
     if not (folder / CONFIG_FILE).exists():
         raise CheckpointError(
             f"{folder} has no {CONFIG_FILE}: loading across processes needs the official Hugging Face layout "
