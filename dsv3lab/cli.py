@@ -7,6 +7,7 @@ Commands::
     dsv3lab train --from RUN_OR_CKPT [--stage sft|grpo] [--steps N] [--set key=value ...] --out NEW_DIR  (a stage)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
+                                                   (also under torchrun: heads and experts split over the ranks)
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
     dsv3lab memory [PRESET] [--budget 80GB] [--batch N] [--json]
     dsv3lab plan PRESET [--gpus N] [--gpu-mem 80GB] [--pp P] [--ep E] [--zero Z] [--micro-batch B] [--seq T] [--json]
@@ -36,6 +37,7 @@ from .accounting import kv_cache_bytes_per_token, max_context, model_stats
 from .config import PRESETS, ModelConfig
 from .infer import convert, generate, load_any, load_tokenizer
 from .infer.generation import decode
+from .infer.tensor_parallel import join_launched_group, launched_world_size, leave_launched_group, load_sharded
 from .parallel.expert import format_ep_check, run_ep_check
 from .parallel.schedules import SCHEDULES, make_schedule
 from .parallel.simulator import TABLE2_FORMULAS, Costs, chunk_times, simulate, table2, table2_assumptions
@@ -174,13 +176,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--quantize-activations computes with the kept FP8 weights: add --keep-fp8")
     if args.prompt and args.ids is not None:
         raise ValueError("give either --prompt TEXT or --ids 1,2,3, not both")
-    model = load_any(
-        args.checkpoint,
-        device=args.device,
+    load = dict(
         dtype=_dtype(args.dtype),
         keep_fp8=args.keep_fp8,
         quantize_activations=args.quantize_activations or args.fp8_gemm == "fp8",
     )
+    rank, launched = 0, launched_world_size() > 1
+    if launched:  # torchrun: this process holds its heads and experts (infer.tensor_parallel)
+        rank, _, device = join_launched_group(args.device)
+        model = load_sharded(args.checkpoint, device=device, **load)
+    else:
+        model = load_any(args.checkpoint, device=args.device, **load)
     tokenizer = None
     if args.ids is None:
         if not args.prompt:
@@ -192,7 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             prompts = [[int(t) for t in args.ids.split(",") if t.strip()]]
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {args.ids!r}") from None
-    stream = not args.json and len(prompts) == 1
+    stream = not args.json and len(prompts) == 1 and rank == 0  # every rank decodes the same tokens; rank 0 prints
     printed = {"text": "", "ids": []}
 
     def on_token(i: int, tok: int) -> None:  # print the new part of the decoded text (bytes may merge)
@@ -222,6 +228,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         add_bos=tokenizer is not None and args.bos,
         on_token=on_token if stream else None,
     )
+    if launched:
+        leave_launched_group()
+        if rank != 0:
+            return 0
     if args.json:
         result = out.to_dict()
         if len(prompts) == 1:  # one prompt: its ids and text, not lists of one

@@ -10,6 +10,8 @@ Modules, one concept each:
 * ``sampling``    greedy / temperature / top-k / top-p choice of the next token
 * ``generation``  ``generate``: prefill + latent-cache decoding, batched prompts; ``speculative="mtp"`` for MTP drafts
 * ``speculative`` MTP draft-and-verify decoding (the core of ``generate(speculative="mtp")``), acceptance statistics
+* ``tensor_parallel`` ``load_sharded``: an official checkpoint over processes (heads split, routed experts split), each
+  rank reading its own slices; what ``torchrun ... -m dsv3lab generate`` runs
 
 Notebook: 10_inference.
 """
@@ -18,6 +20,7 @@ from .checkpoint import CheckpointError, LoadStats, from_pretrained, save_pretra
 from .conversion import convert, load_any
 from .generation import Generation, generate, load_tokenizer, speculative_generate
 from .speculative import SpeculativeStats
+from .tensor_parallel import load_sharded
 
 __all__ = [
     "CheckpointError",
@@ -31,4 +34,5 @@ __all__ = [
     "load_tokenizer",
     "SpeculativeStats",
     "speculative_generate",
+    "load_sharded",
 ]

@@ -100,12 +100,18 @@ class FP8Experts(Experts):
     with ``quantize_activations`` the loop path multiplies FP8 activations by the FP8 expert weight instead."""
 
     def __init__(
-        self, cfg, block: tuple[int, int], quantize_activations: bool = False, dtype: torch.dtype = torch.bfloat16
+        self,
+        cfg,
+        block: tuple[int, int],
+        quantize_activations: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        n_experts: int | None = None,
     ):
         nn.Module.__init__(self)  # no FP32 parameters: the buffers below replace them
-        self.n_experts, self.impl, self.fp8 = cfg.n_routed_experts, cfg.moe_impl, None
+        e = cfg.n_routed_experts if n_experts is None else n_experts  # fewer on a rank of expert parallelism
+        self.n_experts, self.impl, self.fp8 = e, cfg.moe_impl, None
         self.block, self.quantize_activations, self.dtype = tuple(block), quantize_activations, dtype
-        e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        d, i = cfg.dim, cfg.moe_inter_dim
         for name, (rows, cols) in (("w1", (i, d)), ("w2", (d, i)), ("w3", (i, d))):
             self.register_buffer(f"{name}_fp8", torch.empty(e, rows, cols, dtype=torch.uint8))  # E4M3 bits
             self.register_buffer(
@@ -143,7 +149,7 @@ def keep_fp8_modules(
         parent = model.get_submodule(parent_path)
         old = getattr(parent, child)
         if isinstance(old, Experts):
-            new = FP8Experts(model.cfg, block, quantize_activations, dtype)
+            new = FP8Experts(model.cfg, block, quantize_activations, dtype, n_experts=old.n_experts)
         elif isinstance(old, nn.Linear) and old.bias is None:
             new = FP8WeightLinear(old.in_features, old.out_features, block, quantize_activations, dtype)
         else:
