@@ -5,6 +5,7 @@ Commands::
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
     dsv3lab train --from RUN_OR_CKPT [--stage sft|grpo] [--steps N] [--set key=value ...] --out NEW_DIR  (a stage)
+    torchrun --nproc-per-node N -m dsv3lab train ... --set dp=.. --set ep=..   (several processes: FSDP2, EP)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
     dsv3lab convert SRC DST [--fp8 | --bf16] [--dtype D] [--rotate-half] [--to hf|dsv3lab]
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -110,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.model_config()  # validate the model settings before any data is built
     run = train_grpo if cfg.stage == "grpo" else train
     result = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports; every rank has logged its own lines
+        return 0
     m = result.metrics
     if cfg.stage == "grpo":
         last = m.iloc[-1] if len(m) else None
