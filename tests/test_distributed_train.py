@@ -7,7 +7,9 @@ updated every step. The same global batches on 4 processes give the single-proce
   training losses within ``rtol=1e-5`` (measured: ~1.5e-7, fp32 sums in another order), the selection biases equal on
   every rank and to the single process' (integer counts all-reduced: exactly), validation within ``rtol=1e-4``;
 * sharded checkpoints (torch.distributed.checkpoint) saved at 4 processes resume at 2 processes (torchrun and the
-  CLI) and at 1 (the plain trainer) with the same trajectory after the switch, ``rtol=1e-5``.
+  CLI) and at 1 (the plain trainer) with the same trajectory after the switch, ``rtol=1e-5``;
+* the official-layout export written by 4 ranks (one shard file each) loads with ``dsv3lab.infer.from_pretrained``
+  and gives exactly the logits of the checkpoint read into one model (FP32 export).
 
 One spawn per layout: starting processes dominates the time.
 """
@@ -23,11 +25,14 @@ import pandas as pd
 import pytest
 import torch
 
+from dsv3lab.infer import from_pretrained
+from dsv3lab.infer.export import export_sharded
 from dsv3lab.parallel import spawn
-from dsv3lab.train import TrainConfig
+from dsv3lab.train import TrainConfig, load_run
 from dsv3lab.train.checkpoint import is_sharded_checkpoint
 from dsv3lab.train.distributed import resolve_layout, train
 from dsv3lab.train.trainer import train as train_single
+from dsv3lab.utils import torch_threads
 
 LOSS_RTOL, VAL_RTOL = 1e-5, 1e-4
 BASE = dict(
@@ -56,13 +61,16 @@ def config(**kw) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def reference():
-    """The single-process run: losses per step, validation, final biases."""
-    r = train_single(config())
-    return r
+    """The single-process run: losses per step, validation, final biases (one thread: module fixtures run before
+    the function-scoped ``one_thread``)."""
+    with torch_threads(1):
+        return train_single(config())
 
 
-def _worker(rank, world, kw):
+def _worker(rank, world, kw, export=None):
     r = train(config(**kw))
+    if export:  # every rank writes its part of the official layout
+        export_sharded(kw["out"], export, dtype=torch.float32)
     biases = [m.gate.bias.tolist() for m in r.model.moe_layers()]
     return r.metrics.to_dict("list"), r.val.to_dict("list"), biases
 
@@ -152,11 +160,20 @@ def test_dp4_matches_one_process_and_resumes_at_2_and_1(reference, tmp_path):
 
 
 def test_dp2_ep2_matches_one_process(reference, tmp_path):
-    run = tmp_path / "ep"
-    results = spawn(_worker, 4, dict(dp=2, ep=2, out=str(run)))
+    run, hf = tmp_path / "ep", tmp_path / "hf"
+    results = spawn(_worker, 4, dict(dp=2, ep=2, out=str(run)), str(hf))
     worst = _check_run(results, reference)
     print(f"dp=2 × ep=2: max relative loss difference {worst:.1e} over 20 steps")
     # the expert banks were saved as the global [E, ...] stack: one process resumes them
     one = _restart_at(run, tmp_path / "one", 10)
     r1 = train_single(config(out=str(one)), resume=True)
     _check_trajectory(r1.metrics, reference, start=10)
+
+    # the official layout written by the 4 ranks, one shard file each, loads with the single-process loader and gives
+    # the logits of the run's own checkpoint read into one model
+    files = sorted(p.name for p in hf.glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    exported, trained = from_pretrained(hf).eval(), load_run(run).model
+    tokens = torch.randint(0, trained.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens)[0], trained(tokens)[0], rtol=0, atol=0)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -158,7 +160,9 @@ def load_sharded_checkpoint(
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a sharded checkpoint ({DCP_METADATA} and {STATE_FILE} expected)")
     sd = sharded_state(model, optimizer, to_saved)
-    dcp.load(sd, checkpoint_id=path)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
     sd = from_saved(sd) if from_saved is not None else sd
     if optimizer is None:
         set_model_state_dict(model, sd["model"])
