@@ -36,8 +36,11 @@ every rank logs its own lines to stderr (``[rank r/W] ...``).
 Layouts: ``dp`` and ``ep`` (with MTP and the auxiliary-loss-free bias). ``pp > 1`` is refused with a clear error:
 the pipeline runtime (:mod:`dsv3lab.parallel.pipeline`) is not wired into this trainer yet.
 
-    torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=4 --out runs/dp4
-    torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=2 --set ep=2 --out runs/dp2ep2
+    torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=4 --set batch_size_start=8 --out runs/dp4
+    torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=2 --set ep=2 --set batch_size_start=8 ...
+
+Every batch size of the schedule must be a multiple of dp·ep (each data rank reads the same number of rows; the
+default ramp from batch_size // 5 is not, hence ``batch_size_start`` above).
 
 Notebook: 11_scale_to_full.
 """
@@ -537,6 +540,8 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
         metrics = RunMetrics.load(out)
         metrics.truncate(start)
         ranks.log(f"resumed {ckpt} (saved at layout {state.get('layout')}) at step {start}")
+    if layout.zero == 1:
+        ranks.log("zero=1: FSDP2 always shards gradients; running the ZeRO-2 layout (parameters kept after forward)")
     ranks.log(
         f"layout pp={layout.pp} dp={layout.dp} ep={layout.ep} zero={layout.zero}; mesh coordinate "
         f"{ranks.mesh.get_coordinate()}; rows {ranks.rows(cfg.batch_size).start}..{ranks.rows(cfg.batch_size).stop} "
