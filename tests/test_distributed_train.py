@@ -8,8 +8,9 @@ updated every step. The same global batches on 4 processes give the single-proce
   every rank and to the single process' (integer counts all-reduced: exactly), validation within ``rtol=1e-4``;
 * sharded checkpoints (torch.distributed.checkpoint) saved at 4 processes resume at 2 processes (torchrun and the
   CLI) and at 1 (the plain trainer) with the same trajectory after the switch, ``rtol=1e-5``;
-* the official-layout export written by 4 ranks (one shard file each) loads with ``dsv3lab.infer.from_pretrained``
-  and gives exactly the logits of the checkpoint read into one model (FP32 export).
+* the official-layout export written by 4 ranks (one shard file each), or by one process part after part, loads with
+  ``dsv3lab.infer.from_pretrained`` and gives exactly the logits of the checkpoint read into one model (FP32 export;
+  block-FP8 within 1% of the largest logit, measured 2.3e-3).
 
 One spawn per layout: starting processes dominates the time.
 """
@@ -25,8 +26,10 @@ import pandas as pd
 import pytest
 import torch
 
+from dsv3lab.config import ModelConfig
 from dsv3lab.infer import from_pretrained
-from dsv3lab.infer.export import export_sharded
+from dsv3lab.infer.export import export_sharded, split_parts
+from dsv3lab.infer.layout import layout, mtp_duplicates
 from dsv3lab.parallel import spawn
 from dsv3lab.train import TrainConfig, load_run
 from dsv3lab.train.checkpoint import is_sharded_checkpoint
@@ -128,6 +131,21 @@ def test_layout_resolution_and_errors():
         train(config(dp=2))  # no process group, no torchrun environment
 
 
+def test_export_parts_cover_the_layout_once():
+    cfg = ModelConfig.preset("tiny")
+    sizes = {slot.name: 100 if "experts.w" in slot.name else 1 for slot in layout(cfg).values()}
+    for n in (1, 2, 3, 4, 7):
+        parts = split_parts(cfg, sizes, n)
+        names = [x for p in parts for x in p]
+        assert sorted(names) == sorted([*layout(cfg), *mtp_duplicates(cfg)])  # every official name, once
+        owner = {x: i for i, p in enumerate(parts) for x in p}
+        stacks = {}
+        for name, slot in layout(cfg).items():  # a layer's expert stack is never split between parts
+            stacks.setdefault(slot.name, set()).add(owner[name])
+        assert all(len(v) == 1 for v in stacks.values())
+    assert all(split_parts(cfg, sizes, 4))  # balanced by bytes: no part empty
+
+
 # ---------------------------------------------------------------------- exactness, checkpoints, resumption
 def test_dp4_matches_one_process_and_resumes_at_2_and_1(reference, tmp_path):
     run = tmp_path / "dp4"
@@ -145,6 +163,18 @@ def test_dp4_matches_one_process_and_resumes_at_2_and_1(reference, tmp_path):
     one = _restart_at(run, tmp_path / "one", 10)
     r1 = train_single(config(out=str(one)), resume=True)
     print(f"resumed at 1: {_check_trajectory(r1.metrics, reference, start=10):.1e}")
+
+    # the official layout from one process, part after part (FP32: exact; FP8 blocks: within 1%, measured 2.3e-3)
+    trained = load_run(run).model
+    tokens = torch.randint(0, trained.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_logits = trained(tokens)[0]
+        export_sharded(run, tmp_path / "hf32", dtype=torch.float32, max_shard_size="100KB")
+        assert len(list((tmp_path / "hf32").glob("model-*-of-*.safetensors"))) > 4
+        torch.testing.assert_close(from_pretrained(tmp_path / "hf32")(tokens)[0], ref_logits, rtol=0, atol=0)
+        export_sharded(run, tmp_path / "hf8", fp8=True)
+        fp8_logits = from_pretrained(tmp_path / "hf8", dtype=torch.float32)(tokens)[0]
+        assert float((fp8_logits - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-2
 
     # at 2 processes, through torchrun and the command line
     two = _restart_at(run, tmp_path / "two", 10)

@@ -33,6 +33,10 @@ The same optimizer step as :mod:`dsv3lab.train.trainer`, on ``world = pp Ã— dp Ã
 Rank 0 writes the run folder (``run.json``, metrics, checkpoints' metadata, tokenizer) and draws the progress bar;
 every rank logs its own lines to stderr (``[rank r/W] ...``).
 
+Exactness holds for pre-training, where every position has a target. SFT (masked prompts) runs too but weights each
+rank's loss by its rows, as the single-process trainer weights micro-batches: the trajectory then matches one process
+only when the ranks hold equal numbers of targets (not tested).
+
 Layouts: ``dp`` and ``ep`` (with MTP and the auxiliary-loss-free bias). ``pp > 1`` is refused with a clear error:
 the pipeline runtime (:mod:`dsv3lab.parallel.pipeline`) is not wired into this trainer yet.
 
