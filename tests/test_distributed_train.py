@@ -3,11 +3,13 @@
 The toy run: tiny preset, 20 steps, 8 sequences of 16 tokens per step, fp32, MTP on, the auxiliary-loss-free bias
 updated every step. The same global batches on 4 processes give the single-process run's loss trajectory:
 
-* dp=4 (FSDP2, ZeRO-3) and dp=2 × ep=2 with ZeRO-2 (expert-parallel MoE layers): every step's
-  training losses within ``rtol=1e-5`` (measured: ~1.5e-7, fp32 sums in another order), the selection biases equal on
-  every rank and to the single process' (integer counts all-reduced: exactly), validation within ``rtol=1e-4``;
-* sharded checkpoints (torch.distributed.checkpoint) saved at 4 processes resume at 2 processes (torchrun and the
-  CLI) and at 1 (the plain trainer) with the same trajectory after the switch, ``rtol=1e-5``;
+* dp=4 (FSDP2, ZeRO-3), dp=2 × ep=2 with ZeRO-2 (expert-parallel MoE layers) and pp=2 × dp=2 (1F1B of
+  torch.distributed.pipelining, 2 micro-batches per data rank): every step's training losses within ``rtol=1e-5``
+  (measured: 1.3e-7 to 1.9e-7, fp32 sums in another order), the selection biases equal on every rank and to the
+  single process' (integer counts all-reduced: exactly), validation within ``rtol=1e-4``;
+* sharded checkpoints (torch.distributed.checkpoint) saved at 4 processes resume at 2 processes (the pipeline run's,
+  at dp=2 through torchrun and the CLI) and at 1 (the dp=4 run's and the EP run's, in the plain trainer) with the
+  same trajectory after the switch, ``rtol=1e-5``;
 * the official-layout export written by 4 ranks (one shard file each), or by one process part after part, loads with
   ``dsv3lab.infer.from_pretrained`` and gives exactly the logits of the checkpoint read into one model (FP32 export;
   block-FP8 within 1% of the largest logit, measured 2.3e-3).
@@ -121,8 +123,11 @@ def test_layout_resolution_and_errors():
         resolve_layout(config(dp=2), 4)
     with pytest.raises(ValueError, match="ep=3 must divide n_routed_experts"):
         resolve_layout(config(dp=1, ep=3), 3)
-    with pytest.raises(ValueError, match="pipeline parallelism is not wired"):
-        resolve_layout(config(dp=2, pp=2), 4)
+    assert resolve_layout(config(dp=2, pp=2), 4).pp == 2
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size=3"):
+        resolve_layout(config(dp=2, pp=2, micro_batch_size=3), 4)
+    with pytest.raises(ValueError, match="pipeline and expert parallelism together"):
+        resolve_layout(config(dp=1, ep=2, pp=2), 4)
     with pytest.raises(ValueError, match="step 0 has a batch of 6 sequences, not divisible by the dp·ep = 4"):
         resolve_layout(config(batch_size=6, batch_size_start=6), 4)
     with pytest.raises(ValueError, match="zero"):
@@ -147,7 +152,7 @@ def test_export_parts_cover_the_layout_once():
 
 
 # ---------------------------------------------------------------------- exactness, checkpoints, resumption
-def test_dp4_matches_one_process_and_resumes_at_2_and_1(reference, tmp_path):
+def test_dp4_matches_one_process_resumes_at_1_and_exports(reference, tmp_path):
     run = tmp_path / "dp4"
     results = spawn(_worker, 4, dict(dp=4, out=str(run)))
     worst = _check_run(results, reference)
@@ -176,11 +181,18 @@ def test_dp4_matches_one_process_and_resumes_at_2_and_1(reference, tmp_path):
         fp8_logits = from_pretrained(tmp_path / "hf8", dtype=torch.float32)(tokens)[0]
         assert float((fp8_logits - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-2
 
+
+def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, tmp_path):
+    run = tmp_path / "pp"
+    results = spawn(_worker, 4, dict(pp=2, dp=2, micro_batch_size=2, out=str(run)))  # 1F1B, 2 micro-batches
+    worst = _check_run(results, reference)
+    print(f"pp=2 × dp=2: max relative loss difference {worst:.1e} over 20 steps")
+
     # at 2 processes, through torchrun and the command line
-    two = _restart_at(run, tmp_path / "two", 10)
+    two = _restart_at(run, tmp_path / "two", 10)  # the pipeline run's checkpoint, at dp=2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "dsv3lab", "train"]
     cmd += ["--preset", "tiny", "--steps", "20", "--out", str(two), "--resume", "--quiet", "--set", "dp=2"]
-    for s in SETS:
+    for s in [*SETS, "micro_batch_size=2"]:  # the pipeline run's micro-batches (part of the run's identity)
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

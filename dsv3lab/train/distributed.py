@@ -37,8 +37,10 @@ Exactness holds for pre-training, where every position has a target. SFT (masked
 rank's loss by its rows, as the single-process trainer weights micro-batches: the trajectory then matches one process
 only when the ranks hold equal numbers of targets (not tested).
 
-Layouts: ``dp`` and ``ep`` (with MTP and the auxiliary-loss-free bias). ``pp > 1`` is refused with a clear error:
-the pipeline runtime (:mod:`dsv3lab.parallel.pipeline`) is not wired into this trainer yet.
+* **Pipeline parallelism** (``pp > 1``, :class:`PipelineRunner`): one stage per rank, 1F1B from
+  ``torch.distributed.pipelining``, stages replicated over their data ranks. Not with ``ep > 1`` yet.
+
+Layouts tested equal to one process: dp, dp × ep, pp × dp (with MTP and the auxiliary-loss-free bias).
 
     torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=4 --set batch_size_start=8 --out runs/dp4
     torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=2 --set ep=2 --set batch_size_start=8 ...
@@ -67,6 +69,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm.auto import tqdm
 
@@ -74,8 +77,10 @@ from ..balance import max_violation_per_sequence, update_selection_bias
 from ..config import ModelConfig
 from ..files import atomic_folder, atomic_write_json, atomic_write_text
 from ..model import DeepSeekV3
-from ..model.transformer import IGNORE_INDEX
+from ..model.transformer import IGNORE_INDEX, cross_entropy
 from ..parallel.expert import EPExperts, shard_moe_layers
+from ..parallel.pipeline import stage_shapes
+from ..parallel.stages import split_model, stage_layers
 from .checkpoint import (
     DCP_FORMAT,
     LATEST,
@@ -162,10 +167,12 @@ def resolve_layout(cfg: TrainConfig, world: int, model_cfg: ModelConfig | None =
             f"launch with torchrun --nproc-per-node {layout.world}, or change dp/ep/pp (dp=0 takes the rest)"
         )
     if cfg.pp > 1:
-        raise ValueError(
-            f"pp={cfg.pp}: pipeline parallelism is not wired into the trainer yet (dsv3lab.parallel.pipeline runs "
-            "pipelined training steps on its own: dsv3lab pipeline --execute); use pp=1 with dp and ep"
-        )
+        if cfg.ep > 1:
+            raise ValueError(f"pp={cfg.pp} with ep={cfg.ep}: pipeline and expert parallelism together are not done yet")
+        try:
+            stage_layers(model_cfg.n_layers, cfg.pp)
+        except ValueError as err:
+            raise ValueError(f"pp={cfg.pp}: {err}") from None
     if cfg.ep > 1 and model_cfg.n_routed_experts % cfg.ep:
         raise ValueError(
             f"ep={cfg.ep} must divide n_routed_experts ({model_cfg.n_routed_experts}): each rank holds "
@@ -184,6 +191,11 @@ def resolve_layout(cfg: TrainConfig, world: int, model_cfg: ModelConfig | None =
                 f"every batch size of the schedule must be a multiple of {n} (batch_size={cfg.batch_size}, "
                 f"batch_size_start={cfg.effective_batch_size_start}, batch_ramp_frac={cfg.batch_ramp_frac}: e.g. "
                 f"batch_size_start=batch_size or batch_ramp_frac=0)"
+            )
+        if cfg.pp > 1 and (b // n) % cfg.micro_batch_size:
+            raise ValueError(
+                f"pp={cfg.pp}: step {step} gives each of the {n} data ranks {b // n} sequences, not a multiple of "
+                f"micro_batch_size={cfg.micro_batch_size} (the pipeline's micro-batches have one static shape)"
             )
     return layout
 
@@ -374,6 +386,134 @@ def distributed_step(
     return StepMeasures(losses_host, int(n_correct), int(n_valid), vio, grad, counts)
 
 
+# ---------------------------------------------------------------------- pipeline parallelism
+class StageLoss:
+    """The last stage's loss of one micro-batch, as ``DeepSeekV3.forward`` computes it: main cross-entropy + λ/D ·
+    Σ_k MTP cross-entropy (the balance losses reach the gradient through ``attach_aux`` in their own stages), scaled by
+    the micro-batch's ``share`` of the global batch. ``log`` keeps each call's unscaled terms and its token counts."""
+
+    def __init__(self, depth: int):
+        self.depth, self.lam, self.share = depth, 0.0, 1.0
+        self.log: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, outputs, targets: torch.Tensor) -> torch.Tensor:
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        terms = {"main": cross_entropy(outputs[0], targets)}
+        for k, logits in enumerate(outputs[1:], start=1):
+            terms[f"mtp_{k}"] = cross_entropy(logits, targets[:, k:])
+        total = terms["main"]
+        if len(outputs) > 1:
+            total = total + self.lam / self.depth * torch.stack(list(terms.values())[1:]).sum()
+        with torch.no_grad():
+            mask = targets != IGNORE_INDEX
+            record = {k: v.detach().float() for k, v in terms.items()}
+            record["total_no_aux"] = total.detach().float()
+            record["correct"] = ((outputs[0].argmax(-1) == targets) & mask).sum().float()
+            record["n_tok"] = mask.sum().float()
+            self.log.append(record)
+        return total * self.share
+
+
+class PipelineRunner:
+    """``pp > 1``: this rank's pipeline stage (:func:`dsv3lab.parallel.stages.split_model`) run by
+    ``torch.distributed.pipelining`` (1F1B, or GPipe when there are fewer micro-batches than stages), replicated over
+    its data-parallel ranks (gradients summed over them after the step; no FSDP: ``zero`` does not apply).
+
+    Every rank holds the whole model object, but only its stage is trained; :meth:`sync` copies every stage's tensors
+    from the ranks that train it (the selection biases after each step for the metrics; everything before an
+    evaluation or a checkpoint — a toy-scale simplification: at 671B the evaluation would run through the pipeline
+    and each stage would save only its own tensors)."""
+
+    def __init__(self, model: DeepSeekV3, cfg: TrainConfig, ranks: Ranks):
+        self.model, self.cfg, self.ranks = model, cfg, ranks
+        self.pp, self.pp_rank = ranks.layout.pp, ranks.mesh.get_coordinate()[0]
+        self.group = ranks.mesh["pp"].get_group()
+        stages = split_model(model, self.pp)
+        self.stage = stages[self.pp_rank]
+        owner = {}
+        for s in stages:
+            for t in [*s.parameters(), *s.buffers()]:
+                owner.setdefault(id(t), s.index)
+        named = [*model.named_parameters(), *model.named_buffers()]
+        # (name, tensor, owning stage) of every tensor of the model held by one stage, in one order on every rank
+        self.tensors = [(n, t, owner[id(t)]) for n, t in named if id(t) in owner]
+        self.loss = StageLoss(model.cfg.n_mtp)
+        self.vio = torch.zeros((), dtype=torch.float64)
+        self.main_moes = [m for m in self.stage.moe_layers() if not any(m is b.block.ffn for b in model.mtp)]
+        for m in self.main_moes:
+            m.register_forward_hook(self._count_violation)
+        device = torch.device(cfg.device)
+        inputs, outputs = stage_shapes(model.cfg, self.stage, cfg.micro_batch_size, cfg.seq_len)
+        self.pstage = PipelineStage(self.stage, self.pp_rank, self.pp, device, inputs, outputs, group=self.group)
+
+    def _count_violation(self, module, inputs, output) -> None:
+        if module.training:  # Σ over sequences of the layer's per-sequence MaxVio (the trainer's seq_vio)
+            idx = module.last_indices
+            self.vio += float(max_violation_per_sequence(idx, self.model.cfg.n_routed_experts)) * idx.shape[0]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.stage.parameters())
+
+    @torch.no_grad()
+    def sync(self, only_bias: bool = False) -> None:
+        """Copy each stage's tensors (or only the selection biases) from the rank of this pipeline that trains it."""
+        for name, t, owner in self.tensors:
+            if only_bias and not name.endswith("gate.bias"):
+                continue
+            dist.broadcast(t, src=dist.get_global_rank(self.group, owner), group=self.group)
+
+    def step(self, model, optimizer, tokens, targets, cfg, ranks, *, mtp_lambda, gamma, step, on_diverged):
+        """:func:`distributed_step` through the pipeline: this rank's rows in micro-batches of ``micro_batch_size``,
+        the loss on the last stage, the measures summed over all ranks, the global gradient norm, the bias update
+        from counts summed over the data ranks, then the biases shared along the pipeline."""
+        device = torch.device(cfg.device)
+        global_bs = tokens.shape[0]
+        rows = ranks.rows(global_bs)
+        model.check_tokens(tokens[rows], 0, targets[rows])
+        tokens, targets = tokens[rows].to(device), targets[rows].to(device)
+        n_micro = tokens.shape[0] // cfg.micro_batch_size
+        self.loss.lam, self.loss.share, self.loss.log = mtp_lambda, cfg.micro_batch_size / global_bs, []
+        self.vio.zero_()
+        self.stage.aux_log.clear()
+        cls = Schedule1F1B if n_micro >= self.pp else ScheduleGPipe
+        schedule = cls(self.pstage, n_micro, loss_fn=self.loss, scale_grads=False)
+        schedule.step(
+            *((tokens,) if self.stage.is_first else ()), **({"target": targets} if self.stage.is_last else {})
+        )
+        names = ["main", *(f"mtp_{k}" for k in range(1, model.cfg.n_mtp + 1)), "total_no_aux", "correct", "n_tok"]
+        values = torch.zeros(len(names) + 2, dtype=torch.float64)
+        for record in self.loss.log:
+            for i, n in enumerate(names):
+                values[i] += float(record[n]) * (1.0 if n in ("correct", "n_tok") else self.loss.share)
+        values[-2] = sum(self.stage.aux_log) * self.loss.share  # this stage's balance losses
+        values[-1] = self.vio
+        dist.all_reduce(values)  # every stage's part of every data rank's rows
+        for p in self.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=ranks.data_group)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad = float(clip_grad_norm(self.parameters(), clip, replicas=ranks.layout.data_ranks))
+        host = dict(zip([*names, "aux", "vio"], values.tolist()))
+        losses = {n: host[n] for n in names[: model.cfg.n_mtp + 1]}
+        losses["aux"] = host["aux"]
+        losses["total"] = host["total_no_aux"] + host["aux"]
+        if not math.isfinite(losses["total"]):
+            raise TrainingDiverged(on_diverged(step, "loss", losses["total"]))
+        if not math.isfinite(grad):
+            raise TrainingDiverged(on_diverged(step, "gradient norm", grad))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counts = update_selection_bias(self.stage.moe_layers(), gamma, cfg.bias_update_rule, group=ranks.data_group)
+        parts: list[Any] = [None] * self.pp
+        dist.all_gather_object(parts, (self.pp_rank, counts), group=self.group)
+        counts = torch.cat([c for _, c in sorted(parts, key=lambda x: x[0]) if c.numel()])  # [L, E] model order
+        self.sync(only_bias=True)
+        n_main = len(model.moe_layers(include_mtp=False))
+        vio = host["vio"] / max(n_main, 1)
+        return StepMeasures(losses, int(host["correct"]), int(host["n_tok"]), vio, grad, counts)
+
+
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_sharded(model: DeepSeekV3, val, batch_size: int, step: int, autocast_dtype) -> tuple[list, list]:
@@ -527,8 +667,11 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
         save_tokenizer(out, data.tokenizer)
     # every rank builds the same full model (seed or parent), then keeps its shards
     model, _, _, _, _ = build_run_model(cfg, model_cfg, None, parent, False)
-    shard_model(model, ranks)
-    optimizer = make_optimizer(model, cfg)
+    pipe = PipelineRunner(model, cfg, ranks) if layout.pp > 1 else None
+    if pipe is None:
+        shard_model(model, ranks)
+    optimizer = make_optimizer(model if pipe is None else pipe.stage, cfg)
+    step_fn = distributed_step if pipe is None else pipe.step
     start, tokens_seen, metrics = 0, 0, RunMetrics()
     hooks = expert_state_hooks(model, ranks)
     ckpt = latest_checkpoint(out) if (out is not None and resume) else None
@@ -544,7 +687,9 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
         metrics = RunMetrics.load(out)
         metrics.truncate(start)
         ranks.log(f"resumed {ckpt} (saved at layout {state.get('layout')}) at step {start}")
-    if layout.zero == 1:
+    if pipe is not None:
+        ranks.log(f"pipeline stage {pipe.pp_rank} of {layout.pp} (blocks {list(pipe.stage.layer_ids)}); zero ignored")
+    elif layout.zero == 1:
         ranks.log("zero=1: FSDP2 always shards gradients; running the ZeRO-2 layout (parameters kept after forward)")
     ranks.log(
         f"layout pp={layout.pp} dp={layout.dp} ep={layout.ep} zero={layout.zero}; mesh coordinate "
@@ -567,6 +712,8 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
             "schedules": schedule_at(min(steps_done, cfg.steps - 1), cfg),
             "layout": {"pp": layout.pp, "dp": layout.dp, "ep": layout.ep, "zero": layout.zero, "world": ranks.world},
         }
+        if pipe is not None:
+            pipe.sync()  # every stage's current tensors on every rank (the pipeline's ranks save the same model)
         path = save_sharded_checkpoint(out, steps_done, model, optimizer, state, cfg.keep_checkpoints, hooks[0])
         ranks.log(f"checkpoint {path.name} written")
 
@@ -587,7 +734,7 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
             for group in optimizer.param_groups:
                 group["lr"] = sched["lr"]
             tokens, targets = data.batch(step, sched["batch_size"])
-            measures = distributed_step(
+            measures = step_fn(
                 model,
                 optimizer,
                 tokens,
@@ -612,7 +759,13 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-                val_rows, load_rows = evaluate_sharded(model, data.val, cfg.micro_batch_size, done, autocast)
+                if pipe is None:
+                    val_rows, load_rows = evaluate_sharded(model, data.val, cfg.micro_batch_size, done, autocast)
+                else:  # the stages gathered on every rank, then the single-process evaluation
+                    pipe.sync()
+                    val_rows, load_rows = evaluate(
+                        model, data.val, batch_size=cfg.micro_batch_size, step=done, autocast_dtype=autocast
+                    )
                 metrics.val_rows += val_rows
                 metrics.load_rows += load_rows
                 ranks.log(
