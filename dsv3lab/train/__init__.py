@@ -12,7 +12,7 @@ processes — on all of them (:mod:`dsv3lab.train.distributed`: FSDP2, expert pa
 
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import BALANCE_VARIANTS, TrainConfig
-from .distributed import train, train_distributed
+from .distributed import launch, train, train_distributed
 from .metrics import RunMetrics, evaluate
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at, schedule_table
 from .stages import stage_config
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingDiverged",
     "train",
     "train_distributed",
+    "launch",
     "stage_config",
     "load_run",
     "make_data",

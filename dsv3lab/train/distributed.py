@@ -79,6 +79,7 @@ from ..files import atomic_folder, atomic_write_json, atomic_write_text
 from ..model import DeepSeekV3
 from ..model.transformer import IGNORE_INDEX, cross_entropy
 from ..parallel.expert import EPExperts, shard_moe_layers
+from ..parallel.launch import spawn
 from ..parallel.pipeline import stage_shapes
 from ..parallel.stages import split_model, stage_layers
 from .checkpoint import (
@@ -103,6 +104,7 @@ from .trainer import (
     _diverged_message,
     _micro_batches,
     build_run_model,
+    load_run,
     make_data,
     make_optimizer,
     metrics_row,
@@ -477,9 +479,11 @@ class PipelineRunner:
         self.stage.aux_log.clear()
         cls = Schedule1F1B if n_micro >= self.pp else ScheduleGPipe
         schedule = cls(self.pstage, n_micro, loss_fn=self.loss, scale_grads=False)
-        schedule.step(
-            *((tokens,) if self.stage.is_first else ()), **({"target": targets} if self.stage.is_last else {})
-        )
+        autocast = cfg.dtype == "bf16"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            schedule.step(
+                *((tokens,) if self.stage.is_first else ()), **({"target": targets} if self.stage.is_last else {})
+            )
         names = ["main", *(f"mtp_{k}" for k in range(1, model.cfg.n_mtp + 1)), "total_no_aux", "correct", "n_tok"]
         values = torch.zeros(len(names) + 2, dtype=torch.float64)
         for record in self.loss.log:
@@ -622,6 +626,34 @@ def save_sharded_checkpoint(
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     return run_dir / name
+
+
+# ---------------------------------------------------------------------- launching from a notebook
+def _launch_rank(rank: int, world: int, cfg: TrainConfig, data, resume: bool, overwrite: bool) -> list[list[float]]:
+    result = train_distributed(cfg, data, resume=resume, overwrite=overwrite)
+    return [m.gate.bias.tolist() for m in result.model.moe_layers() if m.gate.bias is not None]
+
+
+def launch(
+    cfg: TrainConfig,
+    nproc: int,
+    data=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    threads: int = 1,
+    timeout: float = 1800.0,
+) -> RunResult:
+    """``torchrun --nproc-per-node nproc -m dsv3lab train`` from Python (a notebook, a test): ``cfg`` trained on
+    ``nproc`` local processes (:func:`dsv3lab.parallel.spawn`, gloo), then the run read back into this process with
+    :func:`dsv3lab.train.load_run` — the model from its sharded checkpoint, the measurements rank 0 wrote — so
+    ``cfg.out`` is required. Raises if the ranks end with different selection biases (they never should)."""
+    if not cfg.out:
+        raise ValueError("launch reads the run back from its folder: set TrainConfig.out")
+    biases = spawn(_launch_rank, nproc, cfg, data, resume, overwrite, threads=threads, timeout=timeout)
+    if any(b != biases[0] for b in biases):
+        raise RuntimeError("the ranks ended with different selection biases")
+    return load_run(cfg.out)
 
 
 # ---------------------------------------------------------------------- the loop
