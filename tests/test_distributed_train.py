@@ -14,7 +14,7 @@ updated every step. The same global batches on 4 processes give the single-proce
   ``dsv3lab.infer.from_pretrained`` and gives exactly the logits of the checkpoint read into one model (FP32 export;
   block-FP8 within 1% of the largest logit, measured 2.3e-3).
 
-One spawn per layout: starting processes dominates the time.
+Starting processes dominates the time: the pipeline and expert-parallel layouts share one spawn.
 """
 
 import os
@@ -72,12 +72,29 @@ def reference():
         return train_single(config())
 
 
-def _worker(rank, world, kw, export=None):
-    r = train(config(**kw))
-    if export:  # every rank writes its part of the official layout
-        export_sharded(kw["out"], export, dtype=torch.float32)
-    biases = [m.gate.bias.tolist() for m in r.model.moe_layers()]
-    return r.metrics.to_dict("list"), r.val.to_dict("list"), biases
+def _worker(rank, world, runs):
+    """Each of ``runs`` ((config changes, export folder or None)) in turn on the same 4 processes."""
+    out = []
+    for kw, export in runs:
+        r = train(config(**kw))
+        if export:  # every rank writes its part of the official layout
+            export_sharded(kw["out"], export, dtype=torch.float32)
+        biases = [m.gate.bias.tolist() for m in r.model.moe_layers()]
+        out.append((r.metrics.to_dict("list"), r.val.to_dict("list"), biases))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pp_and_ep(tmp_path_factory):
+    """pp=2 × dp=2 and dp=2 × ep=2 (ZeRO-2, exported by every rank), one after the other in one spawn of 4 processes
+    (starting processes is most of the time). Returns (folder, per-layout results of every rank)."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    runs = [
+        (dict(pp=2, dp=2, micro_batch_size=2, out=str(tmp / "pp")), None),  # 1F1B over 2 micro-batches
+        (dict(dp=2, ep=2, zero=2, out=str(tmp / "ep")), str(tmp / "hf")),
+    ]
+    per_rank = spawn(_worker, 4, runs)
+    return tmp, [[r[i] for r in per_rank] for i in range(len(runs))]
 
 
 def _check_trajectory(metrics: dict | pd.DataFrame, reference, start=0):
@@ -185,9 +202,9 @@ def test_dp4_matches_one_process_resumes_at_1_and_exports(reference, tmp_path):
         assert float((fp8_logits - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-2
 
 
-def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, tmp_path):
-    run = tmp_path / "pp"
-    results = spawn(_worker, 4, dict(pp=2, dp=2, micro_batch_size=2, out=str(run)))  # 1F1B, 2 micro-batches
+def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, pp_and_ep, tmp_path):
+    folder, (results, _) = pp_and_ep
+    run = folder / "pp"
     worst = _check_run(results, reference)
     print(f"pp=2 × dp=2: max relative loss difference {worst:.1e} over 20 steps")
 
@@ -205,9 +222,9 @@ def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, tmp_path):
     print(f"resumed at 2: {_check_trajectory(pd.read_csv(two / 'metrics.csv'), reference, start=10):.1e}")
 
 
-def test_dp2_ep2_matches_one_process(reference, tmp_path):
-    run, hf = tmp_path / "ep", tmp_path / "hf"
-    results = spawn(_worker, 4, dict(dp=2, ep=2, zero=2, out=str(run)), str(hf))
+def test_dp2_ep2_matches_one_process_and_exports(reference, pp_and_ep, tmp_path):
+    folder, (_, results) = pp_and_ep
+    run, hf = folder / "ep", folder / "hf"
     worst = _check_run(results, reference)
     print(f"dp=2 × ep=2: max relative loss difference {worst:.1e} over 20 steps")
     # the expert banks were saved as the global [E, ...] stack: one process resumes them
