@@ -38,9 +38,10 @@ rank's loss by its rows, as the single-process trainer weights micro-batches: th
 only when the ranks hold equal numbers of targets (not tested).
 
 * **Pipeline parallelism** (``pp > 1``, :class:`PipelineRunner`): one stage per rank, 1F1B from
-  ``torch.distributed.pipelining``, stages replicated over their data ranks. Not with ``ep > 1`` yet.
+  ``torch.distributed.pipelining``, stages replicated over their data ranks (their MoE layers expert-parallel when
+  ``ep > 1``).
 
-Layouts tested equal to one process: dp, dp × ep, pp × dp (with MTP and the auxiliary-loss-free bias).
+Layouts tested equal to one process: dp, dp × ep, pp × dp, pp × ep (with MTP and the auxiliary-loss-free bias).
 
     torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=4 --set batch_size_start=8 --out runs/dp4
     torchrun --nproc-per-node 4 -m dsv3lab train --preset tiny --set dp=2 --set ep=2 --set batch_size_start=8 ...
@@ -169,8 +170,6 @@ def resolve_layout(cfg: TrainConfig, world: int, model_cfg: ModelConfig | None =
             f"launch with torchrun --nproc-per-node {layout.world}, or change dp/ep/pp (dp=0 takes the rest)"
         )
     if cfg.pp > 1:
-        if cfg.ep > 1:
-            raise ValueError(f"pp={cfg.pp} with ep={cfg.ep}: pipeline and expert parallelism together are not done yet")
         try:
             stage_layers(model_cfg.n_layers, cfg.pp)
         except ValueError as err:
@@ -304,18 +303,23 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, replicas: int = 1) -> torch.Tensor:
+def clip_grad_norm(
+    params: list[torch.nn.Parameter], max_norm: float, replicas: Callable[[torch.nn.Parameter], int] | int = 1
+) -> torch.Tensor:
     """The global gradient norm (before clipping) from every rank's shards, and the gradients scaled like
     ``torch.nn.utils.clip_grad_norm_``: × min(1, max_norm / (norm + 1e-6)). FSDP2 shards a gradient without
-    replication (DTensors over dp·ep); the plain tensors (EP expert banks) are held by ``replicas`` (= dp) ranks each.
-    So Σ over ranks of (the squares of the DTensor shards + those of the plain tensors / replicas) is the squared norm
-    of the whole model's gradient: one all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
+    replication (DTensors); a plain tensor is held whole by ``replicas(p)`` ranks (EP expert banks: the dp ranks;
+    under PP every tensor of a stage: its data ranks, or dp for its expert banks). So Σ over ranks of (the squares of
+    the DTensor shards + those of the plain tensors / their replicas) is the squared norm of the whole model's
+    gradient: one all-reduce."""
+    count = replicas if callable(replicas) else (lambda p: replicas)
+    held = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in held]
     device = local_values(grads[0]).device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
+    for p, g in zip(held, grads):
         part = local_values(g).detach().float().pow(2).sum()
-        sq += part if isinstance(g, DTensor) else part / replicas
+        sq += part if isinstance(g, DTensor) else part / count(p)
     dist.all_reduce(sq)
     norm = sq.sqrt()
     if math.isfinite(max_norm):
@@ -419,7 +423,8 @@ class StageLoss:
 class PipelineRunner:
     """``pp > 1``: this rank's pipeline stage (:func:`dsv3lab.parallel.stages.split_model`) run by
     ``torch.distributed.pipelining`` (1F1B, or GPipe when there are fewer micro-batches than stages), replicated over
-    its data-parallel ranks (gradients summed over them after the step; no FSDP: ``zero`` does not apply).
+    its data ranks (gradients summed over them after the step; no FSDP: ``zero`` does not apply). With ``ep > 1`` its
+    MoE layers are expert-parallel over the ``"ep"`` group; their banks' gradients are summed over ``"dp"`` only.
 
     Every rank holds the whole model object, but only its stage is trained; :meth:`sync` copies every stage's tensors
     from the ranks that train it (the selection biases after each step for the metrics; everything before an
@@ -439,6 +444,7 @@ class PipelineRunner:
         named = [*model.named_parameters(), *model.named_buffers()]
         # (name, tensor, owning stage) of every tensor of the model held by one stage, in one order on every rank
         self.tensors = [(n, t, owner[id(t)]) for n, t in named if id(t) in owner]
+        self.experts = {id(p) for m in self.stage.modules() if isinstance(m, EPExperts) for p in m.parameters()}
         self.loss = StageLoss(model.cfg.n_mtp)
         self.vio = torch.zeros((), dtype=torch.float64)
         self.main_moes = [m for m in self.stage.moe_layers() if not any(m is b.block.ffn for b in model.mtp)]
@@ -492,12 +498,22 @@ class PipelineRunner:
         values[-2] = sum(self.stage.aux_log) * self.loss.share  # this stage's balance losses
         values[-1] = self.vio
         dist.all_reduce(values)  # every stage's part of every data rank's rows
-        for p in self.parameters():
+        dp_group = ranks.mesh["dp"].get_group()
+        for p in self.parameters():  # one fixed order on every rank
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=ranks.data_group)
+            if id(p) in self.experts:  # an EP bank: summed over the dp ranks holding the same experts
+                if ranks.layout.dp > 1:
+                    dist.all_reduce(p.grad, group=dp_group)
+            else:
+                dist.all_reduce(p.grad, group=ranks.data_group)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad = float(clip_grad_norm(self.parameters(), clip, replicas=ranks.layout.data_ranks))
+        layout = ranks.layout
+        grad = float(
+            clip_grad_norm(
+                self.parameters(), clip, replicas=lambda p: layout.dp if id(p) in self.experts else layout.data_ranks
+            )
+        )
         host = dict(zip([*names, "aux", "vio"], values.tolist()))
         losses = {n: host[n] for n in names[: model.cfg.n_mtp + 1]}
         losses["aux"] = host["aux"]
@@ -699,6 +715,8 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
         save_tokenizer(out, data.tokenizer)
     # every rank builds the same full model (seed or parent), then keeps its shards
     model, _, _, _, _ = build_run_model(cfg, model_cfg, None, parent, False)
+    if layout.pp > 1 and layout.ep > 1:  # the pipeline's stages hold expert-parallel MoE layers
+        shard_moe_layers(model, ranks.ep_group)
     pipe = PipelineRunner(model, cfg, ranks) if layout.pp > 1 else None
     if pipe is None:
         shard_model(model, ranks)
