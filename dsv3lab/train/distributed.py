@@ -202,6 +202,14 @@ def resolve_layout(cfg: TrainConfig, world: int, model_cfg: ModelConfig | None =
 
 
 # ---------------------------------------------------------------------- the process group and the mesh
+def rank_device(cfg: TrainConfig) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` (set by :func:`init_ranks`) on GPUs, the CPU otherwise."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 @dataclass
 class Ranks:
     """This process's place in the job: the mesh, its sub-meshes and groups, and its slice of every batch."""
@@ -347,7 +355,7 @@ def distributed_step(
     the single-process :func:`dsv3lab.train.trainer.optimizer_step` with each micro-batch's loss scaled by its rows
     over the *global* batch, the measures summed over the data ranks, the global gradient norm, and the bias update
     from the counts all-reduced over the data ranks (the same update on every rank)."""
-    device = torch.device(cfg.device)
+    device = rank_device(cfg)
     global_bs = tokens.shape[0]
     mine = ranks.rows(global_bs)
     model.check_tokens(tokens[mine], 0, targets[mine])
@@ -450,7 +458,7 @@ class PipelineRunner:
         self.main_moes = [m for m in self.stage.moe_layers() if not any(m is b.block.ffn for b in model.mtp)]
         for m in self.main_moes:
             m.register_forward_hook(self._count_violation)
-        device = torch.device(cfg.device)
+        device = rank_device(cfg)
         inputs, outputs = stage_shapes(model.cfg, self.stage, cfg.micro_batch_size, cfg.seq_len)
         self.pstage = PipelineStage(self.stage, self.pp_rank, self.pp, device, inputs, outputs, group=self.group)
 
@@ -474,7 +482,7 @@ class PipelineRunner:
         """:func:`distributed_step` through the pipeline: this rank's rows in micro-batches of ``micro_batch_size``,
         the loss on the last stage, the measures summed over all ranks, the global gradient norm, the bias update
         from counts summed over the data ranks, then the biases shared along the pipeline."""
-        device = torch.device(cfg.device)
+        device = rank_device(cfg)
         global_bs = tokens.shape[0]
         rows = ranks.rows(global_bs)
         model.check_tokens(tokens[rows], 0, targets[rows])
@@ -491,12 +499,13 @@ class PipelineRunner:
                 *((tokens,) if self.stage.is_first else ()), **({"target": targets} if self.stage.is_last else {})
             )
         names = ["main", *(f"mtp_{k}" for k in range(1, model.cfg.n_mtp + 1)), "total_no_aux", "correct", "n_tok"]
-        values = torch.zeros(len(names) + 2, dtype=torch.float64)
+        values = torch.zeros(len(names) + 2, dtype=torch.float64)  # on the host; to the device for the all-reduce
         for record in self.loss.log:
             for i, n in enumerate(names):
                 values[i] += float(record[n]) * (1.0 if n in ("correct", "n_tok") else self.loss.share)
         values[-2] = sum(self.stage.aux_log) * self.loss.share  # this stage's balance losses
         values[-1] = self.vio
+        values = values.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(values)  # every stage's part of every data rank's rows
         dp_group = ranks.mesh["dp"].get_group()
         for p in self.parameters():  # one fixed order on every rank
@@ -514,7 +523,7 @@ class PipelineRunner:
                 self.parameters(), clip, replicas=lambda p: layout.dp if id(p) in self.experts else layout.data_ranks
             )
         )
-        host = dict(zip([*names, "aux", "vio"], values.tolist()))
+        host = dict(zip([*names, "aux", "vio"], values.cpu().tolist()))
         losses = {n: host[n] for n in names[: model.cfg.n_mtp + 1]}
         losses["aux"] = host["aux"]
         losses["total"] = host["total_no_aux"] + host["aux"]
