@@ -261,7 +261,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
     )
-    print(f"wrote {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (a sharded run, each rank writing its part): rank 0
+        print(f"wrote {out}")
     return 0
 
 

@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dsv3lab.cli import main
 from dsv3lab.config import ModelConfig
 from dsv3lab.infer import from_pretrained
 from dsv3lab.infer.export import export_sharded, split_parts
@@ -210,6 +211,8 @@ def test_dp4_matches_one_process_resumes_at_1_and_exports(reference, tmp_path):
         export_sharded(run, tmp_path / "hf32", dtype=torch.float32, max_shard_size="100KB")
         assert len(list((tmp_path / "hf32").glob("model-*-of-*.safetensors"))) > 4
         torch.testing.assert_close(from_pretrained(tmp_path / "hf32")(tokens)[0], ref_logits, rtol=0, atol=0)
+        assert main(["convert", str(run), str(tmp_path / "hfcli"), "--bf16"]) == 0  # the CLI: export_sharded
+        assert from_pretrained(tmp_path / "hfcli").embed.weight.dtype == torch.bfloat16
         export_sharded(run, tmp_path / "hf8", fp8=True)
         fp8_logits = from_pretrained(tmp_path / "hf8", dtype=torch.float32)(tokens)[0]
         assert float((fp8_logits - ref_logits).abs().max() / ref_logits.abs().max()) < 1e-2

@@ -59,6 +59,15 @@ def sharded_checkpoint(src: str | os.PathLike) -> Path:
     return ckpt
 
 
+def is_sharded_run(src: str | os.PathLike) -> bool:
+    """Does ``src`` (a run folder or a checkpoint folder) hold a sharded checkpoint?"""
+    try:
+        sharded_checkpoint(src)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
 def split_parts(cfg: ModelConfig, sizes: dict[str, int], n: int) -> list[list[str]]:
     """The official names in file order cut into ``n`` contiguous parts of about equal bytes; the names that come from
     one dsv3lab tensor (the experts of a layer, the MTP copies of the embedding and head) stay in one part."""
@@ -104,7 +113,7 @@ def export_sharded(
     *,
     fp8: bool = False,
     block: tuple[int, int] = DEFAULT_BLOCK,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     rope_interleave: bool = True,
     tokenizer: Any = None,
     max_shard_size: int | str = "5GB",
@@ -115,9 +124,10 @@ def export_sharded(
     Called on every rank of an initialised process group, each writes one shard file of its part (a collective);
     without a process group one process writes parts of at most ``max_shard_size`` one after the other, holding one
     part at a time. ``tokenizer``: default the run folder's. ``fp8``
-    stores the projections as E4M3 with a scale per ``block``; ``dtype`` is that of the other tensors (the router bias
-    stays FP32, as in the released checkpoint). Returns ``dst``."""
-    if dtype not in DTYPES.values():
+    stores the projections as E4M3 with a scale per ``block``; ``dtype`` is that of the other tensors (default: the
+    checkpoint's; the router bias stays FP32, as in the released checkpoint). Under torchrun (``WORLD_SIZE`` set)
+    without a process group, one is started (gloo) for the export and ended after it. Returns ``dst``."""
+    if dtype is not None and dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
     ckpt = sharded_checkpoint(src)
     if tokenizer is None and (Path(src) / "tokenizer" / "tokenizer.json").is_file():
@@ -125,6 +135,7 @@ def export_sharded(
     state = read_json(ckpt / STATE_FILE, "a checkpoint's state")
     cfg = ModelConfig.from_dict(state["model_config"])
     meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    dtype = dtype or meta.state_dict_metadata["model.embed.weight"].properties.dtype  # default: the run's own
     if any(k.endswith("_fp8") for k in meta.state_dict_metadata):
         raise ValueError(f"{ckpt} holds FP8-stored weights (_fp8); export them with dsv3lab convert in one process")
     sizes = {}
@@ -133,6 +144,19 @@ def export_sharded(
         if md is None:
             raise ValueError(f"{ckpt} has no tensor model.{slot.name} (needed for {name})")
         sizes[slot.name] = md.size.numel() * md.properties.dtype.itemsize
+    created = not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if created:  # `torchrun ... -m dsv3lab convert RUN DST`: every rank writes its part
+        dist.init_process_group("gloo")
+    try:
+        return _export(
+            ckpt, Path(dst), cfg, meta, sizes, fp8, block, dtype, rope_interleave, tokenizer, max_shard_size, overwrite
+        )
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _export(ckpt, dst, cfg, meta, sizes, fp8, block, dtype, rope_interleave, tokenizer, max_shard_size, overwrite):
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     n_parts = world if distributed else max(1, math.ceil(sum(sizes.values()) / parse_size(max_shard_size)))
