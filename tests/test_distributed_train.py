@@ -8,8 +8,8 @@ updated every step. The same global batches on 4 processes give the single-proce
   (measured: 1.3e-7 to 1.9e-7, fp32 sums in another order), the selection biases equal on every rank and to the
   single process' (integer counts all-reduced: exactly), validation within ``rtol=1e-4``;
 * sharded checkpoints (torch.distributed.checkpoint) saved at 4 processes resume at 2 processes (the pipeline run's,
-  at dp=2 through torchrun and the CLI) and at 1 (the dp=4 run's and the EP run's, in the plain trainer) with the
-  same trajectory after the switch, ``rtol=1e-5``;
+  at dp=2 through torchrun and the CLI), at 1 (the dp=4, EP and pp × ep runs', in the plain trainer) and at another
+  4-process layout (pp × dp -> pp × ep) with the same trajectory after the switch, ``rtol=1e-5``;
 * BF16 autocast + BF16 Adam moments + FP8 GEMMs at dp=4: the first loss within 1e-5 and the trajectory within
   ``rtol=3e-2`` of the single-process run with the same recipe (measured 1.2e-2: BF16 rounding in another order grows
   over the steps), the biases equal on every rank;
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
 
 from dsv3lab.cli import main
 from dsv3lab.config import ModelConfig
@@ -81,10 +82,15 @@ def reference():
 
 
 def _worker(rank, world, runs):
-    """Each of ``runs`` ((config changes, export folder or None)) in turn on the same 4 processes."""
+    """Each of ``runs`` ((config changes, export folder or None, resume from (run, step) or None)) in turn on the same
+    4 processes."""
     out = []
-    for kw, export in runs:
-        r = train(config(**kw))
+    for kw, export, restart in runs:
+        if restart:  # a copy of an earlier run's folder whose latest checkpoint is ``step``, made by rank 0
+            if rank == 0:
+                _restart_at(Path(restart[0]), Path(kw["out"]), restart[1])
+            dist.barrier()
+        r = train(config(**kw), resume=bool(restart))
         if export:  # every rank writes its part of the official layout
             export_sharded(kw["out"], export, dtype=torch.float32)
         biases = [m.gate.bias.tolist() for m in r.model.moe_layers()]
@@ -99,10 +105,12 @@ def pp_and_ep(tmp_path_factory):
     (starting processes is most of the time). Returns (folder, per-layout results of every rank)."""
     tmp = tmp_path_factory.mktemp("layouts")
     runs = [
-        (dict(pp=2, dp=2, micro_batch_size=2, out=str(tmp / "pp")), None),  # 1F1B over 2 micro-batches
-        (dict(dp=2, ep=2, zero=2, out=str(tmp / "ep")), str(tmp / "hf")),
-        (dict(dp=1, ep=2, pp=2, micro_batch_size=2, out=str(tmp / "ppep")), None),  # EP inside the stages
-        (dict(dp=4, **MIXED), None),  # BF16 autocast, BF16 Adam moments, FP8 GEMMs under FSDP2
+        (dict(pp=2, dp=2, micro_batch_size=2, out=str(tmp / "pp")), None, None),  # 1F1B over 2 micro-batches
+        (dict(dp=2, ep=2, zero=2, out=str(tmp / "ep")), str(tmp / "hf"), None),
+        (dict(dp=1, ep=2, pp=2, micro_batch_size=2, out=str(tmp / "ppep")), None, None),  # EP inside the stages
+        (dict(dp=4, **MIXED), None, None),  # BF16 autocast, BF16 Adam moments, FP8 GEMMs under FSDP2
+        # the pp=2 × dp=2 checkpoint of step 10 resumed at pp=2 × ep=2: each stage reads its own tensors
+        (dict(dp=1, ep=2, pp=2, micro_batch_size=2, out=str(tmp / "pp_to_ppep")), None, (str(tmp / "pp"), 10)),
     ]
     per_rank = spawn(_worker, 4, runs)
     return tmp, [[r[i] for r in per_rank] for i in range(len(runs))]
@@ -219,7 +227,7 @@ def test_dp4_matches_one_process_resumes_at_1_and_exports(reference, tmp_path):
 
 
 def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, pp_and_ep, tmp_path):
-    folder, (results, _, _, _) = pp_and_ep
+    folder, (results, _, _, _, _) = pp_and_ep
     run = folder / "pp"
     worst = _check_run(results, reference)
     print(f"pp=2 × dp=2: max relative loss difference {worst:.1e} over 20 steps")
@@ -239,7 +247,7 @@ def test_pp2_dp2_matches_one_process_and_resumes_at_2(reference, pp_and_ep, tmp_
 
 
 def test_dp2_ep2_matches_one_process_and_exports(reference, pp_and_ep, tmp_path):
-    folder, (_, results, _, _) = pp_and_ep
+    folder, (_, results, _, _, _) = pp_and_ep
     run, hf = folder / "ep", folder / "hf"
     worst = _check_run(results, reference)
     print(f"dp=2 × ep=2: max relative loss difference {worst:.1e} over 20 steps")
@@ -259,19 +267,23 @@ def test_dp2_ep2_matches_one_process_and_exports(reference, pp_and_ep, tmp_path)
 
 
 def test_pp2_ep2_matches_one_process_and_resumes_at_1(reference, pp_and_ep, tmp_path):
-    folder, (_, _, results, _) = pp_and_ep
+    folder, (_, _, results, _, resumed) = pp_and_ep
     worst = _check_run(results, reference)
     print(f"pp=2 × ep=2: max relative loss difference {worst:.1e} over 20 steps")
     one = _restart_at(folder / "ppep", tmp_path / "one", 10)
     r1 = train_single(config(out=str(one), micro_batch_size=2), resume=True)
     _check_trajectory(r1.metrics, reference, start=10)
+    # the pp=2 × dp=2 run's checkpoint (each stage wrote its own tensors) continued at pp=2 × ep=2
+    for metrics, _, biases in resumed:
+        print(f"pp × dp -> pp × ep at step 10: {_check_trajectory(metrics, reference, start=10):.1e}")
+        assert biases == resumed[0][2]
 
 
 def test_bf16_fp8_dp4_follows_one_process(pp_and_ep):
     """The single-process trainer's mixed precision under FSDP2: BF16 compute with FP32 master weights, BF16 Adam
     moments, FP8 GEMMs. Not bit-equal (BF16 sums in another order), but the same trajectory within MIXED_RTOL, and the
     selection biases equal on every rank."""
-    _, (_, _, _, results) = pp_and_ep
+    _, (_, _, _, results, _) = pp_and_ep
     with torch_threads(1):
         ref = train_single(config(**MIXED)).metrics
     for metrics, _, biases in results:

@@ -11,9 +11,9 @@ A run folder holds ``run.json`` (what the run is: TrainConfig, ModelConfig, data
 A run trained on several processes (:mod:`dsv3lab.train.distributed`) writes *sharded* checkpoints instead: the same
 folder names and ``state.json`` (with ``"format": "torch.distributed.checkpoint"``), the tensors as
 ``torch.distributed.checkpoint`` shards (``.metadata`` and one ``__<rank>_0.distcp`` per rank), model under
-``model.``, optimizer under ``optim.`` by parameter name. :func:`load_sharded_checkpoint` reads them at any world size,
-one process without a process group included (the single-process trainer resumes them, :func:`read_model_weights`
-gives the full model's tensors).
+``model.``, optimizer under ``optim.`` by parameter name (flattened: ``optim.state.<param>.exp_avg`` …).
+:func:`load_sharded_checkpoint` reads them at any world size, one process without a process group included (the
+single-process trainer resumes them and ``load_run`` reads them).
 
 Atomicity (``dsv3lab.files``): a checkpoint is written into a hidden temporary folder, renamed to ``ckpt-NNNNNNN`` (a
 directory rename is atomic), and only then is ``latest`` replaced (temp file + ``os.replace``). A crash at any moment
@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -136,12 +137,15 @@ StateHook = Callable[[dict[str, Any]], dict[str, Any]] | None
 
 def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, to_saved: StateHook = None) -> dict:
     """``{"model": ..., "optim": ...}``: the state dicts of ``torch.distributed.checkpoint.state_dict`` (FSDP2 shards
-    as DTensors, optimizer states keyed by parameter name), changed by ``to_saved`` (e.g. expert-parallel banks given
-    their global shape)."""
+    as DTensors; the optimizer's flattened, ``state.<param name>.<key>`` and ``param_groups.<param name>.<key>``, so
+    that ranks holding different parameters — pipeline stages — never collide), changed by ``to_saved`` (e.g.
+    expert-parallel banks given their global shape)."""
     if optimizer is None:
         sd = {"model": get_model_state_dict(model)}
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(
+            model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
+        )
         sd = {"model": model_sd, "optim": optim_sd}
     return to_saved(sd) if to_saved is not None else sd
 
@@ -152,10 +156,12 @@ def load_sharded_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     to_saved: StateHook = None,
     from_saved: StateHook = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """Load a sharded checkpoint into ``model`` (and ``optimizer``) at this process's layout — any world size, one
     process included: DCP reads each tensor's slices by their global offsets. ``to_saved`` / ``from_saved`` map this
-    layout's state dict to the saved one and back. Returns ``state.json``."""
+    layout's state dict to the saved one and back; ``strict=False`` when they leave out tensors this process does not
+    load (a pipeline rank loads its own stage). Returns ``state.json``."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a sharded checkpoint ({DCP_METADATA} and {STATE_FILE} expected)")
@@ -165,9 +171,10 @@ def load_sharded_checkpoint(
         dcp.load(sd, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
     sd = from_saved(sd) if from_saved is not None else sd
     if optimizer is None:
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=strict))
     else:
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        options = StateDictOptions(strict=strict, flatten_optimizer_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
     return read_json(path / STATE_FILE, "a checkpoint's state")
 
 

@@ -434,10 +434,10 @@ class PipelineRunner:
     its data ranks (gradients summed over them after the step; no FSDP: ``zero`` does not apply). With ``ep > 1`` its
     MoE layers are expert-parallel over the ``"ep"`` group; their banks' gradients are summed over ``"dp"`` only.
 
-    Every rank holds the whole model object, but only its stage is trained; :meth:`sync` copies every stage's tensors
-    from the ranks that train it (the selection biases after each step for the metrics; everything before an
-    evaluation or a checkpoint — a toy-scale simplification: at 671B the evaluation would run through the pipeline
-    and each stage would save only its own tensors)."""
+    Every rank holds the whole model object, but only its stage is trained, checkpointed and resumed
+    (:meth:`state_hooks`); :meth:`sync` copies every stage's tensors from the ranks that train it (the selection
+    biases after each step for the metrics; everything before an evaluation — a toy-scale simplification: at 671B the
+    evaluation would run through the pipeline)."""
 
     def __init__(self, model: DeepSeekV3, cfg: TrainConfig, ranks: Ranks):
         self.model, self.cfg, self.ranks = model, cfg, ranks
@@ -469,6 +469,17 @@ class PipelineRunner:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.stage.parameters())
+
+    def state_hooks(self, to_saved=None, from_saved=None):
+        """(to_saved, from_saved) for the sharded checkpoints: the model's entries cut to this rank's stage (each
+        stage's tensors written by its own ranks, read back by them), then ``to_saved`` / ``from_saved``."""
+        mine = {name for name, _, owner in self.tensors if owner == self.pp_rank}
+
+        def cut(sd):
+            sd = {**sd, "model": {k: v for k, v in sd["model"].items() if k in mine}}
+            return to_saved(sd) if to_saved is not None else sd
+
+        return cut, from_saved
 
     @torch.no_grad()
     def sync(self, only_bias: bool = False) -> None:
@@ -569,10 +580,12 @@ def _regrid(sd: dict[str, Any], names: set[str], wrap: Callable[[torch.Tensor], 
     def each(t):
         return wrap(t) if torch.is_tensor(t) and t.dim() > 0 else t
 
+    def param_of(key: str) -> str:  # "state.<param name>.<key>" -> "<param name>" (flattened optimizer states)
+        return key[len("state.") :].rsplit(".", 1)[0] if key.startswith("state.") else ""
+
     out = {"model": {k: each(v) if k in names else v for k, v in sd["model"].items()}}
     if "optim" in sd:
-        state = {k: ({n: each(t) for n, t in v.items()} if k in names else v) for k, v in sd["optim"]["state"].items()}
-        out["optim"] = {**sd["optim"], "state": state}
+        out["optim"] = {k: each(v) if param_of(k) in names else v for k, v in sd["optim"].items()}
     return out
 
 
@@ -733,6 +746,8 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
     step_fn = distributed_step if pipe is None else pipe.step
     start, tokens_seen, metrics = 0, 0, RunMetrics()
     hooks = expert_state_hooks(model, ranks)
+    if pipe is not None:  # each pipeline rank saves and loads only its own stage's tensors
+        hooks = pipe.state_hooks(*hooks)
     ckpt = latest_checkpoint(out) if (out is not None and resume) else None
     if ckpt is not None:
         if not is_sharded_checkpoint(ckpt):
@@ -740,7 +755,7 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
                 f"{ckpt} is a single-process checkpoint; resume it with dp=ep=pp=1 in one process, or start a "
                 f"new stage from it (--from {out})"
             )
-        state = load_sharded_checkpoint(ckpt, model, optimizer, *hooks)
+        state = load_sharded_checkpoint(ckpt, model, optimizer, *hooks, strict=pipe is None)
         check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
         start, tokens_seen = state["step"], state["data"]["tokens_seen"]
         metrics = RunMetrics.load(out)
@@ -771,8 +786,6 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
             "schedules": schedule_at(min(steps_done, cfg.steps - 1), cfg),
             "layout": {"pp": layout.pp, "dp": layout.dp, "ep": layout.ep, "zero": layout.zero, "world": ranks.world},
         }
-        if pipe is not None:
-            pipe.sync()  # every stage's current tensors on every rank (the pipeline's ranks save the same model)
         path = save_sharded_checkpoint(out, steps_done, model, optimizer, state, cfg.keep_checkpoints, hooks[0])
         ranks.log(f"checkpoint {path.name} written")
 
