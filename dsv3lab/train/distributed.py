@@ -2,7 +2,7 @@
 parallelism and ``torch.distributed.checkpoint`` (DeepSeek-V3 §3.2, §3.3.3, §3.4).
 
 The same optimizer step as :mod:`dsv3lab.train.trainer`, on ``world = pp × dp × ep`` processes laid out as a
-:class:`~torch.distributed.device_mesh.DeviceMesh` with the dimensions ``("pp", "dp", "ep")``:
+:class:`~torch.distributed.device_mesh.DeviceMesh` with the dimensions ``("pp", "ep", "dp")``:
 
     global batch [B, T] of step s  ─ every rank of a stage reads it, keeps rows [r·B/n, (r+1)·B/n) ─►  n = dp·ep
     forward / backward on its rows, each micro-batch's loss scaled by rows / B   (the single process: rows / B too)
@@ -29,6 +29,9 @@ The same optimizer step as :mod:`dsv3lab.train.trainer`, on ``world = pp × dp �
   into a hidden temporary folder; after a barrier rank 0 adds ``state.json`` and publishes the folder atomically
   (:mod:`dsv3lab.files`), then moves ``latest``. A sharded checkpoint loads at any world size and layout (DCP
   reshards by global offsets), one process included.
+* **Pipeline parallelism** (``pp > 1``, :class:`PipelineRunner`): one stage per rank, 1F1B from
+  ``torch.distributed.pipelining``, stages replicated over their data ranks (their MoE layers expert-parallel when
+  ``ep > 1``); each stage checkpoints its own tensors.
 
 Rank 0 writes the run folder (``run.json``, metrics, checkpoints' metadata, tokenizer) and draws the progress bar;
 every rank logs its own lines to stderr (``[rank r/W] ...``).
@@ -36,10 +39,6 @@ every rank logs its own lines to stderr (``[rank r/W] ...``).
 Exactness holds for pre-training, where every position has a target. SFT (masked prompts) runs too but weights each
 rank's loss by its rows, as the single-process trainer weights micro-batches: the trajectory then matches one process
 only when the ranks hold equal numbers of targets (not tested).
-
-* **Pipeline parallelism** (``pp > 1``, :class:`PipelineRunner`): one stage per rank, 1F1B from
-  ``torch.distributed.pipelining``, stages replicated over their data ranks (their MoE layers expert-parallel when
-  ``ep > 1``).
 
 Layouts tested equal to one process: dp, dp × ep, pp × dp, pp × ep (with MTP and the auxiliary-loss-free bias).
 
@@ -604,7 +603,7 @@ def expert_state_hooks(model: DeepSeekV3, ranks: Ranks):
     )
 
 
-def on_rank0(fn: Callable[[], Any], ranks: Ranks | None = None) -> Any:
+def on_rank0(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` on rank 0 only and give its result (or its error, re-raised as the same type) to every rank, so
     that a refusal on rank 0 (a folder in use, a wrong resume) stops every rank instead of leaving them waiting."""
     out: list[Any] = [None]
