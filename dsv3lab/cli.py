@@ -5,6 +5,7 @@ Commands::
     dsv3lab info PRESET [--json] [--set key=value ...]
     dsv3lab train [--preset toy] [--steps N] [--set key=value ...] --out DIR [--resume | --overwrite]
     dsv3lab train --from RUN_OR_CKPT [--stage sft|grpo] [--steps N] [--set key=value ...] --out NEW_DIR  (a stage)
+    torchrun --nproc-per-node N -m dsv3lab train ... --set dp=.. --set ep=..   (several processes: FSDP2, EP)
     dsv3lab reproduce [--fast] [--only NAME ...] [--out DIR] [--list]
     dsv3lab generate --checkpoint DIR --prompt TEXT [--speculative mtp] [--json] [sampling options]
                                                    (also under torchrun: heads and experts split over the ranks)
@@ -23,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -112,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.model_config()  # validate the model settings before any data is built
     run = train_grpo if cfg.stage == "grpo" else train
     result = run(cfg, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 reports; every rank has logged its own lines
+        return 0
     m = result.metrics
     if cfg.stage == "grpo":
         last = m.iloc[-1] if len(m) else None
@@ -267,7 +271,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
     )
-    print(f"wrote {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (a sharded run, each rank writing its part): rank 0
+        print(f"wrote {out}")
     return 0
 
 

@@ -493,9 +493,14 @@ def _check_duplicate(folder: Path, file: str, name: str, shared: torch.Tensor, w
 
 # ---------------------------------------------------------------------- saving
 def _hf_tensors(
-    model: DeepSeekV3, fp8: tuple[int, int] | None, rope_interleave: bool, dtype: torch.dtype
+    model: DeepSeekV3,
+    fp8: tuple[int, int] | None,
+    rope_interleave: bool,
+    dtype: torch.dtype,
+    names: set[str] | None = None,
 ) -> Iterator[tuple[str, Callable[[], list[tuple[str, torch.Tensor]]], int]]:
-    """(HF name, a function producing the tensor(s) to write under it and its scale, bytes) in layout order."""
+    """(HF name, a function producing the tensor(s) to write under it and its scale, bytes) in layout order; only the
+    HF ``names`` when given (a rank's part of a sharded export, whose ``model.state_dict()`` holds just those)."""
     cfg = model.cfg
     sd = model.state_dict()
     entries = list(layout(cfg).items())
@@ -505,6 +510,8 @@ def _hf_tensors(
         entries += [(n, Slot(src)) for n, src in dups.items() if n.startswith(prefix)]
 
     for name, slot in entries:
+        if names is not None and name not in names:
+            continue
         kept = None  # (scales, block) of a weight loaded with keep_fp8, whose src holds E4M3 bits
         if slot.name + "_fp8" in sd:
             src, scale = (sd[n] if slot.index is None else sd[n][slot.index] for n in stored_names(slot))

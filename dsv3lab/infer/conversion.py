@@ -7,7 +7,9 @@ Sources (detected from the folder's files):
                the RoPE layout (``rope_interleave``) and the dtype. Shard file names are kept (as the official
                ``fp8_cast_bf16.py`` does); the index and config.json are rewritten.
 * ``dsv3lab``  dsv3lab's plain folder (``model.safetensors`` = ``model.state_dict()`` + ``dsv3lab_config.json``).
-* ``run``      a training run folder of ``dsv3lab train`` (read with ``dsv3lab.train.load_run``), when available.
+* ``run``      a training run folder of ``dsv3lab train`` (read with ``dsv3lab.train.load_run``), when available; a run
+               trained on several processes (sharded checkpoint) goes to the official layout part by part with
+               :func:`dsv3lab.infer.export.export_sharded`, by every rank when run under torchrun.
 
 Targets: ``to="hf"`` (default) writes the official layout; ``to="dsv3lab"`` writes the plain folder.
 
@@ -52,6 +54,7 @@ from .checkpoint import (
     save_pretrained,
     save_state_dict,
 )
+from .export import export_sharded, is_sharded_run
 from .layout import from_rotate_half, to_rotate_half
 
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
@@ -136,6 +139,16 @@ def convert(
         return _convert_hf_streaming(Path(src), Path(dst), fp8, dtype, rope_interleave, overwrite)
     if to == "dsv3lab" and (fp8 or rope_interleave is False):
         raise ValueError("dsv3lab's plain folder holds the model's own tensors: no FP8, interleaved RoPE")
+    if kind == "run" and to == "hf" and is_sharded_run(src):  # part by part, by every rank of a torchrun job
+        return export_sharded(
+            src,
+            dst,
+            fp8=bool(fp8),
+            dtype=dtype,
+            rope_interleave=True if rope_interleave is None else rope_interleave,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+        )
     model = load_any(src, dtype=dtype)
     if to == "dsv3lab":
         return save_state_dict(model, dst, overwrite=overwrite)

@@ -8,6 +8,13 @@ A run folder holds ``run.json`` (what the run is: TrainConfig, ModelConfig, data
                                           position, configs
     latest         the name of the newest complete checkpoint folder
 
+A run trained on several processes (:mod:`dsv3lab.train.distributed`) writes *sharded* checkpoints instead: the same
+folder names and ``state.json`` (with ``"format": "torch.distributed.checkpoint"``), the tensors as
+``torch.distributed.checkpoint`` shards (``.metadata`` and one ``__<rank>_0.distcp`` per rank), model under
+``model.``, optimizer under ``optim.`` by parameter name (flattened: ``optim.state.<param>.exp_avg`` …).
+:func:`load_sharded_checkpoint` reads them at any world size, one process without a process group included (the
+single-process trainer resumes them and ``load_run`` reads them).
+
 Atomicity (``dsv3lab.files``): a checkpoint is written into a hidden temporary folder, renamed to ``ckpt-NNNNNNN`` (a
 directory rename is atomic), and only then is ``latest`` replaced (temp file + ``os.replace``). A crash at any moment
 leaves ``latest`` naming a complete checkpoint; older checkpoints are removed only after the pointer has moved.
@@ -17,12 +24,23 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from ..config import without_later_defaults
 from ..files import atomic_folder, atomic_write_json, atomic_write_text, read_json, recover
@@ -32,6 +50,8 @@ RUN_FILE = "run.json"  # a run folder's configs (and, for a stage, its parent)
 LATEST = "latest"
 PREFIX = "ckpt-"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+DCP_FORMAT = "torch.distributed.checkpoint"  # state.json "format" of a sharded checkpoint
+DCP_METADATA = ".metadata"
 
 
 def rng_state() -> dict[str, Any]:
@@ -104,6 +124,58 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
     return path
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint folder of ``torch.distributed.checkpoint`` shards (written by a run on several processes)."""
+    path = Path(path)
+    return (path / DCP_METADATA).is_file() and (path / STATE_FILE).is_file()
+
+
+StateHook = Callable[[dict[str, Any]], dict[str, Any]] | None
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, to_saved: StateHook = None) -> dict:
+    """``{"model": ..., "optim": ...}``: the state dicts of ``torch.distributed.checkpoint.state_dict`` (FSDP2 shards
+    as DTensors; the optimizer's flattened, ``state.<param name>.<key>`` and ``param_groups.<param name>.<key>``, so
+    that ranks holding different parameters — pipeline stages — never collide), changed by ``to_saved`` (e.g.
+    expert-parallel banks given their global shape)."""
+    if optimizer is None:
+        sd = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(
+            model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True)
+        )
+        sd = {"model": model_sd, "optim": optim_sd}
+    return to_saved(sd) if to_saved is not None else sd
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    to_saved: StateHook = None,
+    from_saved: StateHook = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a sharded checkpoint into ``model`` (and ``optimizer``) at this process's layout — any world size, one
+    process included: DCP reads each tensor's slices by their global offsets. ``to_saved`` / ``from_saved`` map this
+    layout's state dict to the saved one and back; ``strict=False`` when they leave out tensors this process does not
+    load (a pipeline rank loads its own stage). Returns ``state.json``."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint ({DCP_METADATA} and {STATE_FILE} expected)")
+    sd = sharded_state(model, optimizer, to_saved)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=path, no_dist=not (dist.is_available() and dist.is_initialized()))
+    sd = from_saved(sd) if from_saved is not None else sd
+    if optimizer is None:
+        set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=strict))
+    else:
+        options = StateDictOptions(strict=strict, flatten_optimizer_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=options)
+    return read_json(path / STATE_FILE, "a checkpoint's state")
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:

@@ -67,7 +67,7 @@ LATER_FIELDS = (
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
-ENVIRONMENT_FIELDS = ("out", "device", "progress", "checkpoint_every", "keep_checkpoints")
+ENVIRONMENT_FIELDS = ("out", "device", "progress", "checkpoint_every", "keep_checkpoints", "dp", "ep", "pp", "zero")
 
 DEFAULT_AUX_LOSS_ALPHA = 0.01  # balance="aux_loss" when the model overrides do not set aux_loss_alpha
 DEFAULT_SEQ_AUX_LOSS_ALPHA = 1e-4  # balance="aux_free_seq": the paper's α
@@ -98,6 +98,9 @@ TRAIN_RULES: dict[str, Rule] = {
     **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
     **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
     **dict.fromkeys(("log_loads", "progress"), BOOL),
+    "dp": NONNEG_INT,
+    **dict.fromkeys(("ep", "pp"), POS_INT),
+    "zero": Rule(int, lo=1, hi=3),
     **dict.fromkeys(("corpus", "out", "device", "init_from"), Rule(str)),
 }
 
@@ -167,6 +170,11 @@ class TrainConfig:
     progress: bool = True  # tqdm
     checkpoint_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 1
+    # --- across processes (dsv3lab.train.distributed; torchrun); the layout is not part of a run's identity ---
+    dp: int = 0  # data-parallel size (0 = the processes left: world size / (ep · pp))
+    ep: int = 1  # expert-parallel size (routed experts split over ep ranks; each still brings its own data)
+    pp: int = 1  # pipeline-parallel size
+    zero: int = 3  # 3: params, grads, optimizer states sharded (FSDP2); 2: params kept after forward; 1: see there
 
     def __post_init__(self) -> None:
         self.validate()

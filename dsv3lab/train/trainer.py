@@ -44,8 +44,10 @@ from ..utils import versions
 from .checkpoint import (
     RUN_FILE,
     check_config,
+    is_sharded_checkpoint,
     latest_checkpoint,
     load_optimizer_state,
+    load_sharded_checkpoint,
     model_differences,
     read_checkpoint,
     save_checkpoint,
@@ -198,11 +200,15 @@ def resume_run(
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return 0, 0, RunMetrics()
-    weights, opt_tensors, state = read_checkpoint(ckpt)
-    check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
-    load_state_dict_strict(model, weights, where=str(ckpt))
-    load_optimizer_state(optimizer, opt_tensors, state)
-    set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
+    if is_sharded_checkpoint(ckpt):  # written on several processes: read at this layout, one process
+        state = load_sharded_checkpoint(ckpt, model, optimizer)
+        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+    else:
+        weights, opt_tensors, state = read_checkpoint(ckpt)
+        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+        load_state_dict_strict(model, weights, where=str(ckpt))
+        load_optimizer_state(optimizer, opt_tensors, state)
+        set_rng_state(state["rng"], opt_tensors.get("rng.torch"))
     metrics = RunMetrics.load(out)
     metrics.truncate(state["step"])
     return state["step"], state["data"]["tokens_seen"], metrics
@@ -547,10 +553,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> RunResu
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds no checkpoint yet (no '{'latest'}' pointer)")
-    weights, _, state = read_checkpoint(ckpt)
-    check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
     model = build_model(model_cfg, device=device)
-    load_state_dict_strict(model, weights, where=str(ckpt))
+    if is_sharded_checkpoint(ckpt):  # a run on several processes: its shards read into one model
+        state = load_sharded_checkpoint(ckpt, model)
+        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+    else:
+        weights, _, state = read_checkpoint(ckpt)
+        check_config(state, cfg.identity(), model_cfg.to_dict(), where=str(ckpt))
+        load_state_dict_strict(model, weights, where=str(ckpt))
     model.eval()
     metrics = RunMetrics.load(run_dir)
     metrics.truncate(state["step"])
