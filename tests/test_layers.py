@@ -70,6 +70,7 @@ LAZY_ALLOWED = {
     "ipywidgets": "widgets are built only inside a notebook",
     "IPython": "display() exists only inside a notebook",
     "dsv3lab.parallel.pipeline": "imports torch.distributed.pipelining (seconds): the CLI needs it for --execute only",
+    "torch.distributed.pipelining": "seconds to import, and it imports triton: only a pipelined run (pp > 1) needs it",
 }
 
 

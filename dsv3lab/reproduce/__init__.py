@@ -64,9 +64,12 @@ def experiment(name: str, title: str) -> Callable[[Callable[[Context], Result]],
 
 
 def load_registry() -> dict[str, Experiment]:
+    """Every experiment, in report order (the order of :data:`EXPERIMENT_MODULES`, whichever was imported first)."""
+    order = {f"{__name__}.{mod}": i for i, mod in enumerate(EXPERIMENT_MODULES)}
     for mod in EXPERIMENT_MODULES:
         importlib.import_module(f"{__name__}.{mod}")
-    return REGISTRY
+    ranked = sorted(REGISTRY.values(), key=lambda e: order.get(e.run.__module__, len(order)))
+    return {e.name: e for e in ranked}
 
 
 def run(

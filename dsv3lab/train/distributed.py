@@ -69,7 +69,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from tqdm.auto import tqdm
 
@@ -80,7 +79,6 @@ from ..model import DeepSeekV3
 from ..model.transformer import IGNORE_INDEX, cross_entropy
 from ..parallel.expert import EPExperts, shard_moe_layers
 from ..parallel.launch import spawn
-from ..parallel.pipeline import stage_shapes
 from ..parallel.stages import split_model, stage_layers
 from .checkpoint import (
     DCP_FORMAT,
@@ -458,6 +456,12 @@ class PipelineRunner:
         for m in self.main_moes:
             m.register_forward_hook(self._count_violation)
         device = rank_device(cfg)
+        # lazy: torch.distributed.pipelining (also behind dsv3lab.parallel.pipeline) takes seconds to import and pulls
+        # in torch._dynamo and triton; only a pipelined run (pp > 1) needs it
+        from torch.distributed.pipelining import PipelineStage
+
+        from ..parallel.pipeline import stage_shapes
+
         inputs, outputs = stage_shapes(model.cfg, self.stage, cfg.micro_batch_size, cfg.seq_len)
         self.pstage = PipelineStage(self.stage, self.pp_rank, self.pp, device, inputs, outputs, group=self.group)
 
@@ -501,6 +505,8 @@ class PipelineRunner:
         self.loss.lam, self.loss.share, self.loss.log = mtp_lambda, cfg.micro_batch_size / global_bs, []
         self.vio.zero_()
         self.stage.aux_log.clear()
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe  # lazy, as in __init__
+
         cls = Schedule1F1B if n_micro >= self.pp else ScheduleGPipe
         schedule = cls(self.pstage, n_micro, loss_fn=self.loss, scale_grads=False)
         autocast = cfg.dtype == "bf16"
