@@ -27,6 +27,11 @@ def test_train_step_benchmark_json():
         "1",
         "--threads",
         "1",
+        "--profile",
+        "--profile-top",
+        "4",
+        "--matmul-size",
+        "256",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -54,6 +59,7 @@ def test_train_step_benchmark_json():
         "dsv3lab[absorb,grouped]",
         "transformers[sdpa,grouped_mm]",
         "transformers[sdpa,eager]",
+        "dsv3lab[naive,grouped]+fused_loss",
     } <= names
     losses = set()
     for name, r in report["results"].items():
@@ -74,6 +80,20 @@ def test_train_step_benchmark_json():
     assert flops["total_gflop"] > 0 and all(v >= 0 for v in flops["share"].values())
     assert abs(sum(flops["share"].values()) - 1) < 0.01 and flops["share"]["output head"] > 0
     assert report["tokens_per_step"] == 32 and report["machine"]["torch_threads"] == 1
+    roof = report["roofline"]
+    assert roof["step_gflop"] == flops["total_gflop"] and set(roof["matmul_gflops"]) == {"float32", "bfloat16"}
+    for name, r in report["results"].items():  # achieved = step FLOPs / median step time, fractions of the probes
+        median_s = sorted(r["step_s"])[len(r["step_s"]) // 2] if len(r["step_s"]) % 2 else None
+        assert r["achieved_gflops"] > 0 and r["fraction_of_bf16_matmul"] > 0, name
+        if median_s:
+            assert r["achieved_gflops"] == pytest.approx(flops["total_gflop"] / median_s, rel=0.05)
+        frac = r["achieved_gflops"] / roof["matmul_gflops"]["float32"]
+        assert r["fraction_of_fp32_matmul"] == pytest.approx(frac, abs=2e-3), name
+    assert report["ratios"]["fast_vs_reference"] > 0 and report["compile"] is None
+    profile = report["profile"]
+    assert "dsv3lab[naive,loop]" in profile and "transformers[sdpa,grouped_mm]" in profile
+    for ops in profile.values():
+        assert len(ops) == 4 and ops[0]["self_cpu_ms"] >= ops[-1]["self_cpu_ms"] and ops[0]["calls"] >= 1
 
 
 def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets equal to this are left out of every loss
-DEFAULT_CHUNK = 512  # rows per chunk: a [512, 8192] fp32 block is 16 MiB
+DEFAULT_CHUNK = 256  # rows per chunk: a [256, 8192] fp32 block is 8 MiB (128–256 measured fastest on 2 cores)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -52,11 +52,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (xc @ w.t()).float()  # [c, V]: rounded like the reference head, then fp32
             valid = tc != IGNORE_INDEX  # [c]
             safe = tc.clamp_min(0)[:, None]  # [c, 1] (ignored rows point at class 0, masked below)
-            lse = logits.logsumexp(dim=-1)  # [c]
-            loss = loss + ((lse - logits.gather(1, safe)[:, 0]) * valid).sum()
-            argmax[start : start + chunk] = logits.argmax(dim=-1)
+            target_logit = logits.gather(1, safe)[:, 0]  # [c]
+            top, argmax[start : start + chunk] = logits.max(dim=-1)  # the first maximum, as argmax
+            e = logits.sub_(top[:, None]).exp_()  # exp(logits - max), in place of the logits: [c, V]
+            total = e.sum(dim=-1)  # [c]
+            lse = top + total.log()  # log-sum-exp [c]
+            loss = loss + ((lse - target_logit) * valid).sum()
             if need_x or need_w:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits: [c, V]
+                p = e.div_(total[:, None])  # softmax [c, V]
                 p.scatter_add_(1, safe, -valid[:, None].to(p.dtype))  # − one-hot at the target
                 p.mul_(valid[:, None] / n_valid)  # ignored rows: no gradient; the mean's 1/n
                 p = p.to(x.dtype)
