@@ -143,10 +143,14 @@ def test_trainer_default_path_equals_the_eager_reference(one_thread, dtype):
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tiny_cfg, tmp_path, monkeypatch):
     """A backend that raises stands in for any compiler failure: the wrapper warns and runs the model eager."""
-    from dsv3lab.train.compile import CompiledModel, configure_compile_cache
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+    from dsv3lab.train.compile import COMPILE_CACHE_DIR, CompiledModel, configure_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing inductor leaves behind
+    assert configure_compile_cache() == COMPILE_CACHE_DIR  # data/cache/inductor by default
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "other"))
-    assert configure_compile_cache() == tmp_path / "other"  # an explicit cache folder is respected
+    assert configure_compile_cache() == tmp_path / "other"  # a folder the user chose is respected
 
     def broken_backend(gm, example_inputs):
         raise RuntimeError("the compiler is broken")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..data.loader import DEFAULT_CACHE_DIR
 
@@ -35,10 +36,11 @@ COMPILE_CACHE_DIR = Path(DEFAULT_CACHE_DIR) / "inductor"
 def configure_compile_cache(path: str | os.PathLike | None = None) -> Path:
     """Cache inductor's compiled artifacts on disk: ``path``, else ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
     :data:`COMPILE_CACHE_DIR`. Returns the folder used."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if path is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
-    else:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE_DIR))
+    elif current is None or current == default_cache_dir():  # unset (importing inductor writes its /tmp default)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(COMPILE_CACHE_DIR)
     inductor_config.fx_graph_cache = True
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = True
