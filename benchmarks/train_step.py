@@ -432,6 +432,61 @@ def draw_roofline(reports: dict[str, dict], path: str) -> None:
 DTYPES = ("float32", "bfloat16", "bf16-autocast")
 
 
+def markdown(out: dict) -> str:
+    """The README's tables from this script's JSON: per dtype, every variant's speed, roofline fractions, memory
+    and parity; the compile cost; the profile's top operators of the reference and of the fastest variant."""
+    reports = out["runs"] if "runs" in out else {out["dtype"]: out}
+    lines = []
+    for dt, rep in reports.items():
+        roof = rep["roofline"]
+        mm = roof["matmul_gflops"]
+        lines += [
+            f"**{dt}** — step {roof['step_gflop']} GFLOP; 2048² matmul in the same rounds: fp32 {mm['float32']:,.0f}, "
+            f"bf16 {mm['bfloat16']:,.0f} GFLOP/s",
+            "",
+            "| variant | tokens/s, median [min–max] | GFLOP/s | of fp32 mm | of bf16 mm | peak MiB "
+            "| max abs logit diff |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in rep["results"].items():
+            lines.append(
+                f"| `{name}` | {r['tokens_per_s']:,.0f} [{r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f}] "
+                f"| {r['achieved_gflops']:.0f} | {r['fraction_of_fp32_matmul']:.0%} | "
+                f"{r['fraction_of_bf16_matmul']:.1%} | {r['peak_mem_mb']:.0f} | {r['parity_max_abs_diff']:.1e} |"
+            )
+        ratios = rep["ratios"]
+        keys = [k for k in ratios if "vs_transformers" in k or k.startswith(("fast_", "best_", "compile_", "fused_"))]
+        lines += ["", "Ratios of medians: " + "; ".join(f"{k} **{ratios[k]}**" for k in keys if ratios[k])]
+        if rep.get("compile"):
+            c = rep["compile"]
+            state = "compiled" if c["compiled"] else f"fell back to eager ({c['fallback_reason']})"
+            lines += ["", f"torch.compile: {state}; compilation {c['compile_s']} s (first call {c['first_call_s']} s)."]
+        if rep.get("profile"):
+            names = list(rep["profile"])
+            lines += ["", "| rank | " + " | ".join(f"`{n}`: op, self ms, share" for n in names) + " |"]
+            lines += ["|---:|" + "---|" * len(names)]
+            for i in range(max(len(v) for v in rep["profile"].values())):
+                cells = []
+                for n in names:
+                    ops = rep["profile"][n]
+                    cells.append(
+                        f"{ops[i]['op'].replace('aten::', '')} {ops[i]['self_cpu_ms']:.1f} ({ops[i]['share']:.0%})"
+                        if i < len(ops)
+                        else ""
+                    )
+                lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
+    first = next(iter(reports.values()))
+    v, m = first["versions"], first["machine"]
+    lines.append(
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average_at_end'] or [])}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + "."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="toy", help="a dsv3lab preset (default toy)")
@@ -449,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-top", type=int, default=15, help="operators listed per profiled variant")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul probe (default 2048)")
     p.add_argument("--figure", default=None, help="write the roofline figure (PNG) here")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README tables of a saved JSON and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:

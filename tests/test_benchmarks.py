@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def test_train_step_benchmark_json():
+def test_train_step_benchmark_json(tmp_path):
     pytest.importorskip("transformers")
     cmd = [
         sys.executable,
@@ -94,6 +94,14 @@ def test_train_step_benchmark_json():
     assert "dsv3lab[naive,loop]" in profile and "transformers[sdpa,grouped_mm]" in profile
     for ops in profile.values():
         assert len(ops) == 4 and ops[0]["self_cpu_ms"] >= ops[-1]["self_cpu_ms"] and ops[0]["calls"] >= 1
+    # the README's tables are printed from the saved JSON, numbers included
+    saved = tmp_path / "train_step.json"
+    saved.write_text(out.stdout)
+    md = subprocess.run([sys.executable, cmd[1], "--markdown", str(saved)], capture_output=True, text=True, cwd=ROOT)
+    assert md.returncode == 0, md.stderr
+    fast = report["results"]["dsv3lab[naive,grouped]+fused_loss"]
+    assert f"| `dsv3lab[naive,grouped]+fused_loss` | {fast['tokens_per_s']:,.0f} [" in md.stdout
+    assert f"fast_vs_reference **{report['ratios']['fast_vs_reference']}**" in md.stdout
 
 
 def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():
