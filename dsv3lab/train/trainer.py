@@ -263,7 +263,9 @@ def optimizer_step(
     for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
         share = tok.shape[0] / bs
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits, losses = (forward or model)(tok, tgt, mtp_lambda=mtp_lambda, check=False, fused_loss=cfg.fused_loss)
+            # λ as a tensor: a Python float would be a constant of a compiled graph, recompiled when λ switches
+            lam = torch.tensor(mtp_lambda, dtype=torch.float32, device=device) if cfg.compile else mtp_lambda
+            logits, losses = (forward or model)(tok, tgt, mtp_lambda=lam, check=False, fused_loss=cfg.fused_loss)
         (losses["total"] * share).backward()
         with torch.no_grad():
             for name, value in losses.items():
@@ -470,7 +472,9 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
     model, optimizer, start, tokens_seen, metrics = build_run_model(cfg, model_cfg, out, parent, resume)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
     moes = model.moe_layers()
-    forward = compile_model(model) if cfg.compile else model  # falls back to eager with a warning
+    # falls back to eager with a warning; each new batch size of the ramp compiles once more (the fused loss's chunk
+    # loop specialises on the number of tokens), which the on-disk cache makes cheap for later runs
+    forward = compile_model(model) if cfg.compile else model
 
     def checkpoint(steps_done: int) -> None:
         schedules = schedule_at(min(steps_done, cfg.steps - 1), cfg)
