@@ -1,7 +1,8 @@
 """Training-step speed and memory: dsv3lab against transformers' ``DeepseekV3ForCausalLM``, side by side.
 
     python benchmarks/train_step.py [--preset toy] [--batch 8] [--seq-len 256] [--repeats 7] [--threads 2]
-        [--dtype float32|bfloat16|bf16-autocast[,...]] [--profile] [--compile] [--figure PNG]
+        [--dtype float32|bfloat16|bf16-autocast[,...]] [--profile] [--compile] [--figure PNG] [--markdown]
+    python benchmarks/train_step.py --from-json SAVED.json [--figure PNG] [--markdown]   # redraw / tabulate
 
 One forward + backward (next-token cross-entropy, gradients set to None between steps; no optimizer) of:
 
@@ -316,7 +317,9 @@ def run(args: argparse.Namespace, dtype_name: str) -> dict:
 
     hf_default = next((n for n in results if n.startswith("transformers") and not n.endswith(",eager]")), None)
     hf_eager = next((n for n in results if n.startswith("transformers") and n.endswith(",eager]")), None)
-    ds = {n: r for n, r in results.items() if n.startswith("dsv3lab")}
+    if compile_info is not None and not compile_info["compiled"]:  # it ran eager: timed, but no speed claim
+        results[f"{fast_name}+compile"]["note"] = "compilation failed: this ran eager (see compile.fallback_reason)"
+    ds = {n: r for n, r in results.items() if n.startswith("dsv3lab") and "note" not in r}
     ds_best = max(ds, key=lambda n: ds[n]["tokens_per_s"])
     pairs = {
         "naive_grouped_vs_naive_loop": ("dsv3lab[naive,grouped]", "dsv3lab[naive,loop]"),
@@ -327,7 +330,7 @@ def run(args: argparse.Namespace, dtype_name: str) -> dict:
         "fast_vs_reference": (fast_name, ref_name),
         "best_vs_reference": (ds_best, ref_name),
     }
-    if compiled is not None:
+    if compiled is not None and compiled.is_compiled:
         pairs["compile_vs_fused_loss"] = (f"{fast_name}+compile", fast_name)
     if hf_default:
         pairs.update(
@@ -403,11 +406,19 @@ def draw_roofline(reports: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(dt, name, r["achieved_gflops"]) for dt, rep in reports.items() for name, r in rep["results"].items()]
+    rows = [
+        (dt, name + (" (ran eager)" if "note" in r else ""), r["achieved_gflops"])
+        for dt, rep in reports.items()
+        for name, r in rep["results"].items()
+    ]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 4.8))
     colors = {"dsv3lab": "tab:blue", "transformers": "tab:orange"}
     xs = list(range(len(rows)))
-    ax.bar(xs, [v for _, _, v in rows], color=[colors[n.split("[")[0]] for _, n, _ in rows])
+    bar_colors = [colors[n.split("[")[0]] if "eager)" not in n else "tab:gray" for _, n, _ in rows]
+    bars = ax.bar(xs, [v for _, _, v in rows], color=bar_colors)
+    for bar, (_, _, v) in zip(bars, rows):
+        ax.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
     ax.set_xticks(xs, [f"{n}\n{dt}" for dt, n, _ in rows], rotation=75, ha="right", fontsize=7)
     styles = {"float32": ("k", "--"), "bfloat16": ("tab:red", ":")}
     for i, (dt, rep) in enumerate(reports.items()):
@@ -416,13 +427,13 @@ def draw_roofline(reports: dict[str, dict], path: str) -> None:
             label = f"{mm} {rep['roofline']['matmul'].split(' of ')[1].split(',')[0]}: {rate:.0f} GFLOP/s ({dt} run)"
             ax.axhline(rate, color=color, linestyle=ls, alpha=1.0 - 0.4 * i, label=label)
     first = next(iter(reports.values()))
-    ax.set_ylabel("GFLOP/s (step FLOPs / median step time)")
+    ax.set_ylabel("GFLOP/s (step FLOPs / median step time, log scale)")
     ax.set_title(
         f"{first['preset']} preset, batch {first['batch']}x{first['seq_len']}, "
         f"{first['machine']['torch_threads']} threads: achieved vs matmul rate",
         fontsize=9,
     )
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -449,8 +460,9 @@ def markdown(out: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in rep["results"].items():
+            label = f"`{name}`" + (" (ran eager: compilation failed)" if "note" in r else "")
             lines.append(
-                f"| `{name}` | {r['tokens_per_s']:,.0f} [{r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f}] "
+                f"| {label} | {r['tokens_per_s']:,.0f} [{r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f}] "
                 f"| {r['achieved_gflops']:.0f} | {r['fraction_of_fp32_matmul']:.0%} | "
                 f"{r['fraction_of_bf16_matmul']:.1%} | {r['peak_mem_mb']:.0f} | {r['parity_max_abs_diff']:.1e} |"
             )
@@ -459,7 +471,7 @@ def markdown(out: dict) -> str:
         lines += ["", "Ratios of medians: " + "; ".join(f"{k} **{ratios[k]}**" for k in keys if ratios[k])]
         if rep.get("compile"):
             c = rep["compile"]
-            state = "compiled" if c["compiled"] else f"fell back to eager ({c['fallback_reason']})"
+            state = "compiled" if c["compiled"] else f"fell back to eager ({c['fallback_reason'][:160]} …)"
             lines += ["", f"torch.compile: {state}; compilation {c['compile_s']} s (first call {c['first_call_s']} s)."]
         if rep.get("profile"):
             names = list(rep["profile"])
@@ -504,10 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-top", type=int, default=15, help="operators listed per profiled variant")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul probe (default 2048)")
     p.add_argument("--figure", default=None, help="write the roofline figure (PNG) here")
-    p.add_argument("--markdown", default=None, metavar="JSON", help="print the README tables of a saved JSON and exit")
+    p.add_argument("--from-json", default=None, metavar="JSON", help="measure nothing: use this saved output")
+    p.add_argument("--markdown", action="store_true", help="print the README tables instead of the JSON")
     args = p.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads(Path(args.markdown).read_text())))
+    if args.from_json:
+        out = json.loads(Path(args.from_json).read_text())
+        if args.figure:
+            draw_roofline(out["runs"] if "runs" in out else {out["dtype"]: out}, args.figure)
+        if args.markdown or not args.figure:
+            print(markdown(out))
         return 0
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -519,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     out = reports[dtypes[0]] if len(dtypes) == 1 else {"benchmark": "train_step", "runs": reports}
     if args.figure:
         out["figure"] = args.figure
-    print(json.dumps(out, indent=2))
+    print(markdown(out) if args.markdown else json.dumps(out, indent=2))
     return 0
 
 

@@ -97,11 +97,18 @@ def test_train_step_benchmark_json(tmp_path):
     # the README's tables are printed from the saved JSON, numbers included
     saved = tmp_path / "train_step.json"
     saved.write_text(out.stdout)
-    md = subprocess.run([sys.executable, cmd[1], "--markdown", str(saved)], capture_output=True, text=True, cwd=ROOT)
+    figure = tmp_path / "roofline.png"
+    md = subprocess.run(
+        [sys.executable, cmd[1], "--from-json", str(saved), "--markdown", "--figure", str(figure)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert md.returncode == 0, md.stderr
     fast = report["results"]["dsv3lab[naive,grouped]+fused_loss"]
     assert f"| `dsv3lab[naive,grouped]+fused_loss` | {fast['tokens_per_s']:,.0f} [" in md.stdout
     assert f"fast_vs_reference **{report['ratios']['fast_vs_reference']}**" in md.stdout
+    assert figure.stat().st_size > 10_000  # the roofline figure, drawn from the same JSON
 
 
 def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():
