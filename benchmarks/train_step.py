@@ -31,8 +31,8 @@ Roofline (``roofline``): the step's FLOPs (``torch.utils.flop_counter``, forward
 give each variant's achieved GFLOP/s, set against the rate of a 2048² ``torch.mm`` in fp32 and in bf16 timed
 in the same rounds as the steps (``matmul_gflops``), so that machine load hits both alike.
 
-Profile (``--profile``): the top operators by self CPU time of one step of the reference, of the fastest dsv3lab
-variant and of transformers' default (``torch.profiler``), in ``profile``.
+Profile (``--profile``): the top operators by self CPU time of the reference, of the fastest dsv3lab variant and of
+transformers' default (``torch.profiler``; per operator the median over 3 profiled steps), in ``profile``.
 
 Memory: ``peak_mem_mb`` is the peak of tensor bytes allocated during one training step above what was live when
 the step began (weights and inputs excluded, gradients freed before the step). On CPU it comes from the allocation
@@ -162,25 +162,33 @@ def matmul_fn(n: int, dtype: torch.dtype, device: torch.device, calls: int = 3) 
     return run
 
 
-def top_operators(step: Callable[[], float], top: int) -> list[dict]:
-    """The ``top`` operators of one step by self CPU time (``torch.profiler``): name, self CPU ms, share of the
-    step's total self CPU time, calls."""
+def top_operators(step: Callable[[], float], top: int, steps: int = 3) -> list[dict]:
+    """The ``top`` operators by self CPU time (``torch.profiler``), each profiled step on its own: per operator the
+    median over ``steps`` steps of its self CPU ms, share of the step's total and calls (a median, so that one step
+    stalled by another job on the machine does not decide the table)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    events = list(prof.key_averages())
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [
-        {
-            "op": e.key,
-            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-            "share": round(e.self_cpu_time_total / total, 3),
-            "calls": e.count,
-        }
-        for e in events[:top]
-    ]
+    per_op: dict[str, list[tuple[float, float, int]]] = {}
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = list(prof.key_averages())
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        for e in events:
+            per_op.setdefault(e.key, []).append((e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total, e.count))
+    rows = []
+    for op, values in per_op.items():
+        values += [(0.0, 0.0, 0)] * (steps - len(values))  # absent from a step: 0 there
+        rows.append(
+            {
+                "op": op,
+                "self_cpu_ms": round(statistics.median(v[0] for v in values), 2),
+                "share": round(statistics.median(v[1] for v in values), 3),
+                "calls": int(statistics.median(v[2] for v in values)),
+            }
+        )
+    rows.sort(key=lambda r: r["self_cpu_ms"], reverse=True)
+    return rows[:top]
 
 
 def sync(device: torch.device) -> None:
@@ -481,11 +489,13 @@ def markdown(out: dict) -> str:
                 cells = []
                 for n in names:
                     ops = rep["profile"][n]
-                    cells.append(
-                        f"{ops[i]['op'].replace('aten::', '')} {ops[i]['self_cpu_ms']:.1f} ({ops[i]['share']:.0%})"
-                        if i < len(ops)
-                        else ""
-                    )
+                    if i >= len(ops):
+                        cells.append("")
+                        continue
+                    op = ops[i]["op"].replace("aten::", "").replace("autograd::engine::evaluate_function: ", "∂")
+                    if op.startswith("## Call CompiledFxGraph"):
+                        op = "Inductor graph " + op.split()[3][:6]
+                    cells.append(f"{op} {ops[i]['self_cpu_ms']:.1f} ({ops[i]['share']:.0%})")
                 lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
         lines.append("")
     first = next(iter(reports.values()))

@@ -160,3 +160,14 @@ def test_gpu_check_steps_parse_with_the_scripts_own_parsers():
             cli.build_parser().parse_args(words[2:])
             parsed.add(words[2])
     assert parsed == {"benchmarks/plan_memory.py", "benchmarks/gpu_train.py", "convert", "generate"}
+
+
+def test_readme_performance_tables_are_the_committed_benchmark_output():
+    """The README's Performance tables are exactly what the benchmark prints from its committed JSON (no number typed
+    by hand), and the roofline figure it drew is committed next to it."""
+    saved = ROOT / "figures" / "perf_train_step.json"
+    cmd = [sys.executable, "benchmarks/train_step.py", "--from-json", str(saved), "--markdown"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in (ROOT / "README.md").read_text()
+    assert (ROOT / "figures" / "perf_roofline.png").stat().st_size > 10_000
