@@ -32,7 +32,7 @@ give each variant's achieved GFLOP/s, set against the rate of a 2048² ``torch.m
 in the same rounds as the steps (``matmul_gflops``), so that machine load hits both alike.
 
 Profile (``--profile``): the top operators by self CPU time of the reference, of the fastest dsv3lab variant and of
-transformers' default (``torch.profiler``; per operator the median over 3 profiled steps), in ``profile``.
+transformers' default (``torch.profiler``; per operator the median over ``--profile-steps`` profiled steps, default 5), in ``profile``.
 
 Memory: ``peak_mem_mb`` is the peak of tensor bytes allocated during one training step above what was live when
 the step began (weights and inputs excluded, gradients freed before the step). On CPU it comes from the allocation
@@ -162,7 +162,7 @@ def matmul_fn(n: int, dtype: torch.dtype, device: torch.device, calls: int = 3) 
     return run
 
 
-def top_operators(step: Callable[[], float], top: int, steps: int = 3) -> list[dict]:
+def top_operators(step: Callable[[], float], top: int, steps: int = 5) -> list[dict]:
     """The ``top`` operators by self CPU time (``torch.profiler``), each profiled step on its own: per operator the
     median over ``steps`` steps of its self CPU ms, share of the step's total and calls (a median, so that one step
     stalled by another job on the machine does not decide the table)."""
@@ -353,7 +353,9 @@ def run(args: argparse.Namespace, dtype_name: str) -> dict:
     profile = None
     if args.profile:
         chosen = [ref_name, ds_best] + ([hf_default] if hf_default else [])
-        profile = {name: top_operators(steps[name], args.profile_top) for name in dict.fromkeys(chosen)}
+        profile = {
+            name: top_operators(steps[name], args.profile_top, args.profile_steps) for name in dict.fromkeys(chosen)
+        }
     return {
         "benchmark": "train_step",
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
@@ -524,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
     p.add_argument("--profile", action="store_true", help="top operators by self CPU time (torch.profiler)")
     p.add_argument("--profile-top", type=int, default=15, help="operators listed per profiled variant")
+    p.add_argument("--profile-steps", type=int, default=5, help="profiled steps per variant (median per operator)")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul probe (default 2048)")
     p.add_argument("--figure", default=None, help="write the roofline figure (PNG) here")
     p.add_argument("--from-json", default=None, metavar="JSON", help="measure nothing: use this saved output")
