@@ -32,7 +32,8 @@ give each variant's achieved GFLOP/s, set against the rate of a 2048² ``torch.m
 in the same rounds as the steps (``matmul_gflops``), so that machine load hits both alike.
 
 Profile (``--profile``): the top operators by self CPU time of the reference, of the fastest dsv3lab variant and of
-transformers' default (``torch.profiler``; per operator the median over ``--profile-steps`` profiled steps, default 5), in ``profile``.
+transformers' default (``torch.profiler``; per operator the median over ``--profile-steps`` profiled steps, default
+5), in ``profile``.
 
 Memory: ``peak_mem_mb`` is the peak of tensor bytes allocated during one training step above what was live when
 the step began (weights and inputs excluded, gradients freed before the step). On CPU it comes from the allocation
