@@ -182,7 +182,7 @@ def prepare_run_dir(
         {
             "train_config": cfg.identity(),
             "model_config": model_cfg.to_dict(),
-            "environment": {k: getattr(cfg, k) for k in ("out", "device")},
+            "environment": {k: getattr(cfg, k) for k in ("out", "device", "fused_loss", "compile")},
             "versions": versions(),
             **({"parent": parent.record()} if parent is not None else {}),
         },
