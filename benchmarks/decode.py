@@ -6,6 +6,7 @@ hits all of them alike; each run times the decode phase only — from the first 
 streamer callback — and the report gives medians and ratios. Every method must produce the same tokens.
 
     python benchmarks/decode.py [--preset toy] [--contexts 512 2048] [--new-tokens 32] [--repeats 5] [--threads 2]
+        [--dtype float32|bfloat16]
 
 Prints JSON: per context, decode tokens/s per method (median and all runs), prefill seconds, and the ratios
 absorb/naive and dsv3lab (absorb) / transformers.
@@ -88,6 +89,7 @@ def benchmark(
     repeats: int = 5,
     threads: int = 2,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> dict:
     from dsv3lab.infer.hf import to_transformers
 
@@ -95,13 +97,18 @@ def benchmark(
     cfg = dsv3lab.ModelConfig.preset(preset)
     model = dsv3lab.build_model(cfg, seed=seed).eval()
     hf = to_transformers(model, attn_implementation="sdpa")
+    if dtype == "bfloat16":  # both models in bf16 (weights and caches); the selection bias and RoPE tables stay fp32
+        model.to(torch.bfloat16)
+        hf.to(torch.bfloat16)
+    elif dtype != "float32":
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     hf.generation_config.eos_token_id = None
     out: dict = {
         "preset": preset,
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": threads,
-        "dtype": "float32",
+        "dtype": dtype,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "versions": dsv3lab.versions(),
         "contexts": {},
@@ -129,7 +136,7 @@ def benchmark(
             "prefill_s": {m: statistics.median(v) for m, v in prefill.items()},
             "ratio_absorb_over_naive": med["dsv3lab_absorb"] / med["dsv3lab_naive"],
             "ratio_dsv3lab_over_transformers": med["dsv3lab_absorb"] / med["transformers"],
-            "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
+            "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,  # in bf16 rounding may change a choice
         }
     return out
 
@@ -141,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and caches")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
-    result = benchmark(args.preset, tuple(args.contexts), args.new_tokens, args.repeats, args.threads)
+    result = benchmark(args.preset, tuple(args.contexts), args.new_tokens, args.repeats, args.threads, dtype=args.dtype)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

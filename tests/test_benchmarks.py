@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def test_train_step_benchmark_json():
+def test_train_step_benchmark_json(tmp_path):
     pytest.importorskip("transformers")
     cmd = [
         sys.executable,
@@ -27,6 +27,11 @@ def test_train_step_benchmark_json():
         "1",
         "--threads",
         "1",
+        "--profile",
+        "--profile-top",
+        "4",
+        "--matmul-size",
+        "256",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -54,6 +59,7 @@ def test_train_step_benchmark_json():
         "dsv3lab[absorb,grouped]",
         "transformers[sdpa,grouped_mm]",
         "transformers[sdpa,eager]",
+        "dsv3lab[naive,grouped]+fused_loss",
     } <= names
     losses = set()
     for name, r in report["results"].items():
@@ -74,6 +80,35 @@ def test_train_step_benchmark_json():
     assert flops["total_gflop"] > 0 and all(v >= 0 for v in flops["share"].values())
     assert abs(sum(flops["share"].values()) - 1) < 0.01 and flops["share"]["output head"] > 0
     assert report["tokens_per_step"] == 32 and report["machine"]["torch_threads"] == 1
+    roof = report["roofline"]
+    assert roof["step_gflop"] == flops["total_gflop"] and set(roof["matmul_gflops"]) == {"float32", "bfloat16"}
+    for name, r in report["results"].items():  # achieved = step FLOPs / median step time, fractions of the probes
+        median_s = sorted(r["step_s"])[len(r["step_s"]) // 2] if len(r["step_s"]) % 2 else None
+        assert r["achieved_gflops"] > 0 and r["fraction_of_bf16_matmul"] > 0, name
+        if median_s:
+            assert r["achieved_gflops"] == pytest.approx(flops["total_gflop"] / median_s, rel=0.05)
+        frac = r["achieved_gflops"] / roof["matmul_gflops"]["float32"]
+        assert r["fraction_of_fp32_matmul"] == pytest.approx(frac, abs=2e-3), name
+    assert report["ratios"]["fast_vs_reference"] > 0 and report["compile"] is None
+    profile = report["profile"]
+    assert "dsv3lab[naive,loop]" in profile and "transformers[sdpa,grouped_mm]" in profile
+    for ops in profile.values():
+        assert len(ops) == 4 and ops[0]["self_cpu_ms"] >= ops[-1]["self_cpu_ms"] and ops[0]["calls"] >= 1
+    # the README's tables are printed from the saved JSON, numbers included
+    saved = tmp_path / "train_step.json"
+    saved.write_text(out.stdout)
+    figure = tmp_path / "roofline.png"
+    md = subprocess.run(
+        [sys.executable, cmd[1], "--from-json", str(saved), "--markdown", "--figure", str(figure)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert md.returncode == 0, md.stderr
+    fast = report["results"]["dsv3lab[naive,grouped]+fused_loss"]
+    assert f"| `dsv3lab[naive,grouped]+fused_loss` | {fast['tokens_per_s']:,.0f} [" in md.stdout
+    assert f"fast_vs_reference **{report['ratios']['fast_vs_reference']}**" in md.stdout
+    assert figure.stat().st_size > 10_000  # the roofline figure, drawn from the same JSON
 
 
 def test_gpu_check_script_is_valid_bash_and_names_files_that_exist():
@@ -125,3 +160,14 @@ def test_gpu_check_steps_parse_with_the_scripts_own_parsers():
             cli.build_parser().parse_args(words[2:])
             parsed.add(words[2])
     assert parsed == {"benchmarks/plan_memory.py", "benchmarks/gpu_train.py", "convert", "generate"}
+
+
+def test_readme_performance_tables_are_the_committed_benchmark_output():
+    """The README's Performance tables are exactly what the benchmark prints from its committed JSON (no number typed
+    by hand), and the roofline figure it drew is committed next to it."""
+    saved = ROOT / "figures" / "perf_train_step.json"
+    cmd = [sys.executable, "benchmarks/train_step.py", "--from-json", str(saved), "--markdown"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in (ROOT / "README.md").read_text()
+    assert (ROOT / "figures" / "perf_roofline.png").stat().st_size > 10_000

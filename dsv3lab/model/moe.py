@@ -170,14 +170,17 @@ class Experts(nn.Module):
             def gmm(a, w):
                 return fp8_grouped_linear(a, w, offs, self.fp8)
         else:
+            # grouped_mm is not on autocast's list: cast as autocast casts F.linear in the loop path (bf16 GEMMs)
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
             def gmm(a, w):
-                return F.grouped_mm(a, w.to(a.dtype).transpose(1, 2), offs=offs)
+                return F.grouped_mm(a.to(dtype), w.to(dtype).transpose(1, 2), offs=offs)
 
         h = F.silu(gmm(xs, self.weight_of("w1"))) * gmm(xs, self.weight_of("w3"))  # [T*K, inter]
         out = gmm(h, self.weight_of("w2"))  # [T*K, dim]
         out = out * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
 class MoE(nn.Module):

@@ -12,19 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..files import CheckpointError, names_list
 from .block import Block
+from .loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 from .mla import MLACache, cache_layout
 from .moe import MoE
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import precompute_rope
 
-IGNORE_INDEX = -100  # targets equal to this are left out of every loss
+__all__ = ["IGNORE_INDEX", "DeepSeekV3", "ModelCache", "build_model", "cross_entropy", "load_state_dict_strict"]
 
 
 @dataclass
@@ -58,6 +58,7 @@ class DeepSeekV3(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(1, cfg.n_mtp + 1))
+        self.last_predictions: torch.Tensor | None = None  # [b, s] argmax of the logits, set by a fused-loss forward
         half = cfg.qk_rope_head_dim // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
@@ -225,12 +226,18 @@ class DeepSeekV3(nn.Module):
         cache: ModelCache | None = None,
         mtp_lambda: float | None = None,
         check: bool = True,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fused_loss: bool = False,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """tokens [b, s] (ids), targets [b, s] with targets[:, i] the token after tokens[:, i] (or IGNORE_INDEX).
 
         Returns logits [b, s, vocab] (fp32) and a dict of losses (empty without targets; MTP runs only then).
         ``check=False``: the caller has already run :meth:`check_tokens` on these ids (the trainer does, once per
         batch on the host), so the forward reads no values back from the device.
+
+        ``fused_loss=True`` (with targets; a fast path of training): the output head and every cross-entropy run fused
+        and chunked (:func:`dsv3lab.model.loss.linear_cross_entropy`), the full logits are never made and ``None`` is
+        returned in their place; the argmax of the main head's logits is left in ``last_predictions`` [b, s]. The
+        losses equal the reference path's to rounding (``tests/test_fast_paths.py``).
         """
         if check:
             self.check_tokens(tokens, start_pos, targets)
@@ -239,11 +246,17 @@ class DeepSeekV3(nn.Module):
         for moe in self.moe_layers():
             moe.last_aux_loss = None
         h = self.hidden(tokens, start_pos, cache, check=False)
-        logits = self.logits(h)
         losses: dict[str, torch.Tensor] = {}
-        if targets is None:
-            return logits, losses
-        losses["main"] = cross_entropy(logits, targets)
+        fused = fused_loss and targets is not None
+        self.last_predictions = None
+        if fused:
+            logits = None
+            losses["main"], self.last_predictions = linear_cross_entropy(self.norm(h), self.head.weight, targets)
+        else:
+            logits = self.logits(h)
+            if targets is None:
+                return logits, losses
+            losses["main"] = cross_entropy(logits, targets)
         mtp_terms = []
         s = tokens.shape[1]
         h_prev = h
@@ -252,27 +265,20 @@ class DeepSeekV3(nn.Module):
                 break
             # depth k at positions i = 0..s-k-1: h^{k-1}_i and Emb(t_{i+k}) predict t_{i+k+1} = targets[:, i+k]
             h_prev = self.mtp_hidden(k, h_prev[:, : s - k], tokens[:, k:], start_pos)
-            losses[f"mtp_{k}"] = cross_entropy(self.mtp_logits(k, h_prev), targets[:, k:])
+            if fused:
+                normed = self.mtp[k - 1].norm(h_prev)
+                losses[f"mtp_{k}"] = linear_cross_entropy(normed, self.head.weight, targets[:, k:])[0]
+            else:
+                losses[f"mtp_{k}"] = cross_entropy(self.mtp_logits(k, h_prev), targets[:, k:])
             mtp_terms.append(losses[f"mtp_{k}"])
         aux = [m.last_aux_loss for m in self.moe_layers() if m.last_aux_loss is not None]
-        losses["aux"] = torch.stack(aux).sum() if aux else logits.new_zeros(())
+        losses["aux"] = torch.stack(aux).sum() if aux else h.new_zeros((), dtype=torch.float32)
         total = losses["main"] + losses["aux"]
         if mtp_terms:
             lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
             total = total + lam / len(self.mtp) * torch.stack(mtp_terms).sum()
         losses["total"] = total
         return logits, losses
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose target is not IGNORE_INDEX. logits [b, s, V].
-
-    With no valid target at all (every target ignored) the loss is defined as 0 — with a zero gradient — instead of
-    the 0/0 = NaN of a plain mean, so such a micro-batch adds nothing to the step. The targets' range is checked where
-    they enter (``DeepSeekV3.check_tokens``), not here on every call."""
-    flat = targets.flatten()
-    total = F.cross_entropy(logits.flatten(0, 1).float(), flat, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (flat != IGNORE_INDEX).sum().clamp_min(1)  # [] — divided on the device, no host sync
 
 
 def build_model(

@@ -67,7 +67,21 @@ LATER_FIELDS = (
 
 # Fields that say where and how a run executes, not what it computes: excluded from the identity of a run
 # (the run-cache hash and the resume check), so that a run can move folders or devices and still resume.
-ENVIRONMENT_FIELDS = ("out", "device", "progress", "checkpoint_every", "keep_checkpoints", "dp", "ep", "pp", "zero")
+# The fast paths (``fused_loss``, ``compile``) are here too: each is tested equal to the eager reference within
+# rounding (tests/test_fast_paths.py), so switching them changes the speed of a run, not what it computes.
+ENVIRONMENT_FIELDS = (
+    "out",
+    "device",
+    "progress",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "dp",
+    "ep",
+    "pp",
+    "zero",
+    "fused_loss",
+    "compile",
+)
 
 DEFAULT_AUX_LOSS_ALPHA = 0.01  # balance="aux_loss" when the model overrides do not set aux_loss_alpha
 DEFAULT_SEQ_AUX_LOSS_ALPHA = 1e-4  # balance="aux_free_seq": the paper's α
@@ -97,7 +111,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "grad_clip": NONNEG_FLOAT,  # 0 switches clipping off, explicitly
     **dict.fromkeys(("lr_min_ratio", "lr_final_ratio"), FRACTION),
     **dict.fromkeys(("beta1", "beta2"), Rule(float, lo=0, hi=1, hi_open=True)),
-    **dict.fromkeys(("log_loads", "progress"), BOOL),
+    **dict.fromkeys(("log_loads", "progress", "fused_loss", "compile"), BOOL),
     "dp": NONNEG_INT,
     **dict.fromkeys(("ep", "pp"), POS_INT),
     "zero": Rule(int, lo=1, hi=3),
@@ -145,6 +159,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16 (autocast of the forward pass; master weights stay fp32)
     adam_moments: str = "fp32"  # fp32 | bf16: AdamW's m and v stored in BF16 (§3.3.3; dsv3lab.fp8.optim.AdamW)
+    # --- speed (issue 14; each tested equal to the eager reference, so not part of a run's identity) ---
+    fused_loss: bool = True  # head + cross-entropy fused and chunked, no full logits (dsv3lab.model.loss)
+    compile: bool = False  # torch.compile the forward (artifacts cached in data/cache/inductor; eager on failure)
     # --- MTP (§2.2) ---
     mtp_lambda: float = 0.3
     mtp_lambda_final: float = 0.1

@@ -53,6 +53,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .compile import compile_model
 from .config import TrainConfig, config_differences
 from .metrics import RunMetrics, evaluate, step_load_metrics
 from .schedules import batch_size_at, bias_speed_at, lr_at, mtp_lambda_at
@@ -183,7 +184,7 @@ def prepare_run_dir(
         {
             "train_config": cfg.identity(),
             "model_config": model_cfg.to_dict(),
-            "environment": {k: getattr(cfg, k) for k in ("out", "device")},
+            "environment": {k: getattr(cfg, k) for k in ("out", "device", "fused_loss", "compile")},
             "versions": versions(),
             **({"parent": parent.record()} if parent is not None else {}),
         },
@@ -243,6 +244,7 @@ def optimizer_step(
     gamma: float,
     step: int,
     on_diverged: Callable[[int, str, float], str],
+    forward: Callable | None = None,
 ) -> StepMeasures:
     """One optimizer step on a batch [B, T] (DeepSeek-V3 §4.2): micro-batches (each loss scaled by its share of the
     batch) → clip → AdamW → the bias update from the step's counts, once (never per micro-batch).
@@ -250,6 +252,10 @@ def optimizer_step(
     The batch's ids are checked once, on the host, before they move to the device; inside the step nothing is read
     back until every micro-batch has run, and then everything is read in one transfer. A non-finite loss or gradient
     norm raises :class:`TrainingDiverged` (message from ``on_diverged``) before the optimizer touches the weights.
+
+    ``forward``: what runs the model's forward (default ``model``; the trainer passes the compiled model when
+    ``cfg.compile``). ``cfg.fused_loss`` selects the fused head + cross-entropy (the accuracy then comes from the
+    model's ``last_predictions``).
     """
     device = next(model.parameters()).device
     model.check_tokens(tokens, 0, targets)  # on the host: no device synchronisation
@@ -263,13 +269,16 @@ def optimizer_step(
     for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
         share = tok.shape[0] / bs
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits, losses = model(tok, tgt, mtp_lambda=mtp_lambda, check=False)
+            # λ as a tensor: a Python float would be a constant of a compiled graph, recompiled when λ switches
+            lam = torch.tensor(mtp_lambda, dtype=torch.float32, device=device) if cfg.compile else mtp_lambda
+            logits, losses = (forward or model)(tok, tgt, mtp_lambda=lam, check=False, fused_loss=cfg.fused_loss)
         (losses["total"] * share).backward()
         with torch.no_grad():
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * share
             mask = tgt != IGNORE_INDEX
-            correct = correct + ((logits.argmax(-1) == tgt) & mask).sum()
+            pred = model.last_predictions if logits is None else logits.argmax(-1)  # [b, s]
+            correct = correct + ((pred == tgt) & mask).sum()
             n_tok = n_tok + mask.sum()
             if main_moes:
                 per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
@@ -469,6 +478,9 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
     model, optimizer, start, tokens_seen, metrics = build_run_model(cfg, model_cfg, out, parent, resume)
     autocast = torch.bfloat16 if cfg.dtype == "bf16" else None
     moes = model.moe_layers()
+    # falls back to eager with a warning; each new batch size of the ramp compiles once more (the fused loss's chunk
+    # loop specialises on the number of tokens), which the on-disk cache makes cheap for later runs
+    forward = compile_model(model) if cfg.compile else model
 
     def checkpoint(steps_done: int) -> None:
         schedules = schedule_at(min(steps_done, cfg.steps - 1), cfg)
@@ -497,6 +509,7 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
                 gamma=sched["gamma"],
                 step=step,
                 on_diverged=diverged,
+                forward=forward,
             )
             tokens_seen += int(tokens.numel())
             row = metrics_row(step, sched, measures, int(tokens.numel()), tokens_seen, time.perf_counter() - t0, model)
