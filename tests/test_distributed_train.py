@@ -60,6 +60,7 @@ BASE = dict(
     checkpoint_every=10,
     keep_checkpoints=2,
     progress=False,
+    fused_loss=False,  # the pipeline's stage loss is the unfused one; the fused loss under dp: its own test below
 )
 MIXED = dict(dtype="bf16", adam_moments="bf16", model={"fp8": True})
 MIXED_RTOL = 3e-2  # measured 1.2e-2 by step 16: BF16 rounding differs with the order of sums, flips routing choices
@@ -294,3 +295,19 @@ def test_bf16_fp8_dp4_follows_one_process(pp_and_ep):
         assert biases == results[0][2], "selection biases differ between ranks"
     worst = float(np.max(np.abs(pd.DataFrame(results[0][0]).loss_main / ref.loss_main - 1)))
     print(f"dp=4 BF16 + BF16 moments + FP8: max relative loss difference {worst:.1e}")
+
+
+def _fused_worker(rank, world):
+    r = train(config(dp=2, fused_loss=True, checkpoint_every=0, eval_every=0))
+    return r.metrics.to_dict("list")
+
+
+def test_fused_loss_under_data_parallel_matches_one_process():
+    """The trainer's default fast path (the fused, chunked head + cross-entropy) on 2 data ranks against the same
+    path in one process."""
+    with torch_threads(1):
+        ref = train_single(config(fused_loss=True, checkpoint_every=0, eval_every=0))
+    metrics = spawn(_fused_worker, 2)[0]
+    assert metrics["step"] == ref.metrics.step.tolist()
+    np.testing.assert_allclose(metrics["loss_total"], ref.metrics.loss_total, rtol=LOSS_RTOL)
+    np.testing.assert_array_equal(metrics["maxvio_batch"], ref.metrics.maxvio_batch)

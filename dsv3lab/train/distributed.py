@@ -366,13 +366,14 @@ def distributed_step(
     for tok, tgt in _micro_batches(tokens, targets, cfg.micro_batch_size):
         share = tok.shape[0] / global_bs
         with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            logits, losses = model(tok, tgt, mtp_lambda=mtp_lambda, check=False)
+            logits, losses = model(tok, tgt, mtp_lambda=mtp_lambda, check=False, fused_loss=cfg.fused_loss)
         (losses["total"] * share).backward()
         with torch.no_grad():
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * share
             mask = tgt != IGNORE_INDEX
-            correct = correct + ((logits.argmax(-1) == tgt) & mask).sum()
+            pred = model.last_predictions if logits is None else logits.argmax(-1)  # [b, s]; None: fused loss
+            correct = correct + ((pred == tgt) & mask).sum()
             n_tok = n_tok + mask.sum()
             if main_moes:
                 per_layer = [max_violation_per_sequence(m.last_indices, n_experts) for m in main_moes]
