@@ -71,6 +71,8 @@ LAZY_ALLOWED = {
     "IPython": "display() exists only inside a notebook",
     "dsv3lab.parallel.pipeline": "imports torch.distributed.pipelining (seconds): the CLI needs it for --execute only",
     "torch.distributed.pipelining": "seconds to import, and it imports triton: only a pipelined run (pp > 1) needs it",
+    "torch._inductor": "imports Dynamo and triton (seconds): only a run with compile=true configures it",
+    "torch._functorch": "loaded with inductor (above), for the same compiled runs only",
 }
 
 

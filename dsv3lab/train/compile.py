@@ -24,9 +24,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch._functorch.config as functorch_config
-import torch._inductor.config as inductor_config
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from ..data.loader import DEFAULT_CACHE_DIR
 
@@ -36,6 +33,11 @@ COMPILE_CACHE_DIR = Path(DEFAULT_CACHE_DIR) / "inductor"
 def configure_compile_cache(path: str | os.PathLike | None = None) -> Path:
     """Cache inductor's compiled artifacts on disk: ``path``, else ``$TORCHINDUCTOR_CACHE_DIR`` when set, else
     :data:`COMPILE_CACHE_DIR`. Returns the folder used."""
+    # lazy: importing inductor pulls in Dynamo and triton (seconds); only a run that compiles needs it
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if path is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
