@@ -272,6 +272,18 @@ def check_headers(
         )
 
 
+def check_unquantized(name: str, t: torch.Tensor, has_scale: bool, needs_fp8: bool) -> None:
+    """A tensor stored in a non-FP8 dtype: refuse it when the index also lists a block scale for it, or when the
+    caller keeps the checkpoint in FP8 (``keep_fp8``) and this is one of the projections that must be FP8."""
+    if has_scale:
+        raise CheckpointError(f"{name} has a scale {name}{SCALE_SUFFIX} but is stored in {t.dtype}, not FP8")
+    if needs_fp8:
+        raise CheckpointError(
+            f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every attention/FFN projection in FP8; "
+            "load with keep_fp8=False"
+        )
+
+
 def check_values(name: str, t: torch.Tensor) -> None:
     """A checkpoint tensor must hold finite values: NaN or ±inf is refused, naming the tensor."""
     if not torch.isfinite(t).all():
@@ -439,13 +451,8 @@ def from_pretrained(
                         except ValueError as err:
                             raise CheckpointError(f"{name}: {err}") from None
                         del scale
-                    elif scale_name in weight_map:
-                        raise CheckpointError(f"{name} has a scale {scale_name} but is stored in {t.dtype}, not FP8")
-                    elif keep_fp8 and slot.fp8:
-                        raise CheckpointError(
-                            f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every "
-                            "attention/FFN projection in FP8; load with keep_fp8=False"
-                        )
+                    else:
+                        check_unquantized(name, t, scale_name in weight_map, keep_fp8 and slot.fp8)
                     check_values(name, t)
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, cfg, slot.rope))

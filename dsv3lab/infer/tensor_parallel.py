@@ -58,6 +58,7 @@ from .checkpoint import (
     _fp8_store,
     _plan,
     check_headers,
+    check_unquantized,
     check_values,
     fp8_block,
     read_hf_config,
@@ -397,13 +398,8 @@ def load_sharded(
                             continue
                         t = stats.track(_dequantize_slice(t, scale, blk, dim, start))
                         del scale
-                    elif scale_name in weight_map:
-                        raise CheckpointError(f"{name} has a scale {scale_name} but is stored in {t.dtype}, not FP8")
-                    elif keep_fp8 and slot.fp8:
-                        raise CheckpointError(
-                            f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every attention/FFN "
-                            "projection in FP8; load with keep_fp8=False"
-                        )
+                    else:
+                        check_unquantized(name, t, scale_name in weight_map, keep_fp8 and slot.fp8)
                     check_values(name, t)
                     if slot.rope is not None and not rope_interleave:
                         t = stats.track(from_rotate_half(t, local_cfg if dim == 0 else cfg, slot.rope))

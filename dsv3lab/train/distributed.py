@@ -63,7 +63,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -107,6 +106,7 @@ from .trainer import (
     make_optimizer,
     metrics_row,
     open_run_dir,
+    record_step,
     run_lock,
     save_tokenizer,
     schedule_at,
@@ -826,13 +826,7 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
             )
             tokens_seen += int(tokens.numel())
             row = metrics_row(step, sched, measures, int(tokens.numel()), tokens_seen, time.perf_counter() - t0, model)
-            metrics.rows.append(row)
-            if cfg.log_loads and moes:
-                metrics.counts.append(measures.counts.numpy().astype(np.int32))
-                zeros = torch.zeros(model_cfg.n_routed_experts)
-                metrics.bias.append(
-                    np.stack([(m.gate.bias if m.gate.bias is not None else zeros).float().cpu().numpy() for m in moes])
-                )
+            record_step(metrics, row, measures, moes if cfg.log_loads else [], model_cfg.n_routed_experts)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1

@@ -290,6 +290,18 @@ def optimizer_step(
     return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
 
 
+def record_step(metrics, row: dict, measures: StepMeasures, moes: list, n_experts: int) -> None:
+    """Append one optimizer step to ``metrics``: its row and, for the MoE layers in ``moes`` (empty: loads not
+    logged), the expert counts of the step and the selection biases after it ([layers, experts] each)."""
+    metrics.rows.append(row)
+    if moes:
+        metrics.counts.append(measures.counts.numpy().astype(np.int32))
+        zeros = torch.zeros(n_experts)
+        metrics.bias.append(
+            np.stack([(m.gate.bias if m.gate.bias is not None else zeros).float().cpu().numpy() for m in moes])
+        )
+
+
 def apply_gradients(
     model: DeepSeekV3,
     optimizer: torch.optim.Optimizer,
@@ -513,13 +525,7 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
             )
             tokens_seen += int(tokens.numel())
             row = metrics_row(step, sched, measures, int(tokens.numel()), tokens_seen, time.perf_counter() - t0, model)
-            metrics.rows.append(row)
-            if cfg.log_loads and moes:
-                metrics.counts.append(measures.counts.numpy().astype(np.int32))
-                zeros = torch.zeros(model_cfg.n_routed_experts)
-                metrics.bias.append(
-                    np.stack([(m.gate.bias if m.gate.bias is not None else zeros).float().cpu().numpy() for m in moes])
-                )
+            record_step(metrics, row, measures, moes if cfg.log_loads else [], model_cfg.n_routed_experts)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss_main']:.3f}", vio=f"{row['maxvio_batch']:.2f}", refresh=False)
             done = step + 1
