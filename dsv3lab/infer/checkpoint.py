@@ -241,10 +241,7 @@ def check_headers(
         return shapes[slot.name] if slot.index is None else shapes[slot.name][1:]
 
     problems: list[str] = []
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
+    for file, names in shard_groups(weight_map).items():
         try:
             with safe_open(folder / file, framework="pt", device="cpu") as f:
                 present = set(f.keys())
@@ -282,6 +279,15 @@ def check_unquantized(name: str, t: torch.Tensor, has_scale: bool, needs_fp8: bo
             f"{name} is stored in {t.dtype}, not FP8: keep_fp8=True needs every attention/FFN projection in FP8; "
             "load with keep_fp8=False"
         )
+
+
+def shard_groups(weight_map: dict[str, str]) -> dict[str, list[str]]:
+    """The index's ``weight_map`` (tensor -> shard file) grouped by file, files in sorted order, each file's tensors
+    in index order: a loader opens every shard once."""
+    groups: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        groups.setdefault(file, []).append(name)
+    return dict(sorted(groups.items()))
 
 
 def check_values(name: str, t: torch.Tensor) -> None:
@@ -415,11 +421,9 @@ def from_pretrained(
 
     filled: set[str] = set()
     dup_files: dict[str, str] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
+    by_file = shard_groups(weight_map)
     with torch.no_grad():
-        for file in sorted(by_file):
+        for file in by_file:
             stats.files.append(file)
             stats.shard_bytes[file] = (folder / file).stat().st_size
             with safe_open(folder / file, framework="pt", device="cpu") as f:

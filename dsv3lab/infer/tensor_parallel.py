@@ -64,6 +64,7 @@ from .checkpoint import (
     read_hf_config,
     read_model_config,
     read_weight_map,
+    shard_groups,
     stored_names,
 )
 from .fp8weights import keep_fp8_modules
@@ -342,11 +343,9 @@ def load_sharded(
 
     filled: set[str] = set()
     dup_files: dict[str, str] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
+    by_file = shard_groups(weight_map)
     with torch.no_grad():
-        for file in sorted(by_file):
+        for file in by_file:
             with safe_open(folder / file, framework="pt", device="cpu") as f:
                 used = False
                 for name in by_file[file]:

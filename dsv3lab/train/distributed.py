@@ -100,6 +100,7 @@ from .trainer import (
     _check_data,
     _diverged_message,
     _micro_batches,
+    begin_step,
     build_run_model,
     load_run,
     make_data,
@@ -808,10 +809,7 @@ def _train(cfg, model_cfg, ranks: Ranks, data, resume, overwrite, on_step) -> Ru
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            sched = schedule_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = sched["lr"]
-            tokens, targets = data.batch(step, sched["batch_size"])
+            sched, tokens, targets = begin_step(step, cfg, optimizer, data)
             measures = step_fn(
                 model,
                 optimizer,

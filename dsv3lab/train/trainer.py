@@ -290,6 +290,17 @@ def optimizer_step(
     return StepMeasures(losses, int(n_correct), int(n_valid), vio, grad, counts)
 
 
+def begin_step(
+    step: int, cfg: TrainConfig, optimizer: torch.optim.Optimizer, data
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The schedule at ``step`` (its learning rate set on ``optimizer``) and the step's batch of the data stream."""
+    sched = schedule_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = sched["lr"]
+    tokens, targets = data.batch(step, sched["batch_size"])
+    return sched, tokens, targets
+
+
 def record_step(metrics, row: dict, measures: StepMeasures, moes: list, n_experts: int) -> None:
     """Append one optimizer step to ``metrics``: its row and, for the MoE layers in ``moes`` (empty: loads not
     logged), the expert counts of the step and the selection biases after it ([layers, experts] each)."""
@@ -507,10 +518,7 @@ def _train(cfg: TrainConfig, data, resume: bool, overwrite: bool, on_step) -> Ru
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            sched = schedule_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = sched["lr"]
-            tokens, targets = data.batch(step, sched["batch_size"])
+            sched, tokens, targets = begin_step(step, cfg, optimizer, data)
             measures = optimizer_step(
                 model,
                 optimizer,
